@@ -14,8 +14,8 @@ rules, read from `gsplat/cuda/csrc/rasterize_to_pixels_fwd.cu` and `isect_tiles.
   compensation factor.
 
 Rather than a dense pixels x Gaussians product, compositing works on the list of (pixel, Gaussian) pairs that
-actually contribute: candidates are generated tile-rectangle by tile-rectangle under `no_grad` in bounded
-chunks, filtered by the rules above, and only the survivors are recomputed with autograd. Memory therefore grows
+actually contribute: candidates are generated rectangle by rectangle (each Gaussian's tiles, narrowed to where
+its alpha can reach 1/255) under `no_grad` in bounded chunks, filtered by the rules above, and only the survivors are recomputed with autograd. Memory therefore grows
 with the pairs composited. The same pair list is what the per-pair statistics (Fisher blocks, leave-one-out
 importance) are built from, see `pair_stats.py`.
 """
@@ -93,8 +93,17 @@ def segmented_cumsum(values: Tensor, starts: Tensor, exclusive: bool) -> Tensor:
     return inclusive - v if exclusive else inclusive
 
 
-def _tile_pixel_rects(means2d: Tensor, radii: Tensor, width: int, height: int, tile_size: int) -> Tensor:
-    """Pixel rectangles [x0, x1) x [y0, y1) covered by each Gaussian's tiles, as gsplat's isect_tiles."""
+def _candidate_pixel_rects(
+    means2d: Tensor, radii: Tensor, conics: Tensor, opacities: Tensor, width: int, height: int, tile_size: int
+) -> Tensor:
+    """Pixel rectangles [x0, x1) x [y0, y1) holding every pixel where a Gaussian can pass gsplat's tests.
+
+    gsplat visits every pixel of the tiles a Gaussian's 3-sigma radius touches (isect_tiles). Of those, only
+    pixels with alpha >= 1/255 count, i.e. sigma <= log(255 * opacity); along x that region spans
+    |dx| <= sqrt(2 log(255 o) Sigma_xx) (Sigma = inverse conic), likewise along y. Intersecting the tile
+    rectangle with that box (plus a pixel of margin against rounding) drops no pair gsplat would composite and
+    most of those it would reject, which is where a CPU spends its time.
+    """
     tile_w = math.ceil(width / tile_size)
     tile_h = math.ceil(height / tile_size)
     tile_r = radii.to(means2d.dtype) / tile_size
@@ -102,10 +111,21 @@ def _tile_pixel_rects(means2d: Tensor, radii: Tensor, width: int, height: int, t
     tx1 = torch.ceil(means2d[:, 0] / tile_size + tile_r).clamp(0, tile_w)
     ty0 = torch.floor(means2d[:, 1] / tile_size - tile_r).clamp(0, tile_h)
     ty1 = torch.ceil(means2d[:, 1] / tile_size + tile_r).clamp(0, tile_h)
-    x0 = (tx0 * tile_size).long()
-    y0 = (ty0 * tile_size).long()
-    x1 = torch.minimum((tx1 * tile_size).long(), torch.tensor(width, device=means2d.device))
-    y1 = torch.minimum((ty1 * tile_size).long(), torch.tensor(height, device=means2d.device))
+
+    det = (conics[:, 0] * conics[:, 2] - conics[:, 1] ** 2).clamp_min(1e-20)
+    level = 2.0 * torch.log((255.0 * opacities).clamp_min(1.0))  # 0 when no pixel can reach 1/255
+    ext_x = torch.sqrt(level * conics[:, 2] / det)
+    ext_y = torch.sqrt(level * conics[:, 0] / det)
+    # pixel x is a candidate when its centre x + 0.5 lies within mean +- extent
+    bx0 = torch.floor(means2d[:, 0] - ext_x - 0.5) - 1
+    bx1 = torch.ceil(means2d[:, 0] + ext_x - 0.5) + 2
+    by0 = torch.floor(means2d[:, 1] - ext_y - 0.5) - 1
+    by1 = torch.ceil(means2d[:, 1] + ext_y - 0.5) + 2
+
+    x0 = torch.maximum(tx0 * tile_size, bx0).clamp(0, width).long()
+    x1 = torch.minimum(tx1 * tile_size, bx1).clamp(0, width).long()
+    y0 = torch.maximum(ty0 * tile_size, by0).clamp(0, height).long()
+    y1 = torch.minimum(ty1 * tile_size, by1).clamp(0, height).long()
     return torch.stack([x0, x1, y0, y1], dim=-1)
 
 
@@ -125,7 +145,9 @@ def find_pairs(
     # Depth order first, then a stable sort by pixel keeps each pixel's list front to back (gsplat breaks
     # depth ties by row index, as a stable argsort does).
     visible = visible[torch.argsort(proj.depths[visible], stable=True)]
-    rects = _tile_pixel_rects(proj.means2d[visible], proj.radii[visible], width, height, tile_size)
+    rects = _candidate_pixel_rects(
+        proj.means2d[visible], proj.radii[visible], proj.conics[visible], proj.opacities[visible], width, height, tile_size
+    )
     rect_w = (rects[:, 1] - rects[:, 0]).clamp_min(0)
     rect_h = (rects[:, 3] - rects[:, 2]).clamp_min(0)
     counts = rect_w * rect_h

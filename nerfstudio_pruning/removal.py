@@ -1,0 +1,105 @@
+"""Removing Gaussians while keeping every optimizer and per-Gaussian state consistent.
+
+Like gsplat's `strategy/ops.py`, this is the one place that changes the number of Gaussians. Removal itself is
+gsplat's `ops.remove` (parameters, Adam moments, the strategy's running state); this module adds the checks and
+the bookkeeping gsplat leaves to the caller: optimizers that still hold tensors from before a checkpoint load,
+and per-Gaussian state of our own (gates, scores) that must shrink with the Gaussians.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, MutableMapping, Protocol
+
+import torch
+from gsplat.strategy import ops as gsplat_ops
+from torch import Tensor
+
+
+class PerGaussianState(Protocol):
+    def select(self, keep: Tensor) -> None: ...
+
+
+def rebind_optimizers(params: MutableMapping[str, torch.nn.Parameter], optimizers: Dict[str, torch.optim.Optimizer]) -> List[str]:
+    """Point each optimizer at the current parameter tensor of the same name.
+
+    nerfstudio builds optimizers before loading a checkpoint, and splatfacto's `load_state_dict` replaces the
+    parameters with resized ones, so the optimizers keep stepping tensors the model no longer uses (training
+    silently stops) and gsplat's `ops.remove`, which reads the parameter from the optimizer, prunes the wrong
+    tensor. Moment estimates are kept where their shape still matches and dropped otherwise.
+    Returns the names that were rebound.
+    """
+    rebound = []
+    for name, param in params.items():
+        opt = optimizers.get(name)
+        if opt is None:
+            continue
+        for group in opt.param_groups:
+            old = group["params"][0]
+            if old is param:
+                continue
+            state = opt.state.pop(old, {})
+            if any(isinstance(v, Tensor) and v.dim() > 0 and v.shape != param.shape for v in state.values()):
+                state = {}
+            group["params"] = [param]
+            if state:
+                opt.state[param] = state
+            rebound.append(name)
+    return rebound
+
+
+def reset_optimizer_state(optimizers: Dict[str, torch.optim.Optimizer], names: Iterable[str]) -> None:
+    """Forget Adam's moments and step count (PUP 3D-GS fine-tunes each round with fresh optimizer state)."""
+    for name in names:
+        opt = optimizers.get(name)
+        if opt is not None:
+            opt.state.clear()
+
+
+def remove_gaussians(
+    params: MutableMapping[str, torch.nn.Parameter],
+    optimizers: Dict[str, torch.optim.Optimizer],
+    strategy_state: Dict[str, object],
+    prune: Tensor,
+    extra_states: Iterable[PerGaussianState] = (),
+    min_remaining: int = 1,
+) -> int:
+    """Remove the Gaussians where `prune` is True. Returns how many were removed.
+
+    Refuses (ValueError, nothing changed) a mask of the wrong length or one that would leave fewer than
+    `min_remaining` Gaussians.
+    """
+    n = next(iter(params.values())).shape[0]
+    if prune.dtype != torch.bool or prune.shape != (n,):
+        raise ValueError(f"prune mask must be a bool tensor of shape ({n},), got {prune.dtype} {tuple(prune.shape)}")
+    n_removed = int(prune.sum())
+    if n - n_removed < min_remaining:
+        raise ValueError(
+            f"removing {n_removed} of {n} Gaussians would leave {n - n_removed}, fewer than the minimum {min_remaining}"
+        )
+    if n_removed == 0:
+        return 0
+    rebind_optimizers(params, optimizers)
+    prune = prune.to(next(iter(params.values())).device)
+    gsplat_ops.remove(params=params, optimizers=optimizers, state=strategy_state, mask=prune)
+    keep = ~prune
+    for extra in extra_states:
+        extra.select(keep)
+    return n_removed
+
+
+def lowest_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
+    """Mask of the `fraction` of entries with the lowest scores (-inf first; ties broken by index).
+
+    NaN scores are refused: ordering by NaN would prune arbitrary Gaussians.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"prune fraction must be in (0, 1), got {fraction}")
+    n_nan = int(torch.isnan(scores).sum())
+    if n_nan:
+        raise ValueError(f"{n_nan} of {scores.numel()} scores are NaN; refusing to prune by an undefined order")
+    k = int(round(fraction * scores.numel()))
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        order = torch.argsort(scores, stable=True)
+        mask[order[:k]] = True
+    return mask

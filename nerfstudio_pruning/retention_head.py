@@ -1,0 +1,272 @@
+"""VEDAL's variational retention head and its regulariser.
+
+A small MLP maps a position encoding of each Gaussian's mean (plus optional per-Gaussian features) to a
+retention logit, p_i = sigmoid(logit_i). During fine-tuning gated Gaussians render with opacity o_i * z_i,
+z_i ~ BinaryConcrete(logit_i, tau); the objective adds lambda_KL * sum_{gated} KL(Bern(p_i) || Bern(pi))
++ lambda_s * mean_i p_i. With Delta_i the loss increase from removing Gaussian i (same units as the training
+loss), the per-Gaussian expected cost (1 - p_i) Delta_i + lambda_KL KL_i is minimised at
+p_i* = sigmoid(Delta_i / lambda_KL + logit pi) (Proposition 1), so Gaussians with
+Delta_i < lambda_KL * log((1 - pi) / pi) end below 0.5 and are removed.
+
+Plain torch on purpose: no nerfstudio import.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+Bound = Union[float, Sequence[float], Tensor]
+
+
+@dataclass
+class RetentionHeadConfig:
+    """Head architecture and training hyperparameters. The paper gives the architecture (2 x 64 ReLU, ~5k
+    parameters) but not the rest; each default says why it was chosen."""
+
+    n_freqs: int = 2
+    """Sin/cos octaves of the normalised mean. Two octaves (periods of one and one half scene extent) keep p
+    smooth at the scale of single Gaussians, as the paper intends, and put the head at ~5.4k parameters with
+    the default features (four octaves would be ~6.1k, one ~5.0k but barely position-aware)."""
+
+    hidden: int = 64
+    """Hidden width, from the paper."""
+
+    depth: int = 2
+    """Number of hidden layers, from the paper."""
+
+    n_extra_features: int = 2
+    """Per-Gaussian features appended to the encoding; 0 turns them off. The default two are the opacity logit
+    and the mean log-scale (see `gaussian_features`): removing i changes a pixel by T alpha_i (R - c_i) with
+    alpha_i = o_i G_i, so opacity and footprint size drive Delta_i, and position alone cannot tell apart two
+    Gaussians at the same place. Without them p* of Proposition 1 is not representable by the head."""
+
+    init_keep_prob: float = 0.99
+    """p at initialisation (via the output bias). Fine-tuning starts from a trained model: near 1, the masked
+    render equals the trained render, so the reconstruction term starts from its optimum and the head is
+    pulled down only where the KL prior outweighs a Gaussian's importance. At p ~ 0.5, sampling would drop
+    about half of the gated Gaussians at every step and wreck the render the head learns from."""
+
+    prior_pi: float = 0.2
+    """Prior retention probability pi. Matches the reported operating point: 5.2x fewer Gaussians is ~19%
+    kept. It enters Proposition 1 only through lambda_KL * logit(pi), so it sets the prune threshold
+    Delta < lambda_KL * log((1 - pi) / pi) = 1.39 lambda_KL jointly with lambda_KL."""
+
+    lambda_kl: float = 1e-6
+    """Main rate-distortion knob, in the units of Delta (training loss: 0.8 L1 + 0.2 D-SSIM, mean over
+    pixels). Delta_i is roughly (fraction of the image a Gaussian covers) x (its colour change), so 1e-6
+    prunes Gaussians whose removal changes about 1e-4 of the image (100 px of a 1 MP view) by ~0.01 or less."""
+
+    lambda_sparsity: float = 1e-3
+    """Weak global term lambda_s * mean_i p_i. Per Gaussian it shifts the Proposition 1 threshold by
+    lambda_s / N: ~1e-8 at N = 1e5, under 1% of lambda_KL * log((1 - pi) / pi)."""
+
+    tau_start: float = 1.0
+    """Binary Concrete temperature at the start of fine-tuning: smooth samples, informative gradients."""
+
+    tau_end: float = 0.1
+    """Final temperature: samples are nearly binary, so the last steps train what inference uses
+    (z = [p >= 0.5]); lower values mostly add gradient variance."""
+
+    anneal_steps: int = 23000
+    """Steps of the geometric anneal: the whole VEDAL fine-tuning phase (30k total minus 7k warm-up)."""
+
+    lr: float = 1e-3
+    """Adam learning rate for the head: the usual value for a small MLP; the splat parameters keep theirs."""
+
+
+def encoding_dim(n_freqs: int) -> int:
+    return 3 + 6 * n_freqs
+
+
+def robust_bounds(means: Tensor, tail_fraction: float = 0.01) -> Tuple[Tensor, Tensor]:
+    """Per-axis bounds that ignore the tail_fraction outermost means on each side. Unbounded scenes have a few
+    far-away background Gaussians; min/max bounds would squeeze the rest of the scene into a sliver of the
+    encoding's range."""
+    n = means.shape[0]
+    k_lo = max(1, int(math.floor(tail_fraction * n)) + 1)
+    k_hi = max(1, n - int(math.floor(tail_fraction * n)))
+    values = means.detach()
+    lo = values.kthvalue(min(k_lo, n), dim=0).values
+    hi = values.kthvalue(k_hi, dim=0).values
+    return lo, hi
+
+
+def positional_encoding(x: Tensor, n_freqs: int, bounds: Optional[Tuple[Bound, Bound]] = None) -> Tensor:
+    """[N, 3] positions -> [N, 3 + 6 n_freqs]: the position normalised to [-1, 1] followed by
+    sin(2^k pi x), cos(2^k pi x) for k < n_freqs.
+
+    bounds: (lo, hi), scalars or per-axis; None uses the min/max of x itself. Positions outside the bounds are
+    clamped: the raw coordinate would otherwise grow without limit and the periodic terms would alias far
+    Gaussians onto the scene interior.
+    """
+    if x.dim() != 2 or x.shape[1] != 3:
+        raise ValueError(f"positions must be [N, 3], got {tuple(x.shape)}")
+    if bounds is None:
+        lo = x.detach().min(dim=0).values if x.shape[0] else torch.zeros(3, dtype=x.dtype, device=x.device)
+        hi = x.detach().max(dim=0).values if x.shape[0] else torch.ones(3, dtype=x.dtype, device=x.device)
+    else:
+        lo = torch.as_tensor(bounds[0], dtype=x.dtype, device=x.device)
+        hi = torch.as_tensor(bounds[1], dtype=x.dtype, device=x.device)
+    span = (hi - lo).clamp_min(torch.finfo(x.dtype).eps)
+    normalised = (2.0 * (x - lo) / span - 1.0).clamp(-1.0, 1.0)
+    parts = [normalised]
+    for k in range(n_freqs):
+        angle = (math.pi * 2.0**k) * normalised
+        parts.append(torch.sin(angle))
+        parts.append(torch.cos(angle))
+    return torch.cat(parts, dim=-1)
+
+
+def gaussian_features(opacity_logits: Tensor, log_scales: Tensor) -> Tensor:
+    """The default extra features: splatfacto's raw opacity (a logit, [N] or [N, 1]) and the mean of its raw
+    log-scales ([N, 3]), i.e. the log of the geometric-mean radius."""
+    return torch.stack([opacity_logits.reshape(-1), log_scales.mean(dim=-1)], dim=-1)
+
+
+class RetentionHead(nn.Module):
+    """MLP (depth x hidden ReLU) from encoded means (+ features) to one retention logit per Gaussian."""
+
+    def __init__(self, config: Optional[RetentionHeadConfig] = None, bounds: Optional[Tuple[Bound, Bound]] = None):
+        super().__init__()
+        self.config = config if config is not None else RetentionHeadConfig()
+        cfg = self.config
+        if not 0.0 < cfg.init_keep_prob < 1.0:
+            raise ValueError("init_keep_prob must be in (0, 1)")
+        layers = []
+        width = encoding_dim(cfg.n_freqs) + cfg.n_extra_features
+        for _ in range(cfg.depth):
+            layers += [nn.Linear(width, cfg.hidden), nn.ReLU()]
+            width = cfg.hidden
+        self.output = nn.Linear(width, 1)
+        self.mlp = nn.Sequential(*layers, self.output)
+        with torch.no_grad():
+            self.output.bias.fill_(math.log(cfg.init_keep_prob / (1.0 - cfg.init_keep_prob)))
+        # NaN marks "no bounds": forward then normalises by the current means. Buffers, so checkpoints keep them.
+        self.register_buffer("bounds_lo", torch.full((3,), math.nan))
+        self.register_buffer("bounds_hi", torch.full((3,), math.nan))
+        if bounds is not None:
+            self.set_bounds(*bounds)
+
+    def set_bounds(self, lo: Bound, hi: Bound) -> None:
+        """Fix the encoding's box (e.g. `robust_bounds(means)` once at the start of fine-tuning), so p of a
+        Gaussian does not change because other Gaussians moved or were pruned."""
+        with torch.no_grad():
+            self.bounds_lo.copy_(torch.as_tensor(lo, dtype=self.bounds_lo.dtype).expand(3))
+            self.bounds_hi.copy_(torch.as_tensor(hi, dtype=self.bounds_hi.dtype).expand(3))
+
+    def forward(self, means: Tensor, extra_features: Optional[Tensor] = None) -> Tensor:
+        """means [N, 3], extra_features [N, n_extra_features] -> logits [N].
+
+        Inputs are detached: the head should learn to read positions and opacities, not have the KL prior
+        move or fade Gaussians through its inputs to make its own job easier.
+        """
+        cfg = self.config
+        dtype = self.output.weight.dtype
+        means = means.detach().to(dtype)
+        bounds = None if torch.isnan(self.bounds_lo).any() else (self.bounds_lo, self.bounds_hi)
+        inputs = [positional_encoding(means, cfg.n_freqs, bounds)]
+        if cfg.n_extra_features:
+            if extra_features is None:
+                raise ValueError(f"head expects {cfg.n_extra_features} extra features per Gaussian")
+            features = extra_features.detach().to(dtype).reshape(means.shape[0], -1)
+            if features.shape[1] != cfg.n_extra_features:
+                raise ValueError(f"expected {cfg.n_extra_features} extra features, got {features.shape[1]}")
+            # Standardised over the current Gaussians: log-scales shift with the scene's units and opacity
+            # logits span ~[-10, 10]; unscaled, they would dominate the [-1, 1] encoding in the first layer.
+            mean = features.mean(dim=0, keepdim=True)
+            std = features.std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-6)
+            inputs.append((features - mean) / std)
+        elif extra_features is not None:
+            raise ValueError("head was configured without extra features (n_extra_features = 0)")
+        return self.mlp(torch.cat(inputs, dim=-1)).squeeze(-1)
+
+
+def binary_concrete(logits: Tensor, tau: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Relaxed Bernoulli sample z = sigmoid((logit + log u - log(1 - u)) / tau), u ~ U(0, 1), differentiable in
+    the logits. u is kept within machine epsilon of (0, 1): log(0) would give an infinite noise and a NaN
+    gradient; the clamp bounds the logistic noise at about +-16 in float32, far out in its tails."""
+    if tau <= 0:
+        raise ValueError("tau must be > 0")
+    eps = torch.finfo(logits.dtype).eps
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    u = u.clamp(eps, 1.0 - eps)
+    noise = torch.log(u) - torch.log1p(-u)
+    return torch.sigmoid((logits + noise) / tau)
+
+
+def hard_mask(logits: Tensor, threshold: float = 0.5) -> Tensor:
+    """Inference mask [p >= threshold], compared in logit space so that no precision is lost near p = 1."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError("threshold must be in (0, 1)")
+    return logits >= math.log(threshold / (1.0 - threshold))
+
+
+def bernoulli_kl(p: Tensor, prior_pi: Union[float, Tensor]) -> Tensor:
+    """KL(Bern(p) || Bern(pi)) elementwise. Exact 0 * log 0 = 0 at p in {0, 1}; the logs see p clamped to the
+    smallest normal number so the gradient there is large but finite instead of NaN."""
+    pi = torch.as_tensor(prior_pi, dtype=p.dtype, device=p.device)
+    tiny = torch.finfo(p.dtype).tiny
+    q = 1.0 - p
+    return p * (torch.log(p.clamp_min(tiny)) - torch.log(pi)) + q * (torch.log(q.clamp_min(tiny)) - torch.log1p(-pi))
+
+
+def _bernoulli_kl_from_logits(logits: Tensor, prior_pi: float) -> Tensor:
+    """Same KL with log p and log(1 - p) taken from the logits: exact and with finite gradients even when
+    sigmoid(logit) rounds to 0 or 1 (the head starts at p = 0.99 and can go much further)."""
+    p = torch.sigmoid(logits)
+    log_p = nn.functional.logsigmoid(logits)
+    log_q = nn.functional.logsigmoid(-logits)
+    return p * (log_p - math.log(prior_pi)) + (1.0 - p) * (log_q - math.log1p(-prior_pi))
+
+
+def temperature(step: int, tau_start: float, tau_end: float, anneal_steps: int) -> float:
+    """Geometric anneal tau_start -> tau_end over anneal_steps, constant outside [0, anneal_steps]. Geometric,
+    not linear: the sample sharpness depends on 1/tau, so equal ratios per step give an even sharpening."""
+    if tau_start <= 0 or tau_end <= 0:
+        raise ValueError("temperatures must be > 0")
+    if anneal_steps <= 0:
+        return float(tau_end)
+    progress = min(max(step / anneal_steps, 0.0), 1.0)
+    return float(tau_start * (tau_end / tau_start) ** progress)
+
+
+def retention_regulariser(
+    logits: Tensor, gated_mask: Tensor, cfg: RetentionHeadConfig
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """lambda_KL * sum_{gated} KL(Bern(p_i) || Bern(pi)) + lambda_s * mean_i p_i.
+
+    Sum, not mean, over the gated Gaussians: the reconstruction loss responds to each Gaussian separately
+    (Delta_i), so each gated Gaussian must carry its own lambda_KL for Proposition 1 to hold in the units of
+    Delta. A mean would divide lambda_KL by the gated count, which changes at every gate refresh, so the
+    prune threshold would drift as the gate opened. No extra scaling is applied: lambda_KL is small (~1e-6)
+    but float32 handles it, and the total is O(lambda_KL * N) like the loss changes it trades against.
+
+    Returns (total, parts): 'kl' and 'sparsity' are the weighted terms (in the graph); 'kl_sum', 'mean_p' and
+    'n_gated' are detached diagnostics.
+    """
+    if gated_mask.shape != logits.shape:
+        raise ValueError(f"gated_mask {tuple(gated_mask.shape)} does not match logits {tuple(logits.shape)}")
+    gated = gated_mask.to(device=logits.device, dtype=torch.bool)
+    kl = _bernoulli_kl_from_logits(logits[gated], cfg.prior_pi).sum()
+    p = torch.sigmoid(logits)
+    mean_p = p.mean() if p.numel() else p.sum()
+    kl_term = cfg.lambda_kl * kl
+    sparsity_term = cfg.lambda_sparsity * mean_p
+    parts = {
+        "kl": kl_term,
+        "sparsity": sparsity_term,
+        "kl_sum": kl.detach(),
+        "mean_p": mean_p.detach(),
+        "n_gated": gated.sum().detach(),
+    }
+    return kl_term + sparsity_term, parts
+
+
+def proposition_1_optimum(importance: Tensor, lambda_kl: float, prior_pi: float) -> Tensor:
+    """p_i* = sigmoid(Delta_i / lambda_KL + logit pi), the minimiser of (1 - p) Delta + lambda_KL KL(p || pi)."""
+    return torch.sigmoid(importance / lambda_kl + math.log(prior_pi / (1.0 - prior_pi)))
