@@ -27,6 +27,25 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio_pruning.removal import rebind_optimizers
 from nerfstudio_pruning.rendering import rasterization
 
+GAUSSIAN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
+
+
+def camera_tensors(cameras: Cameras, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """gsplat viewmats [C, 4, 4], Ks [C, 3, 3] and the shared image size of nerfstudio cameras."""
+    widths, heights = cameras.width.unique(), cameras.height.unique()
+    if widths.numel() != 1 or heights.numel() != 1:
+        raise NotImplementedError("scoring needs all training images at one size; this dataset mixes sizes")
+    viewmats = get_viewmat(cameras.camera_to_worlds.to(device))
+    Ks = cameras.get_intrinsics_matrices().to(device)
+    return viewmats, Ks, int(widths.item()), int(heights.item())
+
+
+def turbo_colours(values: torch.Tensor) -> torch.Tensor:
+    """[N, 3] turbo colours of values in [0, 1]."""
+    from nerfstudio.utils.colormaps import ColormapOptions, apply_colormap
+
+    return apply_colormap(values.float()[:, None].clamp(0, 1), ColormapOptions(colormap="turbo"))
+
 
 def use_python_float_learning_rates(optimizers: Optimizers) -> None:
     """Keep learning rates Python floats so checkpoints load with `torch.load(weights_only=True)`.
@@ -99,12 +118,24 @@ class PortableSplatfactoModel(SplatfactoModel):
             self.gauss_params["features_dc"] = torch.nn.Parameter(dc.to(self.gauss_params["means"]))
 
     # -- hooks the pruning methods override ------------------------------------------------------------------
+    _colour_override: Optional[torch.Tensor] = None
+
+    def render_with_colours(self, camera: Cameras, colours: torch.Tensor) -> torch.Tensor:
+        """Render [H, W, 3] with each Gaussian painted one flat colour (viewer outputs of scores)."""
+        self._colour_override = colours.to(self.means)
+        try:
+            return PortableSplatfactoModel.get_outputs(self, camera)["rgb"]
+        finally:
+            self._colour_override = None
+
     def render_opacities(self) -> torch.Tensor:
         """Post-sigmoid opacities [N] used for rendering."""
         return torch.sigmoid(self.opacities).squeeze(-1)
 
     def render_colors(self) -> Tuple[torch.Tensor, Optional[int]]:
         """Colours for rendering: SH coefficients [N, K, 3] with the degree in use, or RGB [N, 3] with None."""
+        if self._colour_override is not None:
+            return self._colour_override, None
         colors = torch.cat((self.features_dc[:, None, :], self.features_rest), dim=1)
         if self.config.sh_degree > 0:
             return colors, min(self.step // self.config.sh_degree_interval, self.config.sh_degree)

@@ -6,8 +6,11 @@ a plugin that nerfstudio itself is importing gives a circular import.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional, Type
 
+import numpy as np
 import torch
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
@@ -15,9 +18,34 @@ from nerfstudio.data.dataparsers.base_dataparser import DataParserConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
-from nerfstudio.engine.trainer import TrainerConfig
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.models.base_model import ModelConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+
+
+@contextlib.contextmanager
+def numpy_scalars_allowed():
+    """Let `torch.load(weights_only=True)` read the numpy scalars in checkpoints written by stock nerfstudio.
+
+    Stock splatfacto checkpoints hold numpy learning rates, which torch >= 2.6 refuses by default. Allowing
+    numpy's scalar and dtype reconstructors admits plain numbers, not arbitrary objects.
+    """
+    allowed = [np.core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64)]
+    with torch.serialization.safe_globals(allowed):
+        yield
+
+
+@dataclass
+class PruningTrainerConfig(TrainerConfig):
+    """nerfstudio's trainer, able to resume from (and post-hoc prune) checkpoints written by stock splatfacto."""
+
+    _target: Type = field(default_factory=lambda: PruningTrainer)
+
+
+class PruningTrainer(Trainer):
+    def _load_checkpoint(self) -> None:
+        with numpy_scalars_allowed():
+            super()._load_checkpoint()
 
 
 def default_device_type() -> str:
@@ -55,10 +83,10 @@ def splatfacto_trainer_config(
     max_steps: int = 30000,
     dataparser: Optional[DataParserConfig] = None,
     extra_optimizers: Optional[dict] = None,
-) -> TrainerConfig:
+) -> PruningTrainerConfig:
     optimizers = splatfacto_optimizers(max_steps)
     optimizers.update(extra_optimizers or {})
-    return TrainerConfig(
+    return PruningTrainerConfig(
         method_name=method_name,
         steps_per_eval_image=100,
         steps_per_eval_batch=0,

@@ -1,0 +1,256 @@
+"""PUP 3D-GS sensitivity: per-Gaussian Fisher blocks over (mean, log-scale) and their log-determinants.
+
+F_i = sum over views, pixels p and channels c of g g^T with g = d I_pc / d theta_i, theta_i = (mean_i,
+log-scale_i). In one view the image depends on Gaussian i only through its projected quantities
+u_i = (mean2d 2, conic 3, colour D, effective opacity 1), so g = A_i^T d I_pc / d u_i with A_i = du_i/dtheta_i
+and F_i(view) = A_i^T M_i A_i, M_i = sum_{p,c} (dI_pc/du_i)(dI_pc/du_i)^T. M_i comes from the per-pair
+gradients of `pair_stats`, A_i from forward-mode autodiff through gsplat's torch projection and SH
+evaluation: u_i depends on theta_i only, so a JVP whose tangent is the same unit vector for every Gaussian
+returns that column of every A_i at once (6 JVPs per view).
+
+Memory beyond `pair_stats` (measured as in its docstring): the M terms take 40 float64 per pair (~320 bytes)
+on top of the statistics, ~0.75 KB per pair of a chunk in all (+1.1 GB for 1.5 M pairs in one chunk). Per
+Gaussian: the [N, 6, 6] float64 result (288 bytes) and the [N, 40] float64 M accumulator (320 bytes), plus the
+per-view projection (~300 bytes); the float64 forward-mode Jacobians are taken in slices of `gaussian_chunk`
+Gaussians (~4 KB each at SH degree 3, ~0.25 GB per slice). Measured end to end, one 32 x 32 view of 1 M
+Gaussians: +1.95 GB over the model, ~1.3 GB of it `find_pairs`' candidate buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from nerfstudio_pruning.cpu_rasterizer import ProjectedGaussians
+from nerfstudio_pruning.pair_stats import (
+    DEFAULT_CHUNK_PAIRS,
+    PairStatistics,
+    enumerate_pairs,
+    iter_pair_statistics,
+    project_gaussians,
+    scale_intrinsics,
+    view_background,
+)
+from nerfstudio_pruning.rendering import rasterization
+
+N_PARAMS = 6  # mean (3), log-scale (3)
+# Gaussians whose projection Jacobian is taken at once: ~0.25 GB of float64 forward-mode temporaries.
+DEFAULT_GAUSSIAN_CHUNK = 1 << 16
+
+
+def _alpha_slots(channels: int) -> list[int]:
+    """Positions in u of what alpha depends on: mean2d x, y, conic a, b, c, and the opacity after D colours."""
+    return [0, 1, 2, 3, 4, 5 + channels]
+
+
+def projected_quantities(proj: ProjectedGaussians) -> Tensor:
+    """[rows, 6 + D] u = (mean2d, conic, colour, effective opacity), the order used for M and A."""
+    return torch.cat([proj.means2d, proj.conics, proj.colors, proj.opacities[:, None]], dim=-1)
+
+
+def projection_jacobian(
+    means: Tensor,
+    quats: Tensor,
+    log_scales: Tensor,
+    opacity_logits: Tensor,
+    sh: Tensor,
+    viewmat: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    sh_degree: int,
+    rasterize_mode: str = "classic",
+) -> Tensor:
+    """[N, 6 + D, 6] float64 A_i = du_i / d(mean_i, log-scale_i) for one camera (viewmat [1, 4, 4], K [1, 3, 3]).
+
+    Includes the view-direction path of the SH colour into the mean and, in antialiased mode, the
+    compensation factor in the opacity. Computed in float64 so that A adds no float32 noise to F.
+    """
+    q64, logit64, sh64, view64, k64 = (t.detach().double() for t in (quats, opacity_logits, sh, viewmat, K))
+
+    def u_of(m: Tensor, s: Tensor) -> Tensor:
+        proj = project_gaussians(m, q64, s, logit64, sh64, view64, k64, width, height, sh_degree, rasterize_mode)
+        return projected_quantities(proj)
+
+    m0 = means.detach().double()
+    s0 = log_scales.detach().double()
+    columns = []
+    for j in range(N_PARAMS):
+        tangent_m = torch.zeros_like(m0)
+        tangent_s = torch.zeros_like(s0)
+        (tangent_m if j < 3 else tangent_s)[:, j % 3] = 1.0
+        _, column = torch.func.jvp(u_of, (m0, s0), (tangent_m, tangent_s))
+        columns.append(column)
+    return torch.stack(columns, dim=-1)
+
+
+def _compact_width(channels: int) -> int:
+    return 21 + 6 * channels + 1
+
+
+def _compact_m_contributions(stats: PairStatistics) -> Tensor:
+    """[P, 21 + 6 D + 1] the distinct entries of each pair's sum_c g_c g_c^T.
+
+    With q = dalpha/du restricted to the alpha slots, beta_c = dI_c/dalpha and w = T alpha, the channel-c
+    gradient is g_c = beta_c q + w e_c (e_c the colour slot). Summed over channels: (sum_c beta_c^2) q q^T in
+    the alpha block, q (w beta)^T across, and w^2 times the identity on the colour block; 40 numbers instead
+    of 81 for D = 3.
+    """
+    q = torch.cat([stats.dalpha_dmean2d, stats.dalpha_dconic, stats.dalpha_dopacity[:, None]], dim=-1)
+    beta = stats.dI_dalpha
+    w = stats.dI_dcolor
+    iu, ju = torch.triu_indices(6, 6, device=q.device)
+    alpha_block = q[:, iu] * q[:, ju] * (beta * beta).sum(-1, keepdim=True)
+    cross = (q[:, :, None] * (w[:, None] * beta)[:, None, :]).flatten(1)
+    return torch.cat([alpha_block, cross, (w * w)[:, None]], dim=-1)
+
+
+def _expand_m(compact: Tensor, channels: int) -> Tensor:
+    """[n, U, U] symmetric M from `_compact_m_contributions` sums, U = 6 + D."""
+    n = compact.shape[0]
+    u = 6 + channels
+    m = compact.new_zeros(n, u, u)
+    slots = torch.tensor(_alpha_slots(channels), device=compact.device)
+    iu, ju = torch.triu_indices(6, 6, device=compact.device)
+    m[:, slots[iu], slots[ju]] = compact[:, :21]
+    m[:, slots[ju], slots[iu]] = compact[:, :21]
+    cross = compact[:, 21 : 21 + 6 * channels].reshape(n, 6, channels)
+    colour_slots = torch.arange(5, 5 + channels, device=compact.device)
+    m[:, slots[:, None], colour_slots[None, :]] = cross
+    m[:, colour_slots[None, :], slots[:, None]] = cross
+    m[:, colour_slots, colour_slots] = compact[:, -1:].expand(n, channels)
+    return m
+
+
+def fisher_blocks(
+    means: Tensor,
+    quats: Tensor,
+    log_scales: Tensor,
+    opacity_logits: Tensor,
+    sh: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    sh_degree: int,
+    backgrounds: Optional[Tensor] = None,
+    downscale: float = 1,
+    rasterize_mode: str = "classic",
+    tile_size: int = 16,
+    progress: bool = True,
+    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+    gaussian_chunk: int = DEFAULT_GAUSSIAN_CHUNK,
+) -> Tensor:
+    """[N, 6, 6] float64 exact Fisher blocks over (mean, log-scale), summed over the views given.
+
+    `backgrounds` is [3] or [C, 3] (black if None). `downscale` renders at 1/downscale resolution (size and
+    fx, fy, cx, cy divided), as PUP's `--fisher_resolution`. Views are processed one at a time.
+    """
+    n = means.shape[0]
+    Ks, width, height = scale_intrinsics(Ks, width, height, downscale)
+    fisher = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=means.device)
+    for view in tqdm(range(viewmats.shape[0]), desc="Fisher blocks", disable=not progress):
+        viewmat, K = viewmats[view : view + 1], Ks[view : view + 1]
+        with torch.no_grad():
+            proj = project_gaussians(
+                means, quats, log_scales, opacity_logits, sh, viewmat, K, width, height, sh_degree, rasterize_mode
+            )
+            pairs = enumerate_pairs(proj, 1, width, height, tile_size)
+        if len(pairs) == 0:
+            continue
+        channels = proj.colors.shape[-1]
+        m_compact = torch.zeros(n, _compact_width(channels), dtype=torch.float64, device=means.device)
+        for stats in iter_pair_statistics(
+            proj, pairs, 1, width, height, view_background(backgrounds, view), chunk_pairs
+        ):
+            m_compact.index_add_(0, stats.gaussian, _compact_m_contributions(stats))
+        # Only the Gaussians this view composites need A; the projection is per Gaussian, so a subset is exact,
+        # and taking it in slices bounds the float64 forward-mode temporaries (~4 KB per Gaussian).
+        for seen in torch.unique(proj.gaussian_ids[pairs.row]).split(gaussian_chunk):
+            jac = projection_jacobian(
+                means[seen], quats[seen], log_scales[seen], opacity_logits[seen], sh[seen], viewmat, K, width,
+                height, sh_degree, rasterize_mode,
+            )
+            m_full = _expand_m(m_compact[seen], channels)
+            block = jac.transpose(1, 2) @ m_full @ jac
+            # Matmul rounding leaves ~1e-16 asymmetry; symmetric blocks keep downstream eigen/SVD code honest.
+            fisher.index_add_(0, seen, 0.5 * (block + block.transpose(1, 2)))
+    return fisher
+
+
+def fisher_scores(fisher: Tensor) -> Tensor:
+    """[N] float64 log det F_i as the sum of the logs of its singular values; -inf where F_i = 0 (unseen).
+
+    Raises ValueError if any block holds a NaN or inf, rather than letting it through as a score.
+    """
+    finite = torch.isfinite(fisher).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{bad} of {fisher.shape[0]} Fisher blocks contain NaN or inf values")
+    singular_values = torch.linalg.svdvals(fisher.to(torch.float64))
+    return torch.log(singular_values).sum(dim=-1)
+
+
+def probe_fisher_blocks(
+    means: Tensor,
+    quats: Tensor,
+    log_scales: Tensor,
+    opacity_logits: Tensor,
+    sh: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    sh_degree: int,
+    backgrounds: Optional[Tensor] = None,
+    downscale: float = 1,
+    rasterize_mode: str = "classic",
+    tile_size: int = 16,
+    n_probes: int = 1,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = True,
+) -> Tensor:
+    """[N, 6, 6] float64 unbiased estimate of `fisher_blocks` from stock backward passes.
+
+    Per view and probe, v is a random +-1 per pixel and channel and g = d(v . I)/d(mean, log-scale); since
+    E[v v^T] = Id, E[g_i g_i^T] is that view's F_i. The render is shared by a view's probes. Its variance is
+    what `benchmarks/bench_probe_estimator.py` measures.
+    """
+    if n_probes < 1:
+        raise ValueError(f"n_probes must be >= 1, got {n_probes}")
+    n = means.shape[0]
+    Ks, width, height = scale_intrinsics(Ks, width, height, downscale)
+    fisher = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=means.device)
+    means_leaf = means.detach().requires_grad_(True)
+    log_scales_leaf = log_scales.detach().requires_grad_(True)
+    opacities = torch.sigmoid(opacity_logits.detach())
+    colors = sh.detach()
+    quats = quats.detach()
+    for view in tqdm(range(viewmats.shape[0]), desc="Fisher probes", disable=not progress):
+        bg = view_background(backgrounds, view)
+        image, _, _ = rasterization(
+            means_leaf, quats, torch.exp(log_scales_leaf), opacities, colors, viewmats[view : view + 1],
+            Ks[view : view + 1], width, height, sh_degree=sh_degree, tile_size=tile_size,
+            backgrounds=None if bg is None else bg.reshape(1, -1).to(means.dtype),
+            rasterize_mode=rasterize_mode,
+        )
+        if not image.requires_grad:  # nothing composited in this view
+            continue
+        for probe in range(n_probes):
+            # Drawn on the generator's device so that a seeded CPU generator reproduces the same probes anywhere.
+            signs = torch.randint(0, 2, image.shape, generator=generator, device=_probe_device(generator, image))
+            signs = (2 * signs - 1).to(device=image.device, dtype=image.dtype)
+            grad_means, grad_log_scales = torch.autograd.grad(
+                (signs * image).sum(), (means_leaf, log_scales_leaf), retain_graph=probe < n_probes - 1,
+                allow_unused=True, materialize_grads=True,
+            )
+            g = torch.cat([grad_means, grad_log_scales], dim=-1).to(torch.float64)
+            fisher += g[:, :, None] * g[:, None, :] / n_probes
+    return fisher
+
+
+def _probe_device(generator: Optional[torch.Generator], image: Tensor) -> torch.device:
+    return image.device if generator is None else generator.device

@@ -1,0 +1,297 @@
+"""Per-(pixel, Gaussian) statistics of a composite: the engine under both pruning scores.
+
+PUP's Fisher blocks and VEDAL's leave-one-out importance are both sums, over the (pixel, Gaussian) pairs a
+view composites, of closed-form functions of that pair's alpha, transmittance T, colour c and the colour
+composited behind it S. This module enumerates the pairs, computes those quantities and the per-pair gradients
+of the pixel, and hands them out in chunks, so that callers accumulate per-Gaussian results with `index_add_`
+and never hold a pixels x Gaussians array. See /work/shared/notes/methods.md for the derivations.
+
+Conventions (as `cpu_rasterizer`): pixel centres at (x + 0.5, y + 0.5); dx = mean2d_x - (x + 0.5); the conic
+(a, b, c) gives sigma = 0.5 (a dx^2 + c dy^2) + b dx dy; alpha = min(ALPHA_MAX, o exp(-sigma)); opacities are
+effective ones (antialiasing compensation included). Statistics are float64 whatever the model's dtype, so
+that sums over millions of pairs, and S / (1 - alpha) at the 0.999 clamp (a x1000 amplification), keep their
+precision.
+
+Memory, for someone sizing a run (Q = `chunk_pairs`). Figures measured on CPU as growth of peak RSS, float32
+model, SH degree 3; per-pair chunk costs from one chunk holding a view's 1.5 M pairs against 2**16-pair chunks:
+- projection: ~300 bytes per Gaussian at its peak (gsplat's torch projection and SH temporaries), per view;
+- enumeration keeps the view's pair list, 16 bytes per pair (int64 pixel and row), but `find_pairs` peaks well
+  above that with its candidate buffers: ~0.5 GB for a 256 x 256 view with 1.5 M pairs (20 k Gaussians), and
+  ~1.3 GB for 1 M Gaussians all inside a 32 x 32 view (tile footprints make candidates scale with Gaussians);
+- one chunk of `PairStatistics` holds 21 float64 numbers, 3 int64 and a bool per pair (~195 bytes with 3
+  colour channels) and builds them through a few more; measured growth ~0.25 KB per pair of a chunk, i.e.
+  ~0.25 GB for the default Q = 2**20.
+Consumers add their own per-pair and per-Gaussian buffers; `fisher.py` and `importance.py` state theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from nerfstudio_pruning.cpu_rasterizer import (
+    Pairs,
+    ProjectedGaussians,
+    find_pairs,
+    pair_terms,
+    project,
+    segmented_cumsum,
+)
+
+# ~0.25 GB of statistics per chunk, ~0.75 GB with the Fisher terms (docstrings): fits beside a training run.
+DEFAULT_CHUNK_PAIRS = 1 << 20
+
+
+def project_gaussians(
+    means: Tensor,
+    quats: Tensor,
+    log_scales: Tensor,
+    opacity_logits: Tensor,
+    sh: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    sh_degree: int,
+    rasterize_mode: str = "classic",
+) -> ProjectedGaussians:
+    """Project splatfacto-parametrised Gaussians exactly as the renderer does (gsplat defaults: eps2d 0.3,
+    near 0.01), returning unpacked rows: row k is camera k // N, Gaussian k % N.
+
+    Differentiable: callers wanting plain numbers wrap it in `no_grad`.
+    """
+    proj, _ = project(
+        means, quats, torch.exp(log_scales), torch.sigmoid(opacity_logits), sh, viewmats, Ks, width, height,
+        sh_degree=sh_degree, rasterize_mode=rasterize_mode,
+    )
+    return proj
+
+
+def scale_intrinsics(Ks: Tensor, width: int, height: int, downscale: float) -> tuple[Tensor, int, int]:
+    """Intrinsics and image size for rendering at 1/downscale of the resolution.
+
+    fx, fy, cx, cy are divided by the factor and the size truncated to whole pixels, as nerfstudio's
+    `Cameras.rescale_output_resolution` does.
+    """
+    if downscale == 1:
+        return Ks, width, height
+    if downscale <= 0:
+        raise ValueError(f"downscale must be positive, got {downscale}")
+    scaled = Ks.clone()
+    scaled[..., :2, :] = scaled[..., :2, :] / downscale
+    return scaled, int(width / downscale), int(height / downscale)
+
+
+def enumerate_pairs(proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int = 16) -> Pairs:
+    """Every (pixel, row) pair the rasterizer composites, sorted by pixel and front to back within a pixel.
+
+    The only place pairs are enumerated, so that on CUDA this can become gsplat's
+    `rasterize_to_indices_in_range` without touching the statistics.
+    """
+    return find_pairs(proj, n_cameras, width, height, tile_size)
+
+
+@dataclass
+class PairStatistics:
+    """One chunk of pairs (whole pixels only) with everything the pruning scores need. All float64.
+
+    Gradients are of the pixel value I (per channel) with respect to the pair's Gaussian's projected
+    quantities in this view. Where alpha sits on the ALPHA_MAX clamp, alpha does not move with mean2d, conic
+    or opacity, so those `dalpha_*` are zero; `dI_dalpha` is still the derivative of I in alpha itself, which
+    is what the leave-one-out identity needs.
+    """
+
+    pixel: Tensor  # [P] int64, index into the flattened [C, H, W] image stack
+    row: Tensor  # [P] int64, index into the ProjectedGaussians rows
+    gaussian: Tensor  # [P] int64, Gaussian index
+    alpha: Tensor  # [P]
+    transmittance: Tensor  # [P], T before the pair
+    clamped: Tensor  # [P] bool
+    color: Tensor  # [P, D]
+    behind: Tensor  # [P, D], S: what is composited behind the pair, background included
+    pixel_color: Tensor  # [P, D], the rendered pixel I
+    dI_dcolor: Tensor  # [P], T alpha: the same for every channel, no cross-channel terms
+    dI_dalpha: Tensor  # [P, D], T c - S / (1 - alpha)
+    dalpha_dmean2d: Tensor  # [P, 2]
+    dalpha_dconic: Tensor  # [P, 3], order (a, b, c)
+    dalpha_dopacity: Tensor  # [P]
+
+    def __len__(self) -> int:
+        return int(self.pixel.shape[0])
+
+    def removal_delta(self) -> Tensor:
+        """[P, D] exact change of the pixel when this pair's Gaussian alone is removed (opacity set to 0).
+
+        The pixel is affine in the pair's alpha with everything else fixed, so the change is
+        -alpha dI/dalpha = alpha S / (1 - alpha) - T alpha c. Exact only while the pixel's list of composited
+        pairs is otherwise unchanged: removing a Gaussian raises the transmittance behind it, which can bring
+        pairs that the T <= 1e-4 early stop had excluded back into the pixel, and those are not in the list.
+        (The 1/255 skip depends on a pair's own alpha only and cannot change.)
+        """
+        return self.alpha[:, None] * self.behind / (1.0 - self.alpha[:, None]) - (
+            (self.transmittance * self.alpha)[:, None] * self.color
+        )
+
+
+def _chunk_bounds(pixel: Tensor, chunk_pairs: int) -> Iterator[tuple[int, int]]:
+    """Split a pixel-sorted pair list into ranges of about `chunk_pairs` pairs that never split a pixel.
+
+    A pixel's T and S need all of its pairs; a single pixel longer than the budget gets a chunk of its own.
+    """
+    n = pixel.shape[0]
+    start = 0
+    while start < n:
+        end = min(start + chunk_pairs, n)
+        if end < n:
+            end = int(torch.searchsorted(pixel, pixel[end], right=False))
+            if end <= start:
+                end = int(torch.searchsorted(pixel, pixel[start], right=True))
+        yield start, end
+        start = end
+
+
+def view_background(backgrounds: Optional[Tensor], view: int) -> Optional[Tensor]:
+    """Background of one view from None, a shared [D] or a per-view [C, D] tensor."""
+    if backgrounds is None:
+        return None
+    return backgrounds if backgrounds.dim() == 1 else backgrounds[view]
+
+
+def _background_per_pixel(backgrounds: Optional[Tensor], n_cameras: int, channels: int, like: Tensor) -> Tensor:
+    """[C, D] float64 background of each camera; black when none is given."""
+    if backgrounds is None:
+        return torch.zeros(n_cameras, channels, dtype=torch.float64, device=like.device)
+    bg = backgrounds.detach().to(device=like.device, dtype=torch.float64)
+    if bg.dim() == 1:
+        bg = bg[None].expand(n_cameras, -1)
+    if bg.shape != (n_cameras, channels):
+        raise ValueError(
+            f"backgrounds must be [{channels}] or [{n_cameras}, {channels}], got {tuple(backgrounds.shape)}"
+        )
+    return bg
+
+
+def iter_pair_statistics(
+    proj: ProjectedGaussians,
+    pairs: Pairs,
+    n_cameras: int,
+    width: int,
+    height: int,
+    backgrounds: Optional[Tensor] = None,
+    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+) -> Iterator[PairStatistics]:
+    """Statistics of `pairs` (from `enumerate_pairs` on the same `proj`), in chunks of whole pixels.
+
+    `backgrounds` is [D] or [n_cameras, D]; black if None. Runs under `no_grad` on proj's device.
+    """
+    with torch.no_grad():
+        # One float64 copy of the per-row quantities; per-pair values are then recomputed in float64, so the
+        # statistics carry the precision the Fisher and importance sums need even for a float32 model.
+        proj64 = ProjectedGaussians(
+            means2d=proj.means2d.detach().double(),
+            conics=proj.conics.detach().double(),
+            opacities=proj.opacities.detach().double(),
+            depths=proj.depths.detach(),
+            radii=proj.radii,
+            colors=proj.colors.detach().double(),
+            camera_ids=proj.camera_ids,
+            gaussian_ids=proj.gaussian_ids,
+        )
+        channels = proj64.colors.shape[-1]
+        bg = _background_per_pixel(backgrounds, n_cameras, channels, proj64.colors)
+        pixels_per_camera = width * height
+        for start, end in _chunk_bounds(pairs.pixel, chunk_pairs):
+            chunk = Pairs(pixel=pairs.pixel[start:end], row=pairs.row[start:end])
+            yield _chunk_statistics(proj64, chunk, width, height, bg, pixels_per_camera)
+
+
+def _chunk_statistics(
+    proj64: ProjectedGaussians, pairs: Pairs, width: int, height: int, bg: Tensor, pixels_per_camera: int
+) -> PairStatistics:
+    terms = pair_terms(proj64, pairs, width, height)
+    alpha, transmittance, clamped, starts = terms.alpha, terms.transmittance, terms.clamped, terms.starts
+    n = alpha.shape[0]
+    rows = pairs.row
+    color = proj64.colors[rows]
+    weight = transmittance * alpha
+
+    # Index of the last pair of each pair's pixel: the inclusive sums there are the pixel's totals.
+    is_last = torch.ones(n, dtype=torch.bool, device=alpha.device)
+    if n > 1:
+        is_last[:-1] = pairs.pixel[1:] != pairs.pixel[:-1]
+    last_positions = torch.nonzero(is_last).squeeze(1)
+    segment_of_pair = torch.cumsum(starts == torch.arange(n, device=alpha.device), 0) - 1
+    last_of_pair = last_positions[segment_of_pair]
+
+    # segmented_cumsum's global cumsum loses about eps64 x (running total); the running total grows by at most
+    # max colour per pixel (the weights of a pixel sum to <= 1), so S keeps ~1e-16 x pixels-per-chunk absolute
+    # precision, ample even after S / (1 - alpha) multiplies it by 1000 at the clamp.
+    composited_upto = segmented_cumsum(weight[:, None] * color, starts, exclusive=False)
+    composited_total = composited_upto[last_of_pair]
+    log_t_end = segmented_cumsum(torch.log1p(-alpha), starts, exclusive=False)[last_of_pair]
+    background = torch.exp(log_t_end)[:, None] * bg[pairs.pixel // pixels_per_camera]
+    behind = composited_total - composited_upto + background
+    pixel_color = composited_total + background
+
+    dI_dalpha = transmittance[:, None] * color - behind / (1.0 - alpha[:, None])
+
+    conic = proj64.conics[rows]
+    a, b, c = conic[:, 0], conic[:, 1], conic[:, 2]
+    dx, dy = terms.dx, terms.dy
+    active = (~clamped).to(alpha.dtype)
+    # d sigma / d mean2d = (a dx + b dy, b dx + c dy) with dx = mean2d - centre, and d alpha = -alpha d sigma.
+    alpha_active = alpha * active
+    dalpha_dmean2d = -alpha_active[:, None] * torch.stack([a * dx + b * dy, b * dx + c * dy], dim=-1)
+    dalpha_dconic = -alpha_active[:, None] * torch.stack([0.5 * dx * dx, dx * dy, 0.5 * dy * dy], dim=-1)
+    sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+    dalpha_dopacity = torch.exp(-sigma) * active
+
+    return PairStatistics(
+        pixel=pairs.pixel,
+        row=rows,
+        gaussian=proj64.gaussian_ids[rows],
+        alpha=alpha,
+        transmittance=transmittance,
+        clamped=clamped,
+        color=color,
+        behind=behind,
+        pixel_color=pixel_color,
+        dI_dcolor=weight,
+        dI_dalpha=dI_dalpha,
+        dalpha_dmean2d=dalpha_dmean2d,
+        dalpha_dconic=dalpha_dconic,
+        dalpha_dopacity=dalpha_dopacity,
+    )
+
+
+def view_pair_statistics(
+    means: Tensor,
+    quats: Tensor,
+    log_scales: Tensor,
+    opacity_logits: Tensor,
+    sh: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    sh_degree: int,
+    backgrounds: Optional[Tensor] = None,
+    rasterize_mode: str = "classic",
+    tile_size: int = 16,
+    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+) -> Iterator[PairStatistics]:
+    """Project, enumerate and yield statistics for the cameras given, in chunks of whole pixels.
+
+    Pass one camera at a time to keep memory at one view's pair list; a batch of cameras works too (pixels
+    then index the [C, H, W] stack and `row` the C x N projected rows).
+    """
+    with torch.no_grad():
+        proj = project_gaussians(
+            means, quats, log_scales, opacity_logits, sh, viewmats, Ks, width, height, sh_degree, rasterize_mode
+        )
+        n_cameras = viewmats.shape[0]
+        pairs = enumerate_pairs(proj, n_cameras, width, height, tile_size)
+    yield from iter_pair_statistics(proj, pairs, n_cameras, width, height, backgrounds, chunk_pairs)
