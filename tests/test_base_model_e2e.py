@@ -17,16 +17,12 @@ from nerfstudio_pruning.cached_dataparser import CachedNerfstudioDataParserConfi
 from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
 from nerfstudio_pruning.methods.registry import splatfacto_portable
 
-STEPS = 300
+from conftest import BASE_STEPS
 
 
 @pytest.fixture(scope="module")
-def default_scene_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("base_e2e")
-    outputs = root / "outputs"
-    scene = root / "scene"
-    ns("ns-train", ["splatfacto-portable", *quick_train_args("default", STEPS, outputs), "nsp-default-scene", "--data", str(scene)], cwd=root)
-    return root, scene, run_dir(outputs, "default", "splatfacto-portable")
+def default_scene_run(e2e_root, default_scene, splatfacto_run):
+    return e2e_root, default_scene, splatfacto_run
 
 
 def _initial_eval_psnr(dataparser, model_overrides=None) -> float:
@@ -54,7 +50,7 @@ def test_checkpoint_loads_with_weights_only(default_scene_run):
     _, _, run = default_scene_run
     ckpt = sorted((run / "nerfstudio_models").glob("*.ckpt"))[-1]
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["step"] == STEPS - 1
+    assert state["step"] == BASE_STEPS - 1
 
 
 def test_export_gaussian_splat(default_scene_run):

@@ -23,6 +23,7 @@ from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from nerfstudio.utils.rich_utils import CONSOLE
+from nerfstudio.viewer.viewer_elements import ViewerCheckbox
 
 from nerfstudio_pruning.removal import rebind_optimizers
 from nerfstudio_pruning.rendering import rasterization
@@ -40,6 +41,19 @@ def camera_tensors(cameras: Cameras, device: torch.device) -> Tuple[torch.Tensor
     return viewmats, Ks, int(widths.item()), int(heights.item())
 
 
+def score_output_toggle(name: str) -> ViewerCheckbox:
+    """A viewer checkbox for an extra score-coloured render output.
+
+    The extra output costs a second render per frame, so it is produced only when a viewer has installed this
+    checkbox (its `gui_handle` exists) and it is ticked: ns-eval's timings and ns-export never pay for it.
+    """
+    return ViewerCheckbox(name, True, hint="Adds a render output with each Gaussian coloured by its score")
+
+
+def viewer_wants(toggle: ViewerCheckbox) -> bool:
+    return toggle.gui_handle is not None and bool(toggle.value)
+
+
 def turbo_colours(values: torch.Tensor) -> torch.Tensor:
     """[N, 3] turbo colours of values in [0, 1]."""
     from nerfstudio.utils.colormaps import ColormapOptions, apply_colormap
@@ -55,14 +69,23 @@ def use_python_float_learning_rates(optimizers: Optimizers) -> None:
     ns-eval, ns-export and ns-viewer.
     """
     for scheduler in optimizers.schedulers.values():
-        if getattr(scheduler, "python_float_lr", False):
+        # Marked on the functions, not the scheduler: a scheduler's attributes are saved and restored with
+        # checkpoints, its lambdas are not, so a resumed run must wrap them again.
+        if all(getattr(f, "returns_python_float", False) for f in scheduler.lr_lambdas):
             continue
-        scheduler.lr_lambdas = [lambda step, f=f: float(f(step)) for f in scheduler.lr_lambdas]
+        scheduler.lr_lambdas = [_python_float_schedule(f) for f in scheduler.lr_lambdas]
         scheduler._last_lr = [float(lr) for lr in scheduler._last_lr]
-        scheduler.python_float_lr = True
     for optimizer in optimizers.optimizers.values():
         for group in optimizer.param_groups:
             group["lr"] = float(group["lr"])
+
+
+def _python_float_schedule(schedule):
+    def wrapped(step):
+        return float(schedule(step))
+
+    wrapped.returns_python_float = True
+    return wrapped
 
 
 class LazyLPIPS:

@@ -10,6 +10,7 @@ splatfacto included), the rounds start right after the loaded step.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Type
 
@@ -24,7 +25,9 @@ from nerfstudio_pruning.methods.base import (
     PortableSplatfactoModel,
     PortableSplatfactoModelConfig,
     camera_tensors,
+    score_output_toggle,
     turbo_colours,
+    viewer_wants,
 )
 from nerfstudio_pruning.prune_scores import ScoreKind, score_gaussians
 from nerfstudio_pruning.removal import lowest_fraction_mask, remove_gaussians, reset_optimizer_state
@@ -53,8 +56,6 @@ class PupGSModelConfig(PortableSplatfactoModelConfig):
     """A round that would leave fewer Gaussians than this is refused."""
     score_seed: int = 0
     """Seed of the random score and of the probe estimator."""
-    viewer_sensitivity_output: bool = True
-    """Add a 'sensitivity' render output (each Gaussian coloured by its score percentile) outside training."""
 
     def __post_init__(self) -> None:
         if len(self.prune_fractions) != len(self.refine_steps):
@@ -82,6 +83,7 @@ class PupGSModel(PortableSplatfactoModel):
         self.register_buffer("sensitivity", torch.zeros(0, dtype=torch.float64))
         self._score_cameras: Optional[Cameras] = None
         self._loaded_step: Optional[int] = None
+        self.sensitivity_toggle = score_output_toggle("Sensitivity output (PUP score percentile)")
 
     # -- schedule ------------------------------------------------------------------------------------------------
     def round_step(self, k: int) -> int:
@@ -109,7 +111,11 @@ class PupGSModel(PortableSplatfactoModel):
         n_before = self.num_points
         CONSOLE.print(f"[bold]pup-gs round {k + 1}/{len(self.config.prune_fractions)}[/bold] at step {step}: "
                       f"scoring {n_before} Gaussians ({self.config.score})")
+        started = time.perf_counter()
         scores = self.score()
+        seconds = time.perf_counter() - started
+        CONSOLE.print(f"pup-gs: scored {n_before} Gaussians in {seconds:.2f} s")
+        writer.put_scalar("pup/scoring_seconds", seconds, step)
         finite = scores[torch.isfinite(scores)]
         prune = lowest_fraction_mask(scores, fraction)
         remove_gaussians(self.gauss_params, self.optimizers, self.strategy_state, prune, min_remaining=self.config.min_gaussians)
@@ -164,7 +170,7 @@ class PupGSModel(PortableSplatfactoModel):
     # -- viewer --------------------------------------------------------------------------------------------------
     def get_outputs(self, camera: Cameras) -> Dict:
         outputs = super().get_outputs(camera)
-        if not self.training and self.config.viewer_sensitivity_output and self.sensitivity.numel() == self.num_points:
+        if not self.training and viewer_wants(self.sensitivity_toggle) and self.sensitivity.numel() == self.num_points:
             percentile = torch.argsort(torch.argsort(self.sensitivity)).float() / max(self.num_points - 1, 1)
             # blue: pruned first; red: kept longest
             outputs["sensitivity"] = self.render_with_colours(camera, turbo_colours(percentile))
