@@ -10,6 +10,7 @@ Measures, on any Gaussian set and cameras given as tensors:
 Not a test. Usage:
     python benchmarks/bench_probe_estimator.py                      # synthetic: 3000 Gaussians, 64x64, 8 views
     python benchmarks/bench_probe_estimator.py --scene scene.pt     # torch.save'd dict, see `load_scene`
+    python benchmarks/bench_probe_estimator.py --load-config outputs/.../config.yml --downscale 4   # a trained run
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def load_scene(path: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scene", help="torch.save'd dict of tensors (see load_scene); synthetic if omitted")
+    parser.add_argument("--load-config", help="a trained run's config.yml: score its Gaussians on its training views")
     parser.add_argument("--n-gaussians", type=int, default=3000)
     parser.add_argument("--size", type=int, default=64, help="synthetic image width and height")
     parser.add_argument("--views", type=int, default=8)
@@ -156,7 +158,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    if args.scene:
+    if args.load_config:
+        from nerfstudio_pruning.methods.run_tensors import load_run_tensors
+
+        d = load_run_tensors(args.load_config)
+        gaussians = GaussianSet(d["means"], d["quats"], d["log_scales"], d["opacity_logits"], d["sh"])
+        viewmats, Ks, width, height = d["viewmats"], d["Ks"], d["width"], d["height"]
+        sh_degree, backgrounds = d["sh_degree"], d["backgrounds"]
+        label = f"{args.load_config}: {gaussians.means.shape[0]} Gaussians, {viewmats.shape[0]} views {width}x{height}"
+    elif args.scene:
         gaussians, viewmats, Ks, width, height, sh_degree, backgrounds = load_scene(args.scene)
         label = args.scene
     else:

@@ -60,6 +60,8 @@ class CompareConfig:
     """Existing runs to use instead of training, as METHOD=path/to/config.yml."""
     kl_weights: Tuple[float, ...] = ()
     """Extra vedal-gs runs, one per KL weight, drawn as a rate-distortion curve."""
+    pup_scores: Tuple[str, ...] = ("fisher",)
+    """pup-gs runs, one per score (fisher, fisher-probe, lightgaussian, opacity, random), same rounds."""
     seed: int = 42
     """Same seed for every run."""
     eval_warmup: int = 1
@@ -131,6 +133,8 @@ def train(cfg: CompareConfig, label: str, method: str, extra: List[str], max_ste
     if proc.returncode != 0:
         raise RuntimeError(f"ns-train {method} failed (exit {proc.returncode}); last lines of {log}:\n{text[-2500:]}")
     config = output_dir / "runs" / cfg.experiment_name / method / label / "config.yml"
+    if not config.is_file():
+        raise RuntimeError(f"ns-train {method} finished but wrote no {config}; see {log}")
     scoring = [float(x) for x in SCORED_LINE.findall(text)]
     return RunRecord(label, method, config, train_seconds=seconds, scoring_seconds=sum(scoring) if scoring else None)
 
@@ -149,8 +153,8 @@ def export_size_mb(record: RunRecord, output_dir: Path) -> float:
     return (out / "splat.ply").stat().st_size / 1e6
 
 
-def evaluate(record: RunRecord, cfg: CompareConfig) -> Tuple[Dict[str, float], torch.Tensor]:
-    """Metrics on the eval views, timing of plain renders, and the first eval view's image."""
+def evaluate(record: RunRecord, cfg: CompareConfig) -> Tuple[Dict[str, float], torch.Tensor, torch.Tensor]:
+    """Metrics on the eval views, timing of plain renders, and the first eval view's render and ground truth."""
     from nerfstudio.utils.eval_utils import eval_setup
 
     from nerfstudio_pruning.methods.base import PortableSplatfactoModel
@@ -160,7 +164,7 @@ def evaluate(record: RunRecord, cfg: CompareConfig) -> Tuple[Dict[str, float], t
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     per_view: List[Dict[str, float]] = []
     times: List[float] = []
-    first_image = None
+    first_image = first_gt = None
     with torch.no_grad():
         for camera, batch in pipeline.datamanager.fixed_indices_eval_dataloader:
             camera = camera.to(model.device)
@@ -175,13 +179,15 @@ def evaluate(record: RunRecord, cfg: CompareConfig) -> Tuple[Dict[str, float], t
             per_view.append(metrics)
             if first_image is None:
                 first_image = outputs["rgb"].clamp(0, 1).cpu()
+                gt = model.composite_with_background(model.get_gt_img(batch["image"]), outputs["background"])
+                first_gt = gt.clamp(0, 1).cpu()
     keys = sorted(set.intersection(*(set(m) for m in per_view)))
     summary = {k: float(statistics.fmean(m[k] for m in per_view)) for k in keys if k != "num_gaussians"}
     summary["num_gaussians"] = float(model.num_points)
     render = statistics.median(times)
     summary["render_ms"] = 1000.0 * render
     summary["fps"] = 1.0 / render if render > 0 else math.inf
-    return summary, first_image
+    return summary, first_image, first_gt
 
 
 def markdown_table(records: List[RunRecord], reference: Optional[RunRecord], scale: float, device: str) -> str:
@@ -262,13 +268,16 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
     if base is not None and "splatfacto-portable" in cfg.methods:
         records.append(base)
     if "pup-gs" in cfg.methods:
-        pup = given.get("pup-gs")
-        if pup is None:
-            refine = [scaled(s, scale) for s in PUP_REFINE_STEPS]
-            pup = train(cfg, "pup-gs", "pup-gs", ["--load-checkpoint", str(last_checkpoint(base.config)),
-                                                   "--pipeline.model.refine-steps", *map(str, refine)],
-                        sum(refine), output_dir)
-        records.append(pup)
+        refine = [scaled(s, scale) for s in PUP_REFINE_STEPS]
+        for score in cfg.pup_scores:
+            label = "pup-gs" if score == "fisher" else f"pup-gs-{score}"
+            pup = given.get("pup-gs") if score == "fisher" else None
+            if pup is None:
+                pup = train(cfg, label, "pup-gs", ["--load-checkpoint", str(last_checkpoint(base.config)),
+                                                   "--pipeline.model.refine-steps", *map(str, refine),
+                                                   "--pipeline.model.score", score], sum(refine), output_dir)
+            pup.label = label
+            records.append(pup)
     if "vedal-gs" in cfg.methods:
         vedal_extra = [a for flag, v in VEDAL_STEP_FIELDS.items() for a in (f"--{flag}", str(scaled(v, scale)))]
         vedal = given.get("vedal-gs") or train(cfg, "vedal-gs", "vedal-gs", vedal_extra, steps, output_dir)
@@ -282,8 +291,9 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
     images: Dict[str, torch.Tensor] = {}
     for r in records:
         print(f"[compare] evaluating {r.label}", flush=True)
-        r.metrics, image = evaluate(r, cfg)
+        r.metrics, image, gt = evaluate(r, cfg)
         r.metrics["ply_mb"] = export_size_mb(r, output_dir)
+        images.setdefault("ground truth", gt)
         if r.kl_weight is None:
             images[r.label] = image
     reference = next((r for r in records if r.method == "splatfacto-portable"), None)
