@@ -62,6 +62,8 @@ class CachedNerfstudioDataParserConfig(NerfstudioDataParserConfig):
     _target: Type = field(default_factory=lambda: CachedNerfstudio)
     cache_dir: Path = field(default_factory=default_cache_root)
     """Where downscaled copies of read-only datasets are kept."""
+    load_3D_points: bool = True
+    """Seed splatfacto from the capture's sparse points (nerfstudio-data's own default is False)."""
 
 
 class CachedNerfstudio(Nerfstudio):

@@ -27,13 +27,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import tyro
 
+# flag: (steps in the full schedule, floor when scaled). Densifying every few steps compounds splits before
+# the new Gaussians have moved (hundreds of thousands within a hundred steps), so the interval keeps a floor.
 SPLATFACTO_STEP_FIELDS = {
-    "pipeline.model.warmup-length": 500,
-    "pipeline.model.refine-every": 100,
-    "pipeline.model.resolution-schedule": 3000,
-    "pipeline.model.stop-split-at": 15000,
-    "pipeline.model.sh-degree-interval": 1000,
-    "pipeline.model.stop-screen-size-at": 4000,
+    "pipeline.model.warmup-length": (500, 50),
+    "pipeline.model.refine-every": (100, 25),
+    "pipeline.model.resolution-schedule": (3000, 1),
+    "pipeline.model.stop-split-at": (15000, 1),
+    "pipeline.model.sh-degree-interval": (1000, 1),
+    "pipeline.model.stop-screen-size-at": (4000, 1),
 }
 FULL_TRAINING_STEPS = 30000
 PUP_REFINE_STEPS = (5000, 5000)
@@ -103,8 +105,8 @@ def common_train_args(cfg: CompareConfig, name: str, max_steps: int, output_dir:
         "--steps-per-eval-image", "1000000000", "--steps-per-eval-all-images", "1000000000",
         "--optimizers.means.scheduler.max-steps", str(scaled(FULL_TRAINING_STEPS, s)),
     ]
-    for flag, steps in SPLATFACTO_STEP_FIELDS.items():
-        args += [f"--{flag}", str(scaled(steps, s))]
+    for flag, (steps, floor) in SPLATFACTO_STEP_FIELDS.items():
+        args += [f"--{flag}", str(scaled(steps, s, minimum=floor))]
     return args
 
 

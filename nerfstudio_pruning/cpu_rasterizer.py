@@ -310,9 +310,12 @@ def project(
         shs = colors if colors.dim() == 4 else colors[None].expand(c, -1, -1, -1)
         campos = torch.linalg.inv(viewmats)[:, :3, 3]
         dirs = means[None, :, :] - campos[:, None, :]
-        cols = _spherical_harmonics(sh_degree, dirs, shs)
+        # Only visible rows are ever composited; evaluating (and differentiating) SH for the others is most of
+        # the cost when a view sees a small part of the scene. gsplat leaves culled rows at zero too.
+        visible = radii > 0
+        cols = torch.zeros(c, n, 3, dtype=means.dtype, device=means.device)
         # gsplat adds 0.5 and clamps at 0 to match the original 3DGS CUDA backend.
-        cols = torch.clamp_min(cols + 0.5, 0.0)
+        cols[visible] = torch.clamp_min(_spherical_harmonics(sh_degree, dirs[visible], shs[visible]) + 0.5, 0.0)
 
     cam_ids = torch.arange(c, device=means.device).repeat_interleave(n)
     gauss_ids = torch.arange(n, device=means.device).repeat(c)

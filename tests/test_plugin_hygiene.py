@@ -1,0 +1,49 @@
+"""Importing the plugin does nothing beyond registration, and a broken plugin does not break nerfstudio."""
+
+import subprocess
+import sys
+import textwrap
+
+BREAK_REGISTRY = textwrap.dedent("""
+    import importlib.abc, sys
+    class Broken(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "nerfstudio_pruning.methods.registry":
+                raise ImportError("simulated failure in the plugin")
+    sys.meta_path.insert(0, Broken())
+""")
+
+
+def _python(code: str):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_a_failing_plugin_import_leaves_splatfacto_usable():
+    proc = _python(BREAK_REGISTRY + textwrap.dedent("""
+        sys.argv = ["ns-train", "splatfacto", "--help"]
+        from nerfstudio.configs.method_configs import all_methods
+        assert "splatfacto" in all_methods and "pup-gs" not in all_methods, sorted(all_methods)
+        from nerfstudio.scripts.train import entrypoint
+        try:
+            entrypoint()
+        except SystemExit as e:
+            assert e.code in (0, None), e.code
+    """))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "simulated failure in the plugin" in proc.stderr
+    assert "--pipeline.model" in proc.stdout
+
+
+def test_importing_the_plugin_has_no_side_effects():
+    proc = _python(textwrap.dedent("""
+        import os, sys, torch
+        before_cwd = set(os.listdir("."))
+        threads = torch.get_num_threads()
+        import nerfstudio_pruning.entry_points as ep
+        from nerfstudio.plugins.types import MethodSpecification
+        assert isinstance(ep.pup_gs, MethodSpecification) and isinstance(ep.vedal_gs, MethodSpecification)
+        assert set(os.listdir(".")) == before_cwd, "import wrote files"
+        assert torch.get_num_threads() == threads
+        assert "open3d" not in sys.modules
+    """))
+    assert proc.returncode == 0, proc.stderr[-3000:]
