@@ -122,6 +122,10 @@ class PortableSplatfactoModelConfig(SplatfactoModelConfig):
     """Splatfacto on any device (gsplat's CUDA rasterizer on GPU, a pure-torch rasterizer on CPU)."""
 
     _target: Type = field(default_factory=lambda: PortableSplatfactoModel)
+    min_training_size: int = 128
+    """splatfacto's resolution schedule never trains below this many pixels on the longer image side. In a
+    tiny image every Gaussian's screen radius (at least 2 px after the 0.3 px^2 dilation) exceeds splatfacto's
+    split threshold (5% of the image), so densification would split every Gaussian at every refinement."""
 
 
 class PortableSplatfactoModel(SplatfactoModel):
@@ -165,6 +169,15 @@ class PortableSplatfactoModel(SplatfactoModel):
         return torch.sigmoid(colors).squeeze(1), None
 
     # -- splatfacto overrides ----------------------------------------------------------------------------------
+    _longest_side: Optional[int] = None
+
+    def _get_downscale_factor(self) -> int:
+        factor = super()._get_downscale_factor()
+        if self._longest_side is not None:
+            while factor > 1 and self._longest_side / factor < self.config.min_training_size:
+                factor //= 2
+        return factor
+
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, List]]:
         if not isinstance(camera, Cameras):
             raise TypeError(f"get_outputs expects a Cameras object, got {type(camera).__name__}")
@@ -187,6 +200,7 @@ class PortableSplatfactoModel(SplatfactoModel):
         if keep is not None:
             means, quats, scales, colors, opacities = (t[keep] for t in (means, quats, scales, colors, opacities))
 
+        self._longest_side = int(max(camera.width.max().item(), camera.height.max().item()))
         downscale = self._get_downscale_factor()
         camera.rescale_output_resolution(1 / downscale)
         viewmat = get_viewmat(camera_to_world)

@@ -1,0 +1,347 @@
+"""vedal-gs: the model's own pieces on a tiny scene built in memory, then the whole schedule through ns-train and
+ns-export on the built-in scene."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+from types import SimpleNamespace
+from nerfstudio.cameras.cameras import Cameras, CameraType
+from nerfstudio.data.scene_box import SceneBox
+from plyfile import PlyData
+
+from e2e import ns, ns_eval, quick_train_args, run_dir
+from nerfstudio_pruning.gate import ConvergenceGate
+from nerfstudio_pruning.methods.vedal_gs import (
+    HIDDEN_OPACITY_LOGIT,
+    ImportancePassWindow,
+    VedalGSModel,
+    VedalGSModelConfig,
+)
+from nerfstudio_pruning.retention_head import RetentionHead, gaussian_features
+
+N_TINY = 48
+SIZE = 16
+EXPORT_OPACITY_FLOOR = -5.5373  # ns-export drops Gaussians whose opacity logit is below logit(1/255)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # Tiny tensors: with the cores shared by other jobs, OpenMP barriers would cost more than the work.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_model(n: int = N_TINY, seed: int = 0, **overrides) -> VedalGSModel:
+    generator = torch.Generator().manual_seed(seed)
+    points = (torch.rand(n, 3, generator=generator) - 0.5) * 0.6
+    colours = (torch.rand(n, 3, generator=generator) * 255).to(torch.uint8)
+    settings = dict(finetune_start_step=0, hard_prune_step=100, num_downscales=0, sh_degree=1, min_gaussians=8)
+    settings.update(overrides)
+    config = VedalGSModelConfig(**settings)
+    scene_box = SceneBox(aabb=torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
+    model = config.setup(scene_box=scene_box, num_train_data=1, seed_points=(points, colours))
+    # What the trainer's step callback would have set.
+    model.step = 50
+    model.optimizers = {name: torch.optim.Adam([p], lr=1e-3) for name, p in model.gauss_params.items()}
+    return model
+
+
+def tiny_camera() -> Cameras:
+    # Looking down -z (OpenGL convention) from z = 2 at the cloud around the origin.
+    c2w = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 2.0]]])
+    return Cameras(camera_to_worlds=c2w, fx=20.0, fy=20.0, cx=SIZE / 2, cy=SIZE / 2, width=SIZE, height=SIZE,
+                   camera_type=CameraType.PERSPECTIVE)
+
+
+def start_with_gate(model: VedalGSModel, gated: torch.Tensor, logits: torch.Tensor) -> None:
+    """Fine-tuning started, `gated` eligible, p fixed through the frozen logits."""
+    model.finetune_started_at = 0
+    model.gate = ConvergenceGate(model.config.gate, model.num_points)
+    model.gate.eligible = gated.clone()
+    model.frozen_retention_logits = logits.clone()
+
+
+def test_eval_opacities_hide_exactly_the_gated_gaussians_below_the_threshold():
+    model = tiny_model()
+    n = model.num_points
+    gated = torch.arange(n) % 2 == 0
+    p = torch.linspace(0.02, 0.98, n)
+    start_with_gate(model, gated, torch.logit(p))
+    raw = model.gauss_params["opacities"].detach().clone()
+
+    model.train()
+    assert model.opacities is model.gauss_params["opacities"]
+
+    model.eval()
+    hidden = gated & (p < 0.5)
+    shown = model.opacities.squeeze(-1)
+    assert torch.all(shown[hidden] == HIDDEN_OPACITY_LOGIT)
+    assert torch.equal(shown[~hidden], raw.squeeze(-1)[~hidden])
+    assert HIDDEN_OPACITY_LOGIT < EXPORT_OPACITY_FLOOR and math.isfinite(HIDDEN_OPACITY_LOGIT)
+    # Ungated Gaussians with a low p stay: the reconstruction loss never constrained their p.
+    assert not (~gated & (p < 0.5) & (shown == HIDDEN_OPACITY_LOGIT)).any()
+    assert model.kept_count_description().startswith(f"{n - int(hidden.sum())} of {n}")
+
+    model.retention_threshold_slider.value = 0.9
+    assert torch.equal(model.hidden_mask(), gated & (p < 0.9))
+    model.update_kept_count_text()
+    assert model.kept_count_text.value.startswith(f"{n - int((gated & (p < 0.9)).sum())} of {n}")
+
+
+def test_eval_outputs_include_the_retention_render_with_every_gaussian():
+    model = tiny_model()
+    n = model.num_points
+    start_with_gate(model, torch.ones(n, dtype=torch.bool), torch.full((n,), -3.0))
+    model.eval()
+    with torch.no_grad():
+        assert "retention" not in model.get_outputs(tiny_camera())  # no viewer: no second render (ns-eval timing)
+        model.retention_toggle.gui_handle = SimpleNamespace(value=True)  # as installed by a viewer
+        outputs = model.get_outputs(tiny_camera())
+    assert outputs["retention"].shape == (SIZE, SIZE, 3)
+    # Every Gaussian is hidden from the RGB render but still drawn, coloured by p, in the retention output.
+    assert outputs["accumulation"].max() == 0
+    background = outputs["background"][0, 0]
+    assert (outputs["retention"] - background).abs().amax() > 0.1
+
+
+def test_training_masks_gated_gaussians_and_adds_the_regulariser_with_head_gradients():
+    model = tiny_model()
+    n = model.num_points
+    model.train()
+    model.finetune_started_at = 0
+    model.gate = ConvergenceGate(model.config.gate, n)
+
+    torch.manual_seed(0)
+    assert torch.equal(model.render_opacities(), torch.sigmoid(model.gauss_params["opacities"]).squeeze(-1))
+    image = (torch.rand(SIZE, SIZE, 3) * 255).to(torch.uint8)
+    outputs = model.get_outputs(tiny_camera())
+    assert "retention_kl" not in model.get_loss_dict(outputs, {"image": image})
+
+    gated = torch.arange(n) < n // 2
+    model.gate.eligible = gated
+    with torch.no_grad():
+        model.retention_head.output.bias.fill_(0.0)  # p near 1/2: samples well inside (0, 1)
+    masked = model.render_opacities()
+    unmasked = torch.sigmoid(model.gauss_params["opacities"]).squeeze(-1)
+    assert torch.equal(masked[~gated], unmasked[~gated])
+    assert (masked[gated] <= unmasked[gated]).all() and (masked[gated] < 0.9 * unmasked[gated]).any()
+
+    outputs = model.get_outputs(tiny_camera())
+    losses = model.get_loss_dict(outputs, {"image": image})
+    assert losses["retention_kl"] > 0 and losses["retention_sparsity"] > 0
+    sum(losses.values()).backward()
+    assert model.retention_head.output.weight.grad.abs().sum() > 0
+
+
+def _gate_and_split_the_head(model: VedalGSModel) -> torch.Tensor:
+    """Gate two Gaussians in three and move about half below p = 0.5; returns the gated & p < 0.5 mask."""
+    n = model.num_points
+    model.finetune_started_at = 0
+    model.gate = ConvergenceGate(model.config.gate, n)
+    gated = torch.arange(n) % 3 != 0
+    model.gate.eligible = gated.clone()
+    model.gate.ema = torch.arange(n, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model.head_logits()
+        # Push half of the Gaussians below p = 0.5 through the head's output bias, relative to the median.
+        model.retention_head.output.bias -= logits.median()
+        logits = model.head_logits()
+    prune = gated & (logits < 0)
+    assert 0 < int(prune.sum()) < n
+    return prune
+
+
+def test_hard_prune_removes_gated_gaussians_below_one_half_and_keeps_state_aligned():
+    model = tiny_model()
+    n = model.num_points
+    prune = _gate_and_split_the_head(model)
+    logits = model.head_logits().detach()
+    means = model.means.detach().clone()
+
+    removed = model.hard_prune(step=100)
+
+    assert removed == int(prune.sum()) and model.num_points == n - removed and model.pruned
+    assert torch.equal(model.means.detach(), means[~prune])
+    assert torch.equal(model.gate.ema, torch.arange(n, dtype=torch.float32)[~prune])
+    assert torch.equal(model.frozen_retention_logits, logits[~prune])
+    model.eval()
+    assert not model.hidden_mask().any()
+    assert model.optimizers["means"].param_groups[0]["params"][0] is model.gauss_params["means"]
+
+
+def test_hard_prune_below_min_gaussians_is_refused_and_changes_nothing():
+    model = tiny_model(min_gaussians=N_TINY)
+    _gate_and_split_the_head(model)
+    assert model.hard_prune(step=100) == 0
+    assert model.num_points == N_TINY and not model.pruned and model.frozen_retention_logits is None
+
+
+def test_checkpoint_round_trip_with_weights_only_and_another_number_of_gaussians(tmp_path):
+    source = tiny_model(n=60, seed=1)
+    n = source.num_points
+    source.finetune_started_at = 7
+    source.last_refresh_step = 40
+    source.refresh_count = 5
+    source.pruned = True
+    source.gate = ConvergenceGate(source.config.gate, n)
+    for step in range(3):
+        source.gate.update(torch.rand(n), step)
+    source.frozen_retention_logits = torch.randn(n)
+    with torch.no_grad():
+        source.retention_head.output.bias.fill_(1.25)
+        source.retention_head.set_bounds(-0.5, 0.5)
+    path = tmp_path / "model.ckpt"
+    torch.save({"pipeline": {f"_model.{k}": v for k, v in source.state_dict().items()}}, path)
+
+    state = torch.load(path, map_location="cpu", weights_only=True)["pipeline"]
+    target = tiny_model(n=N_TINY, seed=2)
+    assert target.num_points != n
+    target.load_state_dict({k[len("_model."):]: v for k, v in state.items()})
+
+    assert target.num_points == n
+    assert (target.finetune_started_at, target.last_refresh_step, target.refresh_count, target.pruned) == (7, 40, 5, True)
+    assert torch.equal(target.frozen_retention_logits, source.frozen_retention_logits)
+    assert torch.equal(target.gate.ema, source.gate.ema) and target.gate.history == source.gate.history
+    assert target.retention_head.output.bias.item() == 1.25
+    assert torch.equal(target.retention_head.bounds_hi, torch.full((3,), 0.5))
+
+
+def test_a_diverged_gaussian_does_not_make_every_retention_probability_nan():
+    model = tiny_model()
+    with torch.no_grad():
+        model.gauss_params["means"][3] = float("nan")
+        model.gauss_params["scales"][5] = float("inf")
+    assert torch.isfinite(model.head_logits()).all()
+
+
+def test_loads_a_checkpoint_of_another_method_with_fresh_vedal_state():
+    other = tiny_model(n=30, seed=3)
+    plain = {k: v for k, v in other.state_dict().items() if k.startswith("gauss_params.")}
+    other_keys = {k: v for k, v in other.state_dict().items() if not k.startswith(("retention_head.", "_extra_state"))}
+    model = tiny_model()
+    model.load_state_dict({**other_keys, **plain})
+    assert model.num_points == 30 and model.finetune_started_at == -1 and not model.pruned
+    assert model.gate.num_gaussians == 0 and not model.gated_mask().any()
+
+
+def test_any_pass_of_consecutive_refreshes_sees_every_training_view_once():
+    model = tiny_model(importance_views=3)
+    model._train_images = [{} for _ in range(7)]
+    per_pass = model.refreshes_per_pass()
+    assert per_pass == 3
+    for first in range(5):
+        views = [v for r in range(first, first + per_pass) for v in model.refresh_views(r)]
+        assert sorted(views) == list(range(7))
+
+
+def test_pass_window_averages_over_views_and_shrinks_with_the_gaussians():
+    window = ImportancePassWindow(slots=2, num_gaussians=4, device=torch.device("cpu"))
+    window.add(0, torch.tensor([3.0, 0.0, 6.0, 9.0]), n_views=3)
+    assert not window.full
+    window.add(1, torch.tensor([1.0, 4.0, 0.0, 3.0]), n_views=1)
+    assert window.full and torch.equal(window.mean_per_view(), torch.tensor([1.0, 1.0, 1.5, 3.0]))
+    window.add(2, torch.tensor([1.0, 0.0, 2.0, 3.0]), n_views=1)  # replaces slot 0
+    assert torch.equal(window.mean_per_view(), torch.tensor([1.0, 2.0, 1.0, 3.0]))
+    window.select(torch.tensor([True, False, False, True]))
+    assert torch.equal(window.mean_per_view(), torch.tensor([1.0, 3.0]))
+
+
+def test_config_refuses_a_hard_prune_before_fine_tuning():
+    with pytest.raises(ValueError, match="hard_prune_step"):
+        VedalGSModelConfig(finetune_start_step=100, hard_prune_step=50)
+
+
+# -- end to end ------------------------------------------------------------------------------------------------------
+STEPS = 240
+SAVE_BEFORE_REMOVAL = 200
+REMOVAL_LINE = re.compile(
+    r"hard removal at step (\d+): removed (\d+) of (\d+) Gaussians, (\d+) remain \(gated fraction was ([\d.]+), "
+    r"gate reversal rate ([\d.]+)\)"
+)
+
+
+def _checkpoint(run, step: int) -> dict:
+    return torch.load(run / "nerfstudio_models" / f"step-{step:09d}.ckpt", map_location="cpu", weights_only=True)["pipeline"]
+
+
+def _export_count(config, out, cwd) -> int:
+    ns("ns-export", ["gaussian-splat", "--load-config", str(config), "--output-dir", str(out)], cwd=cwd)
+    return PlyData.read(str(out / "splat.ply"))["vertex"].count
+
+
+def _hidden_at_inference(state: dict, model_config: VedalGSModelConfig) -> torch.Tensor:
+    """Gated Gaussians with p < 0.5, recomputed from the checkpoint with a head of its own."""
+    head = RetentionHead(model_config.head_config())
+    head.load_state_dict({k[len("_model.retention_head."):]: v for k, v in state.items()
+                          if k.startswith("_model.retention_head.")})
+    with torch.no_grad():
+        features = gaussian_features(state["_model.gauss_params.opacities"], state["_model.gauss_params.scales"])
+        p = torch.sigmoid(head(state["_model.gauss_params.means"], features))
+    return state["_model._extra_state"]["gate"]["eligible"] & (p < 0.5)
+
+
+@pytest.fixture(scope="module")
+def vedal_run(e2e_root, default_scene):
+    outputs = e2e_root / "outputs"
+    args = [*quick_train_args("vedal", STEPS, outputs), "--steps-per-save", str(SAVE_BEFORE_REMOVAL),
+            "--save-only-latest-checkpoint", "False",
+            "--pipeline.model.finetune-start-step", "80", "--pipeline.model.hard-prune-step", str(STEPS - 1),
+            # 42 training views in passes of 3 refreshes: the gate gets its first observation at step 100.
+            "--pipeline.model.importance-every", "10", "--pipeline.model.importance-views", "14",
+            "--pipeline.model.importance-downscale", "2",
+            "--pipeline.model.gate.min-refreshes", "3", "--pipeline.model.gate.window", "2",
+            # 160 steps of fine-tuning instead of 23k: a stronger prior so that p crosses 1/2 within them.
+            "--pipeline.model.kl-weight", "4e-6"]
+    proc = ns("ns-train", ["vedal-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
+    return proc, run_dir(outputs, "vedal", "vedal-gs")
+
+
+def test_schedule_gates_and_removes_then_export_matches_the_model(vedal_run, e2e_root):
+    proc, run = vedal_run
+    found = REMOVAL_LINE.findall(" ".join(proc.stdout.split()))  # rich wraps long lines at the console width
+    assert len(found) == 1, proc.stdout[-3000:]
+    step, removed, before, remain, gated_fraction, reversal_rate = found[0]
+    removed, before, remain = int(removed), int(before), int(remain)
+    print(f"\nvedal-gs e2e: {before} -> {remain} Gaussians (removed {removed}), gated fraction {gated_fraction}, "
+          f"reversal rate {reversal_rate}")
+    assert int(step) == STEPS - 1 and float(gated_fraction) > 0 and removed > 0 and remain == before - removed
+
+    before_removal = _checkpoint(run, SAVE_BEFORE_REMOVAL)
+    final = _checkpoint(run, STEPS - 1)
+    assert before_removal["_model.gauss_params.means"].shape[0] == before
+    assert final["_model.gauss_params.means"].shape[0] == remain < before
+    extra = final["_model._extra_state"]
+    assert extra["pruned"] and extra["gate"]["ema"].shape == (remain,)
+    assert extra["frozen_retention_logits"].shape == (remain,) and extra["gate"]["eligible"].any()
+
+    low_opacity = int((final["_model.gauss_params.opacities"] < EXPORT_OPACITY_FLOOR).sum())
+    assert _export_count(run / "config.yml", e2e_root / "vedal_export", e2e_root) == remain - low_opacity
+
+    # ns-eval renders in eval mode, with the retention output; after the removal nothing is left to hide.
+    results = ns_eval(run / "config.yml", cwd=e2e_root)
+    assert results["num_gaussians"] == remain and results["retained_gaussians"] == remain
+    assert math.isfinite(results["psnr"])
+
+
+def test_export_before_the_hard_removal_writes_only_retained_gaussians(vedal_run, e2e_root):
+    _, run = vedal_run
+    config_text = (run / "config.yml").read_text()
+    assert "load_step: null" in config_text
+    stopped_early = run / "config_step_200.yml"
+    stopped_early.write_text(config_text.replace("load_step: null", f"load_step: {SAVE_BEFORE_REMOVAL}"))
+    state = _checkpoint(run, SAVE_BEFORE_REMOVAL)
+    assert not state["_model._extra_state"]["pruned"]
+
+    model_config = VedalGSModelConfig(finetune_start_step=80, hard_prune_step=STEPS - 1)
+    hidden = _hidden_at_inference(state, model_config)
+    low_opacity = (state["_model.gauss_params.opacities"] < EXPORT_OPACITY_FLOOR).squeeze(-1)
+    n = hidden.numel()
+    assert hidden.any(), "nothing hidden before the removal: the check below would not test the mask"
+    count = _export_count(stopped_early, e2e_root / "vedal_export_early", e2e_root)
+    assert count == n - int((hidden | low_opacity).sum())
