@@ -9,7 +9,12 @@ The scene is one orbit camera looking at N random Gaussians with SH degree 3. Ga
 N^(-1/3), i.e. the volume they fill stays constant as N grows, as when a scene is densified: the image stays
 mostly covered and the depth complexity (pairs per pixel) grows slowly with N instead of exploding.
 
-    .venv/bin/python benchmarks/bench_cpu_rasterizer.py            # full run, about 10 minutes on 2 cores
+The benchmark machine is shared, and torch's thread pool on 2 cores turns any foreign load into step times
+several times too long. So each child first waits (up to --max-wait s) for other processes to go quiet, the
+cores they used while it ran are reported with its result, and a run disturbed by over 0.3 cores is repeated
+(up to --retries times), keeping the quietest.
+
+    .venv/bin/python benchmarks/bench_cpu_rasterizer.py            # full run: ~3 minutes on an idle 2-core machine
     .venv/bin/python benchmarks/bench_cpu_rasterizer.py --quick    # 1k and 10k Gaussians at 64x64
 """
 
@@ -42,10 +47,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1k and 10k Gaussians at 64x64, 2 timed repeats")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="numbers of Gaussians (default 1000 10000 50000)")
     p.add_argument("--resolutions", type=int, nargs="+", default=None, help="square image sides (default 64 256)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats after one warm-up (default 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats after one warm-up (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child")
     p.add_argument("--max-wait", type=float, default=30.0,
                    help="seconds to wait before each run for other processes to go quiet (0: never wait)")
+    p.add_argument("--retries", type=int, default=2,
+                   help="extra attempts for a run during which other processes used over 0.3 cores")
     p.add_argument("--budget-gib", type=float, default=12.0, help="skip dense runs predicted to need more")
     p.add_argument("--extent", type=float, default=0.8, help="Gaussian centres uniform in [-extent, extent]^3")
     p.add_argument("--scale", type=float, default=0.06, help="Gaussian scale at 1000 Gaussians")
@@ -62,7 +69,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.resolutions is None:
         args.resolutions = [64] if args.quick else [64, 256]
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 3
+        args.repeats = 2 if args.quick else 5
     return args
 
 
@@ -139,7 +146,8 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> float:
     """Wait (up to max_wait s) until other processes use under `threshold` cores; returns the last reading.
 
     The machine is shared: with torch's 2 threads on 2 cores, one busy foreign process makes a step several
-    times slower (the threads wait on each other at every parallel region), which no amount of repeats fixes.
+    times slower (observed: up to 30x for the CPU path, whose many small ops each sync both threads), which no
+    number of repeats averages away.
     """
     deadline = time.monotonic() + max_wait
     while True:
@@ -151,15 +159,22 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> float:
         time.sleep(2.0)
 
 
-def spawn(args: argparse.Namespace, method: str, n: int, res: int) -> dict:
-    if args.max_wait > 0:
-        wait_for_quiet(args.max_wait)
-    busy0, own0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.monotonic()
-    result = _spawn(args, method, n, res)
-    wall = time.monotonic() - t0
-    # Cores used by other processes while the child ran (imports and scene set-up included).
-    result["others_load"] = max(0.0, (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - own0)) / wall
-    return result
+def spawn(args: argparse.Namespace, method: str, n: int, res: int, quiet: float = 0.3) -> dict:
+    """Run one child; if other processes were busy meanwhile, run it again (up to --retries), keep the quietest."""
+    best = None
+    for _ in range(args.retries + 1):
+        if args.max_wait > 0:
+            wait_for_quiet(args.max_wait, quiet)
+        busy0, own0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.monotonic()
+        result = _spawn(args, method, n, res)
+        wall = time.monotonic() - t0
+        # Cores used by other processes while the child ran (imports and scene set-up included).
+        result["others_load"] = max(0.0, (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - own0)) / wall
+        if best is None or result["others_load"] < best["others_load"]:
+            best = result
+        if "error" in result or result["others_load"] < quiet:
+            break
+    return best
 
 
 def _spawn(args: argparse.Namespace, method: str, n: int, res: int) -> dict:
@@ -230,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             if "dense" in args.methods:
                 need = estimate_bytes(res * res, visible_count(args, n, res))
                 if need > args.budget_gib * 2**30:
-                    dense = {"error": f"skipped (would need {need / 2**30:.0f} GiB)"}
+                    dense = {"error": f"skipped (would need {need / 2**30:.1f} GiB)"}
                 else:
                     dense = spawn(args, "dense", n, res)
             rows.append((n, res, cpu, dense))

@@ -7,6 +7,8 @@ import pytest
 from e2e import ns, quick_train_args, run_dir
 
 BASE_STEPS = 300
+VEDAL_STEPS = 240
+VEDAL_SAVE_BEFORE_REMOVAL = 200
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +30,20 @@ def splatfacto_run(e2e_root, default_scene):
     ns("ns-train", ["splatfacto-portable", *quick_train_args("base", BASE_STEPS, outputs),
                     "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
     return run_dir(outputs, "base", "splatfacto-portable")
+
+
+@pytest.fixture(scope="session")
+def vedal_run(e2e_root, default_scene):
+    """A shortened vedal-gs run on the built-in scene (gate windows shortened so Gaussians become eligible)."""
+    outputs = e2e_root / "outputs"
+    args = [*quick_train_args("vedal", VEDAL_STEPS, outputs), "--steps-per-save", str(VEDAL_SAVE_BEFORE_REMOVAL),
+            "--save-only-latest-checkpoint", "False",
+            "--pipeline.model.finetune-start-step", "80", "--pipeline.model.hard-prune-step", str(VEDAL_STEPS - 1),
+            # 42 training views in passes of 3 refreshes: the gate gets its first observation at step 100.
+            "--pipeline.model.importance-every", "10", "--pipeline.model.importance-views", "14",
+            "--pipeline.model.importance-downscale", "2",
+            "--pipeline.model.gate.min-refreshes", "3", "--pipeline.model.gate.window", "2",
+            # 160 steps of fine-tuning instead of 23k: a stronger prior so that p crosses 1/2 within them.
+            "--pipeline.model.kl-weight", "4e-6"]
+    proc = ns("ns-train", ["vedal-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
+    return proc, run_dir(outputs, "vedal", "vedal-gs")

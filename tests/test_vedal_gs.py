@@ -13,7 +13,9 @@ from nerfstudio.cameras.cameras import Cameras, CameraType
 from nerfstudio.data.scene_box import SceneBox
 from plyfile import PlyData
 
-from e2e import ns, ns_eval, quick_train_args, run_dir
+from conftest import VEDAL_SAVE_BEFORE_REMOVAL as SAVE_BEFORE_REMOVAL
+from conftest import VEDAL_STEPS as STEPS
+from e2e import ns, ns_eval
 from nerfstudio_pruning.gate import ConvergenceGate
 from nerfstudio_pruning.methods.vedal_gs import (
     HIDDEN_OPACITY_LOGIT,
@@ -258,8 +260,6 @@ def test_config_refuses_a_hard_prune_before_fine_tuning():
 
 
 # -- end to end ------------------------------------------------------------------------------------------------------
-STEPS = 240
-SAVE_BEFORE_REMOVAL = 200
 REMOVAL_LINE = re.compile(
     r"hard removal at step (\d+): removed (\d+) of (\d+) Gaussians, (\d+) remain \(gated fraction was ([\d.]+), "
     r"gate reversal rate ([\d.]+)\)"
@@ -284,22 +284,6 @@ def _hidden_at_inference(state: dict, model_config: VedalGSModelConfig) -> torch
         features = gaussian_features(state["_model.gauss_params.opacities"], state["_model.gauss_params.scales"])
         p = torch.sigmoid(head(state["_model.gauss_params.means"], features))
     return state["_model._extra_state"]["gate"]["eligible"] & (p < 0.5)
-
-
-@pytest.fixture(scope="module")
-def vedal_run(e2e_root, default_scene):
-    outputs = e2e_root / "outputs"
-    args = [*quick_train_args("vedal", STEPS, outputs), "--steps-per-save", str(SAVE_BEFORE_REMOVAL),
-            "--save-only-latest-checkpoint", "False",
-            "--pipeline.model.finetune-start-step", "80", "--pipeline.model.hard-prune-step", str(STEPS - 1),
-            # 42 training views in passes of 3 refreshes: the gate gets its first observation at step 100.
-            "--pipeline.model.importance-every", "10", "--pipeline.model.importance-views", "14",
-            "--pipeline.model.importance-downscale", "2",
-            "--pipeline.model.gate.min-refreshes", "3", "--pipeline.model.gate.window", "2",
-            # 160 steps of fine-tuning instead of 23k: a stronger prior so that p crosses 1/2 within them.
-            "--pipeline.model.kl-weight", "4e-6"]
-    proc = ns("ns-train", ["vedal-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
-    return proc, run_dir(outputs, "vedal", "vedal-gs")
 
 
 def test_schedule_gates_and_removes_then_export_matches_the_model(vedal_run, e2e_root):
