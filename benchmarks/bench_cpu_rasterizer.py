@@ -14,7 +14,7 @@ several times too long. So each child first waits (up to --max-wait s) for other
 cores they used while it ran are reported with its result, and a run disturbed by over 0.3 cores is repeated
 (up to --retries times), keeping the quietest.
 
-    .venv/bin/python benchmarks/bench_cpu_rasterizer.py            # full run: ~3 minutes on an idle 2-core machine
+    .venv/bin/python benchmarks/bench_cpu_rasterizer.py            # full run: ~1.5 minutes on an idle 2-core machine
     .venv/bin/python benchmarks/bench_cpu_rasterizer.py --quick    # 1k and 10k Gaussians at 64x64
 """
 
@@ -145,9 +145,8 @@ def children_cpu_seconds() -> float:
 def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> float:
     """Wait (up to max_wait s) until other processes use under `threshold` cores; returns the last reading.
 
-    The machine is shared: with torch's 2 threads on 2 cores, one busy foreign process makes a step several
-    times slower (observed: up to 30x for the CPU path, whose many small ops each sync both threads), which no
-    number of repeats averages away.
+    The machine is shared: with torch's 2 threads on 2 cores, one busy foreign process makes a step many times
+    slower (observed: a 23 ms CPU-path step taking up to 3 s), which no number of repeats averages away.
     """
     deadline = time.monotonic() + max_wait
     while True:

@@ -6,7 +6,7 @@ import pytest
 
 from e2e import ns, quick_train_args, run_dir
 
-BASE_STEPS = 300
+BASE_STEPS = 150
 VEDAL_STEPS = 240
 VEDAL_SAVE_BEFORE_REMOVAL = 200
 

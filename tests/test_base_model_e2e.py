@@ -102,7 +102,7 @@ def test_trains_on_real_capture_at_low_resolution(tmp_path):
     before = _initial_eval_psnr(
         CachedNerfstudioDataParserConfig(data=data, downscale_factor=8, cache_dir=cache), {"num_downscales": 0}
     )
-    ns("ns-train", ["splatfacto-portable", *quick_train_args("buddha", 200, outputs),
+    ns("ns-train", ["splatfacto-portable", *quick_train_args("buddha", 100, outputs),
                     "--pipeline.model.num-downscales", "0",
                     "nerfstudio-data-cached", "--data", str(data), "--downscale-factor", "8",
                     "--cache-dir", str(cache)], cwd=tmp_path)

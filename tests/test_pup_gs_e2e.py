@@ -49,7 +49,7 @@ def test_post_hoc_pruning_of_a_splatfacto_checkpoint_with_numpy_scalars(e2e_root
     for opt in state["optimizers"].values():
         for group in opt["param_groups"]:
             group["lr"] = np.float64(group["lr"])
-    stock_like = tmp_path / "step-000000299.ckpt"
+    stock_like = tmp_path / src.name
     torch.save(state, stock_like)
     with pytest.raises(Exception):
         torch.load(stock_like, map_location="cpu", weights_only=True)
