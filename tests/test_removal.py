@@ -81,3 +81,19 @@ def test_lowest_fraction_mask():
     for bad in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="fraction"):
             lowest_fraction_mask(scores, bad)
+
+
+def test_pup_schedule_that_would_leave_too_few_gaussians_is_refused_before_scoring():
+    from types import SimpleNamespace
+
+    from nerfstudio_pruning.methods.pup_gs import PupGSModel, PupGSModelConfig
+
+    config = PupGSModelConfig(prune_start_step=0, prune_fractions=(0.8, 0.5), refine_steps=(1, 1), min_gaussians=64)
+    fake = SimpleNamespace(config=config, rounds_done=torch.tensor(0), num_points=500,
+                           round_step=lambda k: 0, score=lambda: pytest.fail("scored despite the refusal"))
+    with pytest.raises(ValueError, match="would leave 50 of 500"):
+        PupGSModel.prune_if_due(fake, 0)
+    with pytest.raises(ValueError, match="prune fraction"):
+        PupGSModelConfig(prune_fractions=(0.8, 1.0), refine_steps=(1, 1))
+    with pytest.raises(ValueError, match="differ in length"):
+        PupGSModelConfig(prune_fractions=(0.8,), refine_steps=(1, 1))

@@ -109,6 +109,13 @@ class PupGSModel(PortableSplatfactoModel):
             return
         fraction = self.config.prune_fractions[k]
         n_before = self.num_points
+        left = n_before
+        for f in self.config.prune_fractions[k:]:
+            left -= int(round(f * left))
+        if left < self.config.min_gaussians:
+            # Refused before any scoring or removal, so the model and its checkpoints stay as they are.
+            raise ValueError(f"the remaining pruning rounds would leave {left} of {n_before} Gaussians, fewer than "
+                             f"min_gaussians={self.config.min_gaussians}; nothing was pruned")
         CONSOLE.print(f"[bold]pup-gs round {k + 1}/{len(self.config.prune_fractions)}[/bold] at step {step}: "
                       f"scoring {n_before} Gaussians ({self.config.score})")
         started = time.perf_counter()
