@@ -63,6 +63,8 @@ class CompareConfig:
     """Existing runs to use instead of training, as METHOD=path/to/config.yml."""
     kl_weights: Tuple[float, ...] = ()
     """Extra vedal-gs runs, one per KL weight, drawn as a rate-distortion curve."""
+    gate_ablation: bool = False
+    """Also run vedal-gs with the gate disabled (synchronous variational pruning, the paper's ablation)."""
     pup_scores: Tuple[str, ...] = ("fisher",)
     """pup-gs runs, one per score (fisher, fisher-probe, lightgaussian, opacity, random), same rounds."""
     seed: int = 42
@@ -289,6 +291,10 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
         vedal_extra += ["--pipeline.model.hard-prune-step", str(steps - 1)]
         vedal = given.get("vedal-gs") or train(cfg, "vedal-gs", "vedal-gs", vedal_extra, steps, output_dir)
         records.append(vedal)
+        if cfg.gate_ablation:
+            ablation = train(cfg, "vedal-gs-no-gate", "vedal-gs", vedal_extra + ["--pipeline.model.use-gate", "False"],
+                             steps, output_dir)
+            records.append(ablation)
         for w in cfg.kl_weights:
             label = f"vedal-gs-kl{w:g}"
             rec = train(cfg, label, "vedal-gs", vedal_extra + ["--pipeline.model.kl-weight", str(w)], steps, output_dir)
