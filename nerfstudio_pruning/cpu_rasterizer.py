@@ -209,13 +209,13 @@ class PairTerms:
 
 def pair_terms(proj: ProjectedGaussians, pairs: Pairs, width: int, height: int, means2d_rows: Optional[Tensor] = None) -> PairTerms:
     """Recompute alpha and transmittance of each pair with autograd."""
-    m = proj.means2d[pairs.row] if means2d_rows is None else means2d_rows
+    m = proj.means2d.index_select(0, pairs.row) if means2d_rows is None else means2d_rows
     x = (pairs.pixel % width).to(m.dtype) + 0.5
     y = ((pairs.pixel // width) % height).to(m.dtype) + 0.5
     dx = m[:, 0] - x
     dy = m[:, 1] - y
-    opac = proj.opacities[pairs.row]
-    sigma, alpha = _pair_alpha(dx, dy, proj.conics[pairs.row], opac)
+    opac = proj.opacities.index_select(0, pairs.row)
+    sigma, alpha = _pair_alpha(dx, dy, proj.conics.index_select(0, pairs.row), opac)
     starts = segment_starts(pairs.pixel)
     log_t_before = segmented_cumsum(torch.log1p(-alpha), starts, exclusive=True)
     transmittance = torch.exp(log_t_before).to(alpha.dtype)
@@ -240,7 +240,7 @@ def composite(
     """
     n_pix = n_cameras * height * width
     channels = proj.colors.shape[-1]
-    means2d_rows = proj.means2d[pairs.row]
+    means2d_rows = proj.means2d.index_select(0, pairs.row)
     if absgrad_target is not None and means2d_rows.requires_grad:
         n_rows = proj.means2d.shape[0]
         rows = pairs.row
@@ -253,7 +253,7 @@ def composite(
     terms = pair_terms(proj, pairs, width, height, means2d_rows=means2d_rows)
     weight = terms.transmittance * terms.alpha
     image = torch.zeros(n_pix, channels, dtype=proj.colors.dtype, device=proj.colors.device)
-    image = image.index_add(0, pairs.pixel, weight[:, None] * proj.colors[pairs.row])
+    image = image.index_add(0, pairs.pixel, weight[:, None] * proj.colors.index_select(0, pairs.row))
     log_t_final = torch.zeros(n_pix, dtype=torch.float64, device=proj.colors.device)
     log_t_final = log_t_final.index_add(0, pairs.pixel, torch.log1p(-terms.alpha).double())
     t_final = torch.exp(log_t_final).to(proj.colors.dtype)

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from nerfstudio_pruning.cpu_rasterizer import ProjectedGaussians
+from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.pair_stats import (
     DEFAULT_CHUNK_PAIRS,
     PairStatistics,
@@ -184,12 +185,14 @@ def fisher_blocks(
 def fisher_scores(fisher: Tensor) -> Tensor:
     """[N] float64 log det F_i as the sum of the logs of its singular values; -inf where F_i = 0 (unseen).
 
-    Raises ValueError if any block holds a NaN or inf, rather than letting it through as a score.
+    Raises InputError (counting them) if any block holds a NaN or inf, rather than letting it through as a score:
+    such blocks come from Gaussians with non-finite parameters, i.e. a diverged model.
     """
     finite = torch.isfinite(fisher).flatten(1).all(dim=1)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise ValueError(f"{bad} of {fisher.shape[0]} Fisher blocks contain NaN or inf values")
+        raise InputError(f"{bad} of {fisher.shape[0]} Fisher blocks contain NaN or inf values (Gaussians with "
+                         "non-finite parameters: the model has diverged); refusing to score them")
     singular_values = torch.linalg.svdvals(fisher.to(torch.float64))
     return torch.log(singular_values).sum(dim=-1)
 

@@ -14,6 +14,8 @@ import torch
 from gsplat.strategy import ops as gsplat_ops
 from torch import Tensor
 
+from nerfstudio_pruning.errors import InputError
+
 
 class PerGaussianState(Protocol):
     def select(self, keep: Tensor) -> None: ...
@@ -65,15 +67,15 @@ def remove_gaussians(
 ) -> int:
     """Remove the Gaussians where `prune` is True. Returns how many were removed.
 
-    Refuses (ValueError, nothing changed) a mask of the wrong length or one that would leave fewer than
-    `min_remaining` Gaussians.
+    Refuses, with nothing changed, a mask of the wrong length (ValueError) or one that would leave fewer than
+    `min_remaining` Gaussians (InputError).
     """
     n = next(iter(params.values())).shape[0]
     if prune.dtype != torch.bool or prune.shape != (n,):
         raise ValueError(f"prune mask must be a bool tensor of shape ({n},), got {prune.dtype} {tuple(prune.shape)}")
     n_removed = int(prune.sum())
     if n - n_removed < min_remaining:
-        raise ValueError(
+        raise InputError(
             f"removing {n_removed} of {n} Gaussians would leave {n - n_removed}, fewer than the minimum {min_remaining}"
         )
     if n_removed == 0:
@@ -96,7 +98,7 @@ def lowest_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
         raise ValueError(f"prune fraction must be in (0, 1), got {fraction}")
     n_nan = int(torch.isnan(scores).sum())
     if n_nan:
-        raise ValueError(f"{n_nan} of {scores.numel()} scores are NaN; refusing to prune by an undefined order")
+        raise InputError(f"{n_nan} of {scores.numel()} scores are NaN; refusing to prune by an undefined order")
     k = int(round(fraction * scores.numel()))
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:

@@ -8,7 +8,13 @@ from e2e import ns, quick_train_args, run_dir
 
 BASE_STEPS = 150
 VEDAL_STEPS = 240
-VEDAL_SAVE_BEFORE_REMOVAL = 200
+VEDAL_SAVE_EVERY = 60  # checkpoints at 60 (before fine-tuning), 120, 180 (mid-gate) and 239 (after the removal)
+VEDAL_SAVE_BEFORE_REMOVAL = 180
+
+PUP_STEPS = 120
+PUP_SAVE_EVERY = 30  # checkpoints at 30 (before the first round), 60 (between rounds), 90 (after the last), 119
+PUP_ARGS = ["--pipeline.model.prune-start-step", "60", "--pipeline.model.refine-steps", "30", "30",
+            "--pipeline.model.warmup-length", "20", "--pipeline.model.refine-every", "20"]
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +42,7 @@ def splatfacto_run(e2e_root, default_scene):
 def vedal_run(e2e_root, default_scene):
     """A shortened vedal-gs run on the built-in scene (gate windows shortened so Gaussians become eligible)."""
     outputs = e2e_root / "outputs"
-    args = [*quick_train_args("vedal", VEDAL_STEPS, outputs), "--steps-per-save", str(VEDAL_SAVE_BEFORE_REMOVAL),
+    args = [*quick_train_args("vedal", VEDAL_STEPS, outputs), "--steps-per-save", str(VEDAL_SAVE_EVERY),
             "--save-only-latest-checkpoint", "False",
             "--pipeline.model.finetune-start-step", "80", "--pipeline.model.hard-prune-step", str(VEDAL_STEPS - 1),
             # 42 training views in passes of 3 refreshes: the gate gets its first observation at step 100.
@@ -47,3 +53,13 @@ def vedal_run(e2e_root, default_scene):
             "--pipeline.model.kl-weight", "4e-6"]
     proc = ns("ns-train", ["vedal-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
     return proc, run_dir(outputs, "vedal", "vedal-gs")
+
+
+@pytest.fixture(scope="session")
+def pup_run(e2e_root, default_scene):
+    """pup-gs's whole schedule, shortened: densification until step 60, rounds at steps 60 and 90."""
+    outputs = e2e_root / "outputs"
+    args = [*quick_train_args("pup", PUP_STEPS, outputs), "--steps-per-save", str(PUP_SAVE_EVERY),
+            "--save-only-latest-checkpoint", "False", *PUP_ARGS]
+    proc = ns("ns-train", ["pup-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
+    return proc, run_dir(outputs, "pup", "pup-gs")

@@ -15,7 +15,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def ns(command: str, args: Sequence[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run an ns-* command from this venv; fail with its output tail if it fails."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    # A fixed hash seed: with it two runs of the same command, or a resumed run and the uninterrupted one, are
+    # bit-identical on CPU (with a per-process random hash seed they drift apart by float rounding).
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONHASHSEED="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.run([str(BIN / command), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]

@@ -23,22 +23,18 @@ def _final_state(run):
     return torch.load(ckpt, map_location="cpu", weights_only=True)["pipeline"]
 
 
-def test_full_schedule_prunes_80_then_50_percent(e2e_root, default_scene):
-    outputs = e2e_root / "outputs"
-    proc = ns("ns-train", ["pup-gs", *quick_train_args("pup", 200, outputs),
-                           "--pipeline.model.prune-start-step", "100", "--pipeline.model.refine-steps", "50", "50",
-                           "--pipeline.model.warmup-length", "20", "--pipeline.model.refine-every", "20",
-                           "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
+def test_full_schedule_prunes_80_then_50_percent(e2e_root, pup_run):
+    proc, run = pup_run
     rounds = _rounds(proc.stdout)
     assert len(rounds) == 2, proc.stdout[-3000:]
     (removed1, left1), (removed2, left2) = rounds
     n0 = removed1 + left1
     assert removed1 == round(0.8 * n0) and removed2 == round(0.5 * left1) and left2 == left1 - removed2
-    state = _final_state(run_dir(outputs, "pup", "pup-gs"))
+    state = _final_state(run)
     assert state["_model.gauss_params.means"].shape[0] == left2
     assert int(state["_model.rounds_done"]) == 2
     assert state["_model.sensitivity"].shape[0] == left2
-    results = ns_eval(run_dir(outputs, "pup", "pup-gs") / "config.yml", cwd=e2e_root)
+    results = ns_eval(run / "config.yml", cwd=e2e_root)
     assert results["num_gaussians"] == left2 and math.isfinite(results["psnr"])
 
 

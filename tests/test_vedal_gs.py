@@ -195,6 +195,9 @@ def test_checkpoint_round_trip_with_weights_only_and_another_number_of_gaussians
     for step in range(3):
         source.gate.update(torch.rand(n), step)
     source.frozen_retention_logits = torch.randn(n)
+    source.importance_window = ImportancePassWindow(slots=3, num_gaussians=n, device=torch.device("cpu"))
+    source.importance_window.add(4, torch.rand(n, dtype=torch.float64), n_views=5)
+    source.strategy_state.update(grad2d=torch.rand(n), count=torch.arange(n, dtype=torch.float32))
     with torch.no_grad():
         source.retention_head.output.bias.fill_(1.25)
         source.retention_head.set_bounds(-0.5, 0.5)
@@ -210,6 +213,11 @@ def test_checkpoint_round_trip_with_weights_only_and_another_number_of_gaussians
     assert (target.finetune_started_at, target.last_refresh_step, target.refresh_count, target.pruned) == (7, 40, 5, True)
     assert torch.equal(target.frozen_retention_logits, source.frozen_retention_logits)
     assert torch.equal(target.gate.ema, source.gate.ema) and target.gate.history == source.gate.history
+    assert torch.equal(target.importance_window.sums, source.importance_window.sums)
+    assert target.importance_window.view_counts == [0, 5, 0]
+    # densification's running statistics come back too, so a resumed run densifies as the uninterrupted one
+    assert torch.equal(target.strategy_state["grad2d"], source.strategy_state["grad2d"])
+    assert torch.equal(target.strategy_state["count"], source.strategy_state["count"])
     assert target.retention_head.output.bias.item() == 1.25
     assert torch.equal(target.retention_head.bounds_hi, torch.full((3,), 0.5))
 
@@ -222,12 +230,14 @@ def test_a_diverged_gaussian_does_not_make_every_retention_probability_nan():
     assert torch.isfinite(model.head_logits()).all()
 
 
-def test_loads_a_checkpoint_of_another_method_with_fresh_vedal_state():
+@pytest.mark.parametrize("other_extra_state", ["none", "splatfacto-portable"])
+def test_loads_a_checkpoint_of_another_method_with_fresh_vedal_state(other_extra_state):
     other = tiny_model(n=30, seed=3)
-    plain = {k: v for k, v in other.state_dict().items() if k.startswith("gauss_params.")}
     other_keys = {k: v for k, v in other.state_dict().items() if not k.startswith(("retention_head.", "_extra_state"))}
+    if other_extra_state == "splatfacto-portable":
+        other_keys["_extra_state"] = {"strategy_state": {"grad2d": torch.ones(30), "count": None}}
     model = tiny_model()
-    model.load_state_dict({**other_keys, **plain})
+    model.load_state_dict(other_keys)
     assert model.num_points == 30 and model.finetune_started_at == -1 and not model.pruned
     assert model.gate.num_gaussians == 0 and not model.gated_mask().any()
 
@@ -283,7 +293,7 @@ def _hidden_at_inference(state: dict, model_config: VedalGSModelConfig) -> torch
     with torch.no_grad():
         features = gaussian_features(state["_model.gauss_params.opacities"], state["_model.gauss_params.scales"])
         p = torch.sigmoid(head(state["_model.gauss_params.means"], features))
-    return state["_model._extra_state"]["gate"]["eligible"] & (p < 0.5)
+    return state["_model._extra_state"]["vedal"]["gate"]["eligible"] & (p < 0.5)
 
 
 def test_schedule_gates_and_removes_then_export_matches_the_model(vedal_run, e2e_root):
@@ -300,7 +310,7 @@ def test_schedule_gates_and_removes_then_export_matches_the_model(vedal_run, e2e
     final = _checkpoint(run, STEPS - 1)
     assert before_removal["_model.gauss_params.means"].shape[0] == before
     assert final["_model.gauss_params.means"].shape[0] == remain < before
-    extra = final["_model._extra_state"]
+    extra = final["_model._extra_state"]["vedal"]
     assert extra["pruned"] and extra["gate"]["ema"].shape == (remain,)
     assert extra["frozen_retention_logits"].shape == (remain,) and extra["gate"]["eligible"].any()
 
@@ -317,10 +327,10 @@ def test_export_before_the_hard_removal_writes_only_retained_gaussians(vedal_run
     _, run = vedal_run
     config_text = (run / "config.yml").read_text()
     assert "load_step: null" in config_text
-    stopped_early = run / "config_step_200.yml"
+    stopped_early = run / f"config_step_{SAVE_BEFORE_REMOVAL}.yml"
     stopped_early.write_text(config_text.replace("load_step: null", f"load_step: {SAVE_BEFORE_REMOVAL}"))
     state = _checkpoint(run, SAVE_BEFORE_REMOVAL)
-    assert not state["_model._extra_state"]["pruned"]
+    assert not state["_model._extra_state"]["vedal"]["pruned"]
 
     model_config = VedalGSModelConfig(finetune_start_step=80, hard_prune_step=STEPS - 1)
     hidden = _hidden_at_inference(state, model_config)

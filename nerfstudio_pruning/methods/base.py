@@ -8,27 +8,48 @@ gsplat's CUDA-only `rasterization`. This subclass changes exactly those things a
 - rendering goes through `nerfstudio_pruning.rendering.rasterization` (gsplat on CUDA, the pure-torch path
   elsewhere), with two hooks, `render_opacities` and `render_colors`, that the pruning methods override;
 - LPIPS is built on first use and, when its weights cannot be loaded offline, reported once and omitted;
-- optimizers are rebound to the current parameters each step (after a checkpoint load resized them).
+- optimizers are rebound to the current parameters each step (after a checkpoint load resized them);
+- checkpoints also hold densification's running statistics (so a resumed run densifies as an uninterrupted one
+  would), and a checkpoint that cannot fit this model is refused with an `InputError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
 from unittest import mock
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.optimizers import Optimizers
-from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat, num_sh_bases
 from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerCheckbox
 
+from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.removal import rebind_optimizers
 from nerfstudio_pruning.rendering import rasterization
 
 GAUSSIAN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
+
+
+def check_gaussian_checkpoint(state: Dict[str, Any], sh_degree: int) -> int:
+    """Number of Gaussians in a model state dict; `InputError` when it cannot load into a splatfacto model of
+    `sh_degree` (another kind of method, no Gaussians, another SH degree)."""
+    prefix = "gauss_params." if "gauss_params.means" in state else ""
+    if f"{prefix}means" not in state:
+        raise InputError("the checkpoint holds no Gaussians (not a splatfacto-family method); "
+                         "these methods load checkpoints of splatfacto, splatfacto-portable, pup-gs and vedal-gs")
+    n = int(state[f"{prefix}means"].shape[0])
+    if n == 0:
+        raise InputError("the checkpoint holds an empty model (0 Gaussians); there is nothing to train or prune")
+    rest = state.get(f"{prefix}features_rest")
+    if rest is not None and rest.dim() == 3 and rest.shape[1] != num_sh_bases(sh_degree) - 1:
+        degree = round((rest.shape[1] + 1) ** 0.5) - 1
+        raise InputError(f"the checkpoint's Gaussians have SH degree {degree} (features_rest {tuple(rest.shape)}), this "
+                         f"config has sh_degree {sh_degree}: pass --pipeline.model.sh-degree {degree}")
+    return n
 
 
 def camera_tensors(cameras: Cameras, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -249,6 +270,27 @@ class PortableSplatfactoModel(SplatfactoModel):
         for name in rebind_optimizers(self.gauss_params, optimizers.optimizers):
             optimizers.parameters[name] = [self.gauss_params[name]]
         use_python_float_learning_rates(optimizers)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> Dict[str, Any]:
+        """Densification's running statistics (gsplat strategy state: accumulated screen-space gradients,
+        visibility counts, radii). splatfacto does not save them, so a resumed run would split and prune a
+        different set of Gaussians at its next refinement than the uninterrupted run."""
+        return {"strategy_state": {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                                   for k, v in self.strategy_state.items()}}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        saved = state.get("strategy_state") or {}
+        self.strategy_state.update({k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in saved.items()})
+
+    def load_state_dict(self, dict, **kwargs):  # type: ignore[override]
+        check_gaussian_checkpoint(dict, self.config.sh_degree)
+        return super().load_state_dict(self.with_method_state(dict), **kwargs)
+
+    def with_method_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """`state` completed with this method's own entries when it was written by another splatfacto-family
+        method (post-hoc pruning of a trained model). The base model has none to add."""
+        return state
 
     def get_image_metrics_and_images(self, outputs, batch):
         metrics, images = super().get_image_metrics_and_images(outputs, batch)

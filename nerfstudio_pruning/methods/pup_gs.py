@@ -29,6 +29,7 @@ from nerfstudio_pruning.methods.base import (
     turbo_colours,
     viewer_wants,
 )
+from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.prune_scores import ScoreKind, score_gaussians
 from nerfstudio_pruning.removal import lowest_fraction_mask, remove_gaussians, reset_optimizer_state
 
@@ -114,7 +115,7 @@ class PupGSModel(PortableSplatfactoModel):
             left -= int(round(f * left))
         if left < self.config.min_gaussians:
             # Refused before any scoring or removal, so the model and its checkpoints stay as they are.
-            raise ValueError(f"the remaining pruning rounds would leave {left} of {n_before} Gaussians, fewer than "
+            raise InputError(f"the remaining pruning rounds would leave {left} of {n_before} Gaussians, fewer than "
                              f"min_gaussians={self.config.min_gaussians}; nothing was pruned")
         CONSOLE.print(f"[bold]pup-gs round {k + 1}/{len(self.config.prune_fractions)}[/bold] at step {step}: "
                       f"scoring {n_before} Gaussians ({self.config.score})")
@@ -161,18 +162,17 @@ class PupGSModel(PortableSplatfactoModel):
     def update_to_step(self, step: int) -> None:
         self._loaded_step = step
 
-    def load_state_dict(self, dict, **kwargs):  # type: ignore[override]
-        if "gauss_params.means" not in dict and "means" not in dict:
-            raise ValueError("this checkpoint holds no Gaussians: pup-gs loads checkpoints of splatfacto-family methods only")
-        if "rounds_done" not in dict:
+    def with_method_state(self, state):
+        if "rounds_done" not in state:
             # Another method's checkpoint (post-hoc pruning): start the rounds right after it.
             start = self.config.prune_start_step if self._loaded_step is None else self._loaded_step + 1
-            dict = {**dict, "rounds_done": torch.zeros((), dtype=torch.long),
-                    "first_round_step": torch.tensor(start, dtype=torch.long),
-                    "sensitivity": torch.zeros(0, dtype=torch.float64)}
+            state = {**state, "rounds_done": torch.zeros((), dtype=torch.long),
+                     "first_round_step": torch.tensor(start, dtype=torch.long),
+                     "sensitivity": torch.zeros(0, dtype=torch.float64)}
             CONSOLE.print(f"pup-gs: loaded a checkpoint without pruning state; pruning rounds start at step {start}")
-        self.sensitivity = torch.zeros_like(dict["sensitivity"])
-        return super().load_state_dict(dict, **kwargs)
+        # A buffer of the checkpoint's length, so that loading does not refuse a size mismatch.
+        self.sensitivity = torch.zeros_like(state["sensitivity"])
+        return state
 
     # -- viewer --------------------------------------------------------------------------------------------------
     def get_outputs(self, camera: Cameras) -> Dict:

@@ -1,14 +1,23 @@
-"""Trainer configurations shared by the plugin's methods.
+"""Trainer configurations shared by the plugin's methods, and the trainer that checks their input.
 
 Built explicitly rather than by copying `method_configs["splatfacto"]`: importing nerfstudio's method table from
 a plugin that nerfstudio itself is importing gives a circular import.
+
+`PruningTrainer` is nerfstudio's trainer plus checks that turn the usual ways a run goes wrong into one clear
+line (`InputError`, exit status 1) before anything is loaded, trained or overwritten: a missing data path, a
+dataset without seed points, a checkpoint that holds no Gaussians, an empty model, or one trained on another
+scene. An `InputError` raised during training (a pruning schedule the model cannot satisfy, NaN scores) first
+saves a checkpoint of the model as it was, so no training is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 from dataclasses import dataclass, field
-from typing import Optional, Type
+from pathlib import Path
+from typing import Iterator, Optional, Type
 
 import numpy as np
 import torch
@@ -20,7 +29,11 @@ from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.models.base_model import ModelConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
+from nerfstudio_pruning.errors import InputError
+from nerfstudio_pruning.methods.pipeline import PruningPipelineConfig
 
 
 @contextlib.contextmanager
@@ -43,9 +56,108 @@ class PruningTrainerConfig(TrainerConfig):
 
 
 class PruningTrainer(Trainer):
+    def setup(self, test_mode="val") -> None:
+        with _reported_in_one_line():
+            self._check_data_path()
+            super().setup(test_mode=test_mode)
+
+    def train(self) -> None:
+        with _reported_in_one_line(on_error=self._save_before_exit):
+            super().train()
+
+    def _save_before_exit(self) -> None:
+        # Our InputErrors are raised by callbacks before the step that hits them changes anything: the model is
+        # exactly as the previous step left it.
+        step = max(self.step - 1, 0)
+        self.save_checkpoint(step)
+        CONSOLE.print(f"saved the model as it was after step {step} to {self.checkpoint_dir}", soft_wrap=True)
+
+    def _check_data_path(self) -> None:
+        datamanager = self.config.pipeline.datamanager
+        dataparser = datamanager.dataparser
+        data = datamanager.data or getattr(dataparser, "data", None)
+        if data is not None and not Path(data).exists() and not isinstance(dataparser, DefaultSceneDataParserConfig):
+            raise InputError(f"data path {data} does not exist")
+
     def _load_checkpoint(self) -> None:
+        path = checkpoint_to_load(self.config)
+        if path is None:
+            self._check_model_to_train_from_scratch()
+            return super()._load_checkpoint()
+        if not path.exists():
+            raise InputError(f"checkpoint {path} does not exist")
+        self._check_same_scene(path)
         with numpy_scalars_allowed():
             super()._load_checkpoint()
+        end = self._start_step + self.config.max_num_iterations - 1
+        CONSOLE.print(f"continuing from step {self._start_step - 1}: this run trains steps {self._start_step} to {end} "
+                      "(nerfstudio counts --max-num-iterations from the loaded step)", soft_wrap=True)
+
+    def _check_model_to_train_from_scratch(self) -> None:
+        model = self.pipeline.model
+        seeds = getattr(model, "seed_points", None)
+        if not getattr(model.config, "random_init", True) and (seeds is None or seeds[0].shape[0] == 0):
+            data = self.config.pipeline.datamanager.data or self.config.pipeline.datamanager.dataparser.data
+            raise InputError(
+                f"the dataset at {data} has no seed points (no point cloud, or load_3D_points is off), so splatfacto "
+                "would start from random Gaussians; pass --pipeline.model.random-init True to do that on purpose"
+            )
+        if model.num_points == 0:
+            raise InputError("the model has no Gaussians to train")
+
+    def _check_same_scene(self, path: Path) -> None:
+        """Gaussians live in the frame the dataparser normalised the poses into: a checkpoint made with another
+        transform or scale (another scene, or the same capture with other dataparser options) would not line up
+        with these images. The checkpoint's run folder records its frame in dataparser_transforms.json."""
+        recorded = path.parent.parent / "dataparser_transforms.json"
+        if not recorded.exists():
+            CONSOLE.print(f"[yellow]cannot check that {path.name} belongs to this scene: no {recorded.name} beside "
+                          "its run folder", soft_wrap=True)
+            return
+        theirs = json.loads(recorded.read_text())
+        outputs = self.pipeline.datamanager.train_dataparser_outputs
+        ours_transform = outputs.dataparser_transform.detach().cpu().numpy()
+        their_transform = np.asarray(theirs["transform"], dtype=np.float64)
+        their_scale, our_scale = float(theirs["scale"]), float(outputs.dataparser_scale)
+        same = (their_transform.shape == ours_transform.shape and np.allclose(their_transform, ours_transform, atol=1e-4)
+                and abs(their_scale - our_scale) <= 1e-4 * max(abs(our_scale), 1e-12))
+        if not same:
+            raise InputError(
+                f"{path} was trained on another scene or with other dataparser settings: its poses were normalised with "
+                f"scale {their_scale:.6g}, this data's with {our_scale:.6g} (transforms differ too: "
+                f"{not np.allclose(their_transform, ours_transform, atol=1e-4)}); its Gaussians would not line up "
+                "with these images"
+            )
+
+
+def checkpoint_to_load(config: TrainerConfig) -> Optional[Path]:
+    """The checkpoint file `--load-dir`/`--load-step` or `--load-checkpoint` point at (as nerfstudio resolves them)."""
+    if config.load_dir is not None:
+        load_dir = Path(config.load_dir)
+        if not load_dir.is_dir():
+            raise InputError(f"--load-dir {load_dir} is not a folder")
+        step = config.load_step
+        if step is None:
+            steps = sorted(int(name[name.find("-") + 1:name.find(".")]) for name in os.listdir(load_dir)
+                           if name.startswith("step-") and name.endswith(".ckpt"))
+            if not steps:
+                raise InputError(f"--load-dir {load_dir} holds no step-*.ckpt checkpoints")
+            step = steps[-1]
+        return load_dir / f"step-{step:09d}.ckpt"
+    if config.load_checkpoint is not None:
+        return Path(config.load_checkpoint)
+    return None
+
+
+@contextlib.contextmanager
+def _reported_in_one_line(on_error=None) -> Iterator[None]:
+    try:
+        yield
+    except InputError as err:
+        if on_error is not None:
+            on_error()
+        CONSOLE.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
+        raise SystemExit(1) from None
 
 
 def default_device_type() -> str:
@@ -95,7 +207,7 @@ def splatfacto_trainer_config(
         max_num_iterations=max_steps,
         mixed_precision=False,
         machine=MachineConfig(device_type=default_device_type()),
-        pipeline=VanillaPipelineConfig(
+        pipeline=PruningPipelineConfig(
             datamanager=FullImageDatamanagerConfig(
                 dataparser=dataparser or NerfstudioDataParserConfig(load_3D_points=True),
                 cache_images_type="uint8",

@@ -55,6 +55,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerSlider, ViewerText
 from torch import Tensor
 
+from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.gate import ConvergenceGate, ConvergenceGateConfig
 from nerfstudio_pruning.importance import leave_one_out_importance
 from nerfstudio_pruning.methods.base import (
@@ -83,7 +84,7 @@ SH_C0 = 0.28209479177387814
 # exporter's NaN/Inf filter does not report the hidden Gaussians as broken; sigmoid(-100) is ~4e-44.
 HIDDEN_OPACITY_LOGIT = -100.0
 
-EXTRA_STATE_FORMAT = 1
+EXTRA_STATE_FORMAT = 2
 
 
 class ImportancePassWindow:
@@ -224,8 +225,6 @@ class VedalGSModel(PortableSplatfactoModel):
         self._removal_refused = False
         self._train_cameras: Optional[Cameras] = None
         self._train_images: Optional[List[Dict[str, Tensor]]] = None
-        # Not saved in checkpoints (it would add a pass's worth of [N] tensors to each): a resumed run refills it,
-        # and the gate, whose state is saved, waits for it.
         self.importance_window: Optional[ImportancePassWindow] = None
         self._importance_summary: Dict[str, float] = {}
 
@@ -575,9 +574,14 @@ class VedalGSModel(PortableSplatfactoModel):
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
-        """Method state in plain tensors and numbers, so checkpoints load with torch.load(weights_only=True)."""
+        """Method state in plain tensors and numbers, so checkpoints load with torch.load(weights_only=True).
+
+        The importance window is saved too ([slots, N] float64, ~5 refreshes' worth of one number per Gaussian;
+        a fifth of the Gaussians' own size): without it a resumed gate would wait a whole pass for its next
+        observation and open later than in the uninterrupted run."""
         frozen = self.frozen_retention_logits
-        return {
+        window = self.importance_window
+        vedal = {
             "format": EXTRA_STATE_FORMAT,
             "gate": self.gate.state_dict(),
             "finetune_started_at": int(self.finetune_started_at),
@@ -585,19 +589,31 @@ class VedalGSModel(PortableSplatfactoModel):
             "refresh_count": int(self.refresh_count),
             "pruned": bool(self.pruned),
             "frozen_retention_logits": torch.zeros(0) if frozen is None else frozen.detach().cpu().clone(),
+            "importance_sums": torch.zeros(0, dtype=torch.float64) if window is None else window.sums.cpu().clone(),
+            "importance_view_counts": [] if window is None else list(window.view_counts),
         }
+        return {**super().get_extra_state(), "vedal": vedal}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
-        if int(state.get("format", -1)) != EXTRA_STATE_FORMAT:
-            raise ValueError(f"unknown vedal-gs state format {state.get('format')!r}")
+        super().set_extra_state(state)
+        vedal = state["vedal"]
+        if int(vedal.get("format", -1)) != EXTRA_STATE_FORMAT:
+            raise InputError(f"the checkpoint's vedal-gs state has format {vedal.get('format')!r}; this version reads "
+                             f"format {EXTRA_STATE_FORMAT}")
         self.gate = ConvergenceGate(self.config.gate, 0, self.device)
-        self.gate.load_state_dict(state["gate"])
-        self.finetune_started_at = int(state["finetune_started_at"])
-        self.last_refresh_step = int(state["last_refresh_step"])
-        self.refresh_count = int(state["refresh_count"])
-        self.pruned = bool(state["pruned"])
-        frozen = state["frozen_retention_logits"]
+        self.gate.load_state_dict(vedal["gate"])
+        self.finetune_started_at = int(vedal["finetune_started_at"])
+        self.last_refresh_step = int(vedal["last_refresh_step"])
+        self.refresh_count = int(vedal["refresh_count"])
+        self.pruned = bool(vedal["pruned"])
+        frozen = vedal["frozen_retention_logits"]
         self.frozen_retention_logits = frozen.to(self.device).float() if frozen.numel() else None
+        sums, counts = vedal["importance_sums"], vedal["importance_view_counts"]
+        self.importance_window = None
+        if sums.numel():
+            self.importance_window = ImportancePassWindow(sums.shape[0], sums.shape[1], self.device)
+            self.importance_window.sums = sums.to(self.device, torch.float64)
+            self.importance_window.view_counts = [int(c) for c in counts]
 
     def fresh_extra_state(self) -> Dict[str, Any]:
         return {
@@ -608,15 +624,16 @@ class VedalGSModel(PortableSplatfactoModel):
             "refresh_count": 0,
             "pruned": False,
             "frozen_retention_logits": torch.zeros(0),
+            "importance_sums": torch.zeros(0, dtype=torch.float64),
+            "importance_view_counts": [],
         }
 
-    def load_state_dict(self, dict, **kwargs):  # type: ignore[override]
-        if "gauss_params.means" not in dict and "means" not in dict:
-            raise ValueError("this checkpoint holds no Gaussians: vedal-gs loads checkpoints of splatfacto-family methods only")
-        if "_extra_state" not in dict:
-            # Another method's checkpoint: VEDAL starts from scratch; fine-tuning begins at the first training
-            # step at or after finetune_start_step.
-            head_state = {f"retention_head.{k}": v for k, v in self.retention_head.state_dict().items()}
-            dict = {**head_state, **dict, "_extra_state": self.fresh_extra_state()}
-            CONSOLE.print("vedal-gs: loaded a checkpoint without VEDAL state; the gate and the head start afresh")
-        return super().load_state_dict(dict, **kwargs)
+    def with_method_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        extra = state.get("_extra_state") or {}
+        if "vedal" in extra:
+            return state
+        # Another method's checkpoint: VEDAL starts from scratch; fine-tuning begins at the first training step at
+        # or after finetune_start_step.
+        head_state = {f"retention_head.{k}": v for k, v in self.retention_head.state_dict().items()}
+        CONSOLE.print("vedal-gs: loaded a checkpoint without VEDAL state; the gate and the head start afresh")
+        return {**head_state, **state, "_extra_state": {**extra, "vedal": self.fresh_extra_state()}}
