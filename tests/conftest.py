@@ -12,9 +12,11 @@ VEDAL_SAVE_EVERY = 60  # checkpoints at 60 (before fine-tuning), 120, 180 (mid-g
 VEDAL_SAVE_BEFORE_REMOVAL = 180
 
 PUP_STEPS = 120
-PUP_SAVE_EVERY = 30  # checkpoints at 30 (before the first round), 60 (between rounds), 90 (after the last), 119
-PUP_ARGS = ["--pipeline.model.prune-start-step", "60", "--pipeline.model.refine-steps", "30", "30",
-            "--pipeline.model.warmup-length", "20", "--pipeline.model.refine-every", "20"]
+PUP_SAVE_EVERY = 20  # checkpoints at 40 (before densification), 80 (between rounds), 100 (after the last), 119...
+# Densification at steps 60 and 70 (splatfacto pauses it for num_train_views + refine_every = 52 steps after the
+# start), rounds at steps 80 and 100.
+PUP_ARGS = ["--pipeline.model.prune-start-step", "80", "--pipeline.model.refine-steps", "20", "20",
+            "--pipeline.model.warmup-length", "10", "--pipeline.model.refine-every", "10"]
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +59,7 @@ def vedal_run(e2e_root, default_scene):
 
 @pytest.fixture(scope="session")
 def pup_run(e2e_root, default_scene):
-    """pup-gs's whole schedule, shortened: densification until step 60, rounds at steps 60 and 90."""
+    """pup-gs's whole schedule, shortened: densification at steps 60 and 70, rounds at steps 80 and 100."""
     outputs = e2e_root / "outputs"
     args = [*quick_train_args("pup", PUP_STEPS, outputs), "--steps-per-save", str(PUP_SAVE_EVERY),
             "--save-only-latest-checkpoint", "False", *PUP_ARGS]

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from conftest import PUP_ARGS, PUP_SAVE_EVERY, PUP_STEPS, VEDAL_STEPS
-from e2e import ns, quick_train_args, run_dir
+from e2e import ns, ns_eval, quick_train_args, run_dir
 from nerfstudio_pruning.methods.base import GAUSSIAN_PARAMS
 
 PUP_LAST = PUP_STEPS - 1
@@ -37,7 +37,10 @@ def resume(method: str, run: Path, step: int, steps: int, name: str, extra_args,
             "nsp-default-scene", "--data", str(config.pipeline.datamanager.dataparser.data)]
     proc = ns("ns-train", [method, *args], cwd=e2e_root)
     assert f"continuing from step {step}: this run trains steps {step + 1} to {step + steps}" in " ".join(proc.stdout.split())
-    return run_dir(outputs, name, method)
+    resumed = run_dir(outputs, name, method)
+    # Its config names its own latest checkpoint, not the step it was resumed from (which only the source run has).
+    assert yaml.load((resumed / "config.yml").read_text(), Loader=yaml.Loader).load_step is None
+    return resumed
 
 
 def assert_same_model(a: dict, b: dict) -> None:
@@ -80,10 +83,13 @@ def assert_optimizers_restored(trainer, saved: dict) -> None:
 
 
 # -- pup-gs ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("step, phase", [(30, "densifying, before the first round"), (60, "between the rounds"),
-                                         (90, "after the last round")])
+@pytest.mark.parametrize("step, phase", [(40, "before densification and the rounds"), (80, "between the rounds"),
+                                         (100, "after the last round")])
 def test_pup_gs_resumed_anywhere_ends_identical_to_the_uninterrupted_run(pup_run, e2e_root, step, phase):
     _, run = pup_run
+    if step == 40:
+        count = lambda s: checkpoint(run, s)["pipeline"]["_model.gauss_params.means"].shape[0]
+        assert count(60) != count(40), "no densification after step 40: the densification state would go untested"
     resumed = resume("pup-gs", run, step, PUP_LAST - step, f"pup-resume-{step}", PUP_ARGS, e2e_root)
     final, resumed_final = checkpoint(run, PUP_LAST), checkpoint(resumed, PUP_LAST)
     assert int(resumed_final["pipeline"]["_model.rounds_done"]) == 2
@@ -93,12 +99,12 @@ def test_pup_gs_resumed_anywhere_ends_identical_to_the_uninterrupted_run(pup_run
 
 def test_pup_gs_between_rounds_restores_count_round_and_optimizer_state(pup_run, tmp_path):
     _, run = pup_run
-    saved = checkpoint(run, 60)
-    trainer = loaded_trainer(run, 60, tmp_path)
+    saved = checkpoint(run, 80)
+    trainer = loaded_trainer(run, 80, tmp_path)
     model = trainer.pipeline.model
     assert model.num_points == saved["pipeline"]["_model.gauss_params.means"].shape[0]
-    assert int(model.rounds_done) == 1 and int(model.first_round_step) == 60
-    assert model.round_step(1) == 90
+    assert int(model.rounds_done) == 1 and int(model.first_round_step) == 80
+    assert model.round_step(1) == 100
     assert_optimizers_restored(trainer, saved)
 
 
@@ -106,6 +112,7 @@ def test_pup_gs_resumed_after_its_schedule_keeps_training_the_survivors(pup_run,
     _, run = pup_run
     resumed = resume("pup-gs", run, PUP_LAST, 10, "pup-resume-end", PUP_ARGS, e2e_root)
     before, after = checkpoint(run, PUP_LAST)["pipeline"], checkpoint(resumed, PUP_LAST + 10)["pipeline"]
+    assert ns_eval(resumed / "config.yml", cwd=e2e_root)["num_gaussians"] == after["_model.gauss_params.means"].shape[0]
     assert after["_model.gauss_params.means"].shape == before["_model.gauss_params.means"].shape
     assert int(after["_model.rounds_done"]) == 2
     moved = (after["_model.gauss_params.means"] - before["_model.gauss_params.means"]).norm(dim=1) > 0

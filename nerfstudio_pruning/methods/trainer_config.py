@@ -89,6 +89,11 @@ class PruningTrainer(Trainer):
         self._check_same_scene(path)
         with numpy_scalars_allowed():
             super()._load_checkpoint()
+        if self.config.load_step is not None:
+            # ns-eval, ns-export and ns-viewer look for load_step in this run's own checkpoint folder, which never
+            # holds the step it was resumed from: the saved config then names a checkpoint that does not exist.
+            self.config.load_step = None
+            self.config.save_config()
         end = self._start_step + self.config.max_num_iterations - 1
         CONSOLE.print(f"continuing from step {self._start_step - 1}: this run trains steps {self._start_step} to {end} "
                       "(nerfstudio counts --max-num-iterations from the loaded step)", soft_wrap=True)
