@@ -57,7 +57,7 @@ class PruningTrainerConfig(TrainerConfig):
 
 class PruningTrainer(Trainer):
     def setup(self, test_mode="val") -> None:
-        with _reported_in_one_line():
+        with _reported_in_one_line(on_error=self._stop_viewer):
             self._check_data_path()
             super().setup(test_mode=test_mode)
 
@@ -65,12 +65,18 @@ class PruningTrainer(Trainer):
         with _reported_in_one_line(on_error=self._save_before_exit):
             super().train()
 
+    def _stop_viewer(self) -> None:
+        # The viewer's server thread would otherwise keep the process alive after the error.
+        if getattr(self, "viewer_state", None) is not None:
+            self.shutdown()
+
     def _save_before_exit(self) -> None:
         # Our InputErrors are raised by callbacks before the step that hits them changes anything: the model is
         # exactly as the previous step left it.
         step = max(self.step - 1, 0)
         self.save_checkpoint(step)
         CONSOLE.print(f"saved the model as it was after step {step} to {self.checkpoint_dir}", soft_wrap=True)
+        self._stop_viewer()
 
     def _check_data_path(self) -> None:
         datamanager = self.config.pipeline.datamanager
