@@ -10,6 +10,7 @@ import copy
 import hashlib
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -120,36 +121,28 @@ def test_checkpoint_of_another_scene_is_refused(splatfacto_run, default_scene, t
     assert digest(checkpoint) == before
 
 
-def test_missing_data_path_prints_one_line_without_a_traceback(tmp_path):
-    import subprocess
-
-    proc = subprocess.run(
-        [str(BIN / "ns-train"), "vedal-gs", *quick_train_args("missing", 10, tmp_path / "out"),
-         "nerfstudio-data", "--data", str(tmp_path / "no-such-capture")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 1
+def failed_ns_train(args, cwd: Path):
+    """Run ns-train expecting a refusal: exit status 1 and no traceback. Returns its output and its error lines."""
+    proc = subprocess.run([str(BIN / "ns-train"), *args], cwd=cwd, capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: data path {tmp_path / 'no-such-capture'} does not exist"], output[-2000:]
+    assert proc.returncode == 1, output[-3000:]
     assert "Traceback" not in output
+    return output, [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def test_missing_data_path_prints_one_line_without_a_traceback(tmp_path):
+    output, errors = failed_ns_train(["vedal-gs", *quick_train_args("missing", 10, tmp_path / "out"),
+                                      "nerfstudio-data", "--data", str(tmp_path / "no-such-capture")], tmp_path)
+    assert errors == [f"error: data path {tmp_path / 'no-such-capture'} does not exist"], output[-2000:]
 
 
 def test_pup_schedule_refused_mid_run_saves_the_model_and_stops(default_scene, tmp_path):
-    import subprocess
-
     outputs = tmp_path / "out"
-    proc = subprocess.run(
-        [str(BIN / "ns-train"), "pup-gs", *quick_train_args("too-few", 40, outputs),
+    output, errors = failed_ns_train(
+        ["pup-gs", *quick_train_args("too-few", 40, outputs),
          "--pipeline.model.prune-start-step", "20", "--pipeline.model.min-gaussians", "1000000",
-         "nsp-default-scene", "--data", str(default_scene)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 1, output[-3000:]
-    errors = [line for line in output.splitlines() if line.startswith("error:")]
+         "nsp-default-scene", "--data", str(default_scene)], tmp_path)
     assert len(errors) == 1 and "fewer than min_gaussians=1000000; nothing was pruned" in errors[0], output[-3000:]
-    assert "Traceback" not in output
     # Nothing lost: the 20 steps trained before the refusal are in a checkpoint, unpruned.
     saved = outputs / "too-few" / "pup-gs" / "run" / "nerfstudio_models" / "step-000000019.ckpt"
     state = torch.load(saved, map_location="cpu", weights_only=True)["pipeline"]

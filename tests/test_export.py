@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from nerfstudio.models.splatfacto import num_sh_bases
+from nerfstudio.models.splatfacto import SH2RGB, num_sh_bases
 from nerfstudio.scripts.exporter import ExportGaussianSplat
 from nerfstudio.utils.eval_utils import eval_setup
 from plyfile import PlyData
 
 from nerfstudio_pruning.rendering import rasterization
 
-SH_C0 = 0.28209479177387814
 LOW_OPACITY_LOGIT = -5.5373  # ns-export leaves out Gaussians below logit(1/255), which no rasterizer draws
 
 
@@ -37,7 +36,7 @@ def run_at_sh_degree(run: Path, degree: int, root: Path) -> Path:
     params = state["pipeline"]
     params["_model.gauss_params.features_rest"] = params["_model.gauss_params.features_rest"][:, : num_sh_bases(degree) - 1]
     if degree == 0:
-        rgb = (params["_model.gauss_params.features_dc"] * SH_C0 + 0.5).clamp(1e-4, 1 - 1e-4)
+        rgb = SH2RGB(params["_model.gauss_params.features_dc"]).clamp(1e-4, 1 - 1e-4)
         params["_model.gauss_params.features_dc"] = torch.logit(rgb)
     target = config.get_checkpoint_dir() / checkpoint.name
     target.parent.mkdir(parents=True)

@@ -186,8 +186,18 @@ class PortableSplatfactoModel(SplatfactoModel):
             return self._colour_override, None
         colors = torch.cat((self.features_dc[:, None, :], self.features_rest), dim=1)
         if self.config.sh_degree > 0:
-            return colors, min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+            return colors, self.active_sh_degree()
         return torch.sigmoid(colors).squeeze(1), None
+
+    def active_sh_degree(self) -> int:
+        """SH degree training renders with now (splatfacto raises it by one every sh_degree_interval steps)."""
+        return min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+
+    def sh_coefficients(self) -> torch.Tensor:
+        """Detached SH coefficients [N, K, 3] of the current colours, for the scoring code (which takes SH at every
+        degree). At degree 0 splatfacto stores colours as logits: they become a DC coefficient here."""
+        sh = torch.cat([self.features_dc[:, None, :], self.features_rest], dim=1).detach()
+        return RGB2SH(torch.sigmoid(sh[:, :1])) if self.config.sh_degree == 0 else sh
 
     # -- splatfacto overrides ----------------------------------------------------------------------------------
     _longest_side: Optional[int] = None

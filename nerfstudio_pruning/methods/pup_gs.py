@@ -33,8 +33,6 @@ from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.prune_scores import ScoreKind, score_gaussians
 from nerfstudio_pruning.removal import lowest_fraction_mask, remove_gaussians, reset_optimizer_state
 
-SH_C0 = 0.28209479177387814
-
 
 @dataclass
 class PupGSModelConfig(PortableSplatfactoModelConfig):
@@ -146,14 +144,10 @@ class PupGSModel(PortableSplatfactoModel):
         if self._score_cameras is None:
             raise RuntimeError("pup-gs scores on the training cameras; they are attached by the training callbacks")
         viewmats, Ks, width, height = camera_tensors(self._score_cameras, self.device)
-        sh = torch.cat([self.features_dc[:, None, :], self.features_rest], dim=1).detach()
-        sh_degree = self.config.sh_degree
-        if sh_degree == 0:
-            # splatfacto's degree-0 colours are sigmoid(features); express them as a DC SH coefficient.
-            sh = ((torch.sigmoid(sh[:, :1]) - 0.5) / SH_C0)
         return score_gaussians(
             self.config.score, self.means.detach(), self.quats.detach(), self.scales.detach(),
-            self.opacities.detach().squeeze(-1), sh, viewmats, Ks, width, height, sh_degree,
+            self.opacities.detach().squeeze(-1), self.sh_coefficients(), viewmats, Ks, width, height,
+            self.config.sh_degree,
             backgrounds=self.background_color.to(self.device), downscale=self.config.fisher_downscale,
             n_probes=self.config.n_probes, seed=self.config.score_seed,
         )

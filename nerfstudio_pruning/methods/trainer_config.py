@@ -78,11 +78,14 @@ class PruningTrainer(Trainer):
         CONSOLE.print(f"saved the model as it was after step {step} to {self.checkpoint_dir}", soft_wrap=True)
         self._stop_viewer()
 
-    def _check_data_path(self) -> None:
+    def _data_path(self) -> Optional[Path]:
         datamanager = self.config.pipeline.datamanager
-        dataparser = datamanager.dataparser
-        data = datamanager.data or getattr(dataparser, "data", None)
-        if data is not None and not Path(data).exists() and not isinstance(dataparser, DefaultSceneDataParserConfig):
+        return datamanager.data or getattr(datamanager.dataparser, "data", None)
+
+    def _check_data_path(self) -> None:
+        data = self._data_path()
+        generated = isinstance(self.config.pipeline.datamanager.dataparser, DefaultSceneDataParserConfig)
+        if data is not None and not Path(data).exists() and not generated:
             raise InputError(f"data path {data} does not exist")
 
     def _load_checkpoint(self) -> None:
@@ -108,9 +111,8 @@ class PruningTrainer(Trainer):
         model = self.pipeline.model
         seeds = getattr(model, "seed_points", None)
         if not getattr(model.config, "random_init", True) and (seeds is None or seeds[0].shape[0] == 0):
-            data = self.config.pipeline.datamanager.data or self.config.pipeline.datamanager.dataparser.data
             raise InputError(
-                f"the dataset at {data} has no seed points (no point cloud, or load_3D_points is off), so splatfacto "
+                f"the dataset at {self._data_path()} has no seed points (no point cloud, or load_3D_points is off), so splatfacto "
                 "would start from random Gaussians; pass --pipeline.model.random-init True to do that on purpose"
             )
         if model.num_points == 0:

@@ -78,8 +78,6 @@ from nerfstudio_pruning.retention_head import (
     temperature,
 )
 
-SH_C0 = 0.28209479177387814
-
 # Far below logit(1/255) = -5.54, where the exporter and the rasterizers drop a Gaussian, yet finite, so the
 # exporter's NaN/Inf filter does not report the hidden Gaussians as broken; sigmoid(-100) is ~4e-44.
 HIDDEN_OPACITY_LOGIT = -100.0
@@ -210,22 +208,12 @@ class VedalGSModel(PortableSplatfactoModel):
         super().populate_modules()
         self.head_config = self.config.head_config()
         self.retention_head = RetentionHead(self.head_config)
-        self.gate = ConvergenceGate(self.config.gate, 0)
-        # -1: fine-tuning has not started. Not the configured step: a run resumed from another method's
-        # checkpoint starts it at its first step, and the temperature anneal runs from there.
-        self.finetune_started_at = -1
-        self.last_refresh_step = -1
-        self.refresh_count = 0
-        self.pruned = False
-        # After the hard removal p is frozen: the head standardises its features over the Gaussians present, so
-        # evaluated after the removal it would move p of the survivors.
-        self.frozen_retention_logits: Optional[Tensor] = None
+        self.reset_method_state()
         self._training_logits: Optional[Tensor] = None
         self._show_hidden = False
         self._removal_refused = False
         self._train_cameras: Optional[Cameras] = None
         self._train_images: Optional[List[Dict[str, Tensor]]] = None
-        self.importance_window: Optional[ImportancePassWindow] = None
         self._importance_summary: Dict[str, float] = {}
 
         self.retention_threshold_slider = ViewerSlider(
@@ -238,6 +226,21 @@ class VedalGSModel(PortableSplatfactoModel):
         )
         # 'retention' output: every Gaussian, hidden ones included, coloured by p (blue: about to go, red: kept)
         self.retention_toggle = score_output_toggle("Retention output (p per Gaussian)")
+
+    def reset_method_state(self) -> None:
+        """VEDAL's state before fine-tuning starts: that of a new model, and of one loaded from another method's
+        checkpoint (the head keeps whatever it was given)."""
+        self.gate = ConvergenceGate(self.config.gate, 0)
+        # -1: fine-tuning has not started. Not the configured step: a run resumed from another method's
+        # checkpoint starts it at its first step, and the temperature anneal runs from there.
+        self.finetune_started_at = -1
+        self.last_refresh_step = -1
+        self.refresh_count = 0
+        self.pruned = False
+        # After the hard removal p is frozen: the head standardises its features over the Gaussians present, so
+        # evaluated after the removal it would move p of the survivors.
+        self.frozen_retention_logits: Optional[Tensor] = None
+        self.importance_window: Optional[ImportancePassWindow] = None
 
     # -- retention probabilities and masks -----------------------------------------------------------------------
     def head_logits(self) -> Tensor:
@@ -493,11 +496,7 @@ class VedalGSModel(PortableSplatfactoModel):
 
     def importance_colours(self) -> Tuple[Tensor, int]:
         """SH coefficients and degree as training renders them now."""
-        sh = torch.cat([self.features_dc[:, None, :], self.features_rest], dim=1).detach()
-        if self.config.sh_degree == 0:
-            # splatfacto's degree-0 colours are sigmoid(features); the importance code takes SH coefficients.
-            return (torch.sigmoid(sh[:, :1]) - 0.5) / SH_C0, 0
-        return sh, min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        return self.sh_coefficients(), self.active_sh_degree()
 
     # -- loss ----------------------------------------------------------------------------------------------------
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
@@ -597,6 +596,9 @@ class VedalGSModel(PortableSplatfactoModel):
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         super().set_extra_state(state)
         vedal = state["vedal"]
+        if vedal is None:  # another method's checkpoint (see with_method_state)
+            self.reset_method_state()
+            return
         if int(vedal.get("format", -1)) != EXTRA_STATE_FORMAT:
             raise InputError(f"the checkpoint's vedal-gs state has format {vedal.get('format')!r}; this version reads "
                              f"format {EXTRA_STATE_FORMAT}")
@@ -615,19 +617,6 @@ class VedalGSModel(PortableSplatfactoModel):
             self.importance_window.sums = sums.to(self.device, torch.float64)
             self.importance_window.view_counts = [int(c) for c in counts]
 
-    def fresh_extra_state(self) -> Dict[str, Any]:
-        return {
-            "format": EXTRA_STATE_FORMAT,
-            "gate": ConvergenceGate(self.config.gate, 0).state_dict(),
-            "finetune_started_at": -1,
-            "last_refresh_step": -1,
-            "refresh_count": 0,
-            "pruned": False,
-            "frozen_retention_logits": torch.zeros(0),
-            "importance_sums": torch.zeros(0, dtype=torch.float64),
-            "importance_view_counts": [],
-        }
-
     def with_method_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
         extra = state.get("_extra_state") or {}
         if "vedal" in extra:
@@ -636,4 +625,4 @@ class VedalGSModel(PortableSplatfactoModel):
         # or after finetune_start_step.
         head_state = {f"retention_head.{k}": v for k, v in self.retention_head.state_dict().items()}
         CONSOLE.print("vedal-gs: loaded a checkpoint without VEDAL state; the gate and the head start afresh")
-        return {**head_state, **state, "_extra_state": {**extra, "vedal": self.fresh_extra_state()}}
+        return {**head_state, **state, "_extra_state": {**extra, "vedal": None}}
