@@ -34,9 +34,9 @@ from typing import List, Optional
 import torch
 
 from dense_compositor import check_agreement, dense_rasterization, estimate_bytes, format_agreement
-from nerfstudio_pruning.cpu_rasterizer import project
-from nerfstudio_pruning.rendering import rasterization
-from nerfstudio_pruning.synthetic import orbit_cameras, random_gaussians
+from nerfstudio_pruning.render.projection import project
+from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
 
 SH_DEGREE = 3
 RESULT_TAG = "RESULT "

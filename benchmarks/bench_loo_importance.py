@@ -1,7 +1,7 @@
 """VEDAL's leave-one-out importance against brute force on a trained model (not a test).
 
 For a random sample of Gaussians of a trained run: remove each one (opacity 0), re-render every training view with
-`nerfstudio_pruning.rendering.rasterization`, and measure the change of the summed per-pixel loss against the
+`nerfstudio_pruning.render.rasterization`, and measure the change of the summed per-pixel loss against the
 training images. Compare with `leave_one_out_importance` (the exact per-pixel identity from the per-pair engine)
 and with the first-order statistic -o dL/do. Prints Spearman rank correlations and the agreement of the gate's
 decision ("importance below the gate's threshold quantile") between estimate and brute force.
@@ -18,16 +18,15 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from nerfstudio_pruning.gate import ConvergenceGateConfig
-from nerfstudio_pruning.importance import first_order_importance, leave_one_out_importance, pixel_loss_change
-from nerfstudio_pruning.rendering import rasterization
+from nerfstudio_pruning.vedal.gate import ConvergenceGateConfig
+from nerfstudio_pruning.scoring.importance import first_order_importance, leave_one_out_importance, pixel_loss_change
+from nerfstudio_pruning.render import rasterization
 
 
-def render_all(d, opacity_logits):
+def render_all(g, views, opacity_logits):
     images, _, _ = rasterization(
-        d["means"], d["quats"], torch.exp(d["log_scales"]), torch.sigmoid(opacity_logits), d["sh"], d["viewmats"],
-        d["Ks"], d["width"], d["height"], sh_degree=d["sh_degree"], packed=False,
-        backgrounds=d["backgrounds"].expand(d["viewmats"].shape[0], 3),
+        g.means, g.quats, g.scales, torch.sigmoid(opacity_logits), g.sh, views.viewmats, views.Ks, views.width,
+        views.height, sh_degree=g.sh_degree, packed=False, backgrounds=views.backgrounds.expand(len(views), 3),
     )
     return images
 
@@ -42,33 +41,29 @@ def main() -> None:
 
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from nerfstudio_pruning.methods.run_tensors import load_run_tensors
+    from nerfstudio_pruning.testing.run_tensors import load_run
 
-    d = load_run_tensors(args.load_config)
+    g, views = load_run(args.load_config)
     _, pipeline, _, _ = eval_setup(__import__("pathlib").Path(args.load_config), test_mode="val")
     gt = torch.stack([b["image"].float() / 255.0 for b in pipeline.datamanager.cached_train])[..., :3]
-    n = d["means"].shape[0]
-    print(f"{args.load_config}: {n} Gaussians, {gt.shape[0]} training views {d['width']}x{d['height']}, "
+    n = len(g)
+    print(f"{args.load_config}: {n} Gaussians, {gt.shape[0]} training views {views.width}x{views.height}, "
           f"loss {args.loss}, torch threads {torch.get_num_threads()}")
 
     started = time.perf_counter()
-    estimate = leave_one_out_importance(
-        d["means"], d["quats"], d["log_scales"], d["opacity_logits"], d["sh"], d["viewmats"], d["Ks"], d["width"],
-        d["height"], d["sh_degree"], gt_images=gt, loss=args.loss, backgrounds=d["backgrounds"], progress=False)
+    estimate = leave_one_out_importance(g, views, gt_images=gt, loss=args.loss, progress=False)
     t_identity = time.perf_counter() - started
-    first = first_order_importance(
-        d["means"], d["quats"], d["log_scales"], d["opacity_logits"], d["sh"], d["viewmats"], d["Ks"], d["width"],
-        d["height"], d["sh_degree"], gt_images=gt, loss=args.loss, backgrounds=d["backgrounds"])
+    first = first_order_importance(g, views, gt_images=gt, loss=args.loss)
 
     with torch.no_grad():
-        base = render_all(d, d["opacity_logits"])
+        base = render_all(g, views, g.opacity_logits)
         sample = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[: args.sample]
         brute = torch.zeros(len(sample), dtype=torch.float64)
         started = time.perf_counter()
         for j, i in enumerate(sample.tolist()):
-            logits = d["opacity_logits"].clone()
+            logits = g.opacity_logits.clone()
             logits[i] = -1e4
-            delta = (render_all(d, logits) - base).double()
+            delta = (render_all(g, views, logits) - base).double()
             brute[j] = pixel_loss_change(delta, (base - gt).double(), args.loss).sum()
         t_brute = time.perf_counter() - started
 

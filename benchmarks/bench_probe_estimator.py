@@ -24,10 +24,10 @@ import torch
 from scipy.stats import rankdata
 from torch import Tensor
 
-from nerfstudio_pruning.fisher import fisher_blocks, fisher_scores, probe_fisher_blocks
-from nerfstudio_pruning.pair_stats import view_background
-from nerfstudio_pruning.rendering import rasterization
-from nerfstudio_pruning.synthetic import GaussianSet, orbit_cameras, random_gaussians
+from nerfstudio_pruning.scoring.fisher import fisher_blocks, fisher_scores, probe_fisher_blocks
+from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
+from nerfstudio_pruning.types import Gaussians, Views
 
 PRUNE_FRACTION = 0.8  # PUP's first round
 
@@ -53,42 +53,37 @@ def _timed(fn):
     return result, time.perf_counter() - start
 
 
-def render_forward_backward_seconds(gaussians: GaussianSet, viewmats: Tensor, Ks: Tensor, width: int, height: int,
-                                    sh_degree: int, backgrounds: Optional[Tensor]) -> float:
+def render_forward_backward_seconds(gaussians: Gaussians, views: Views) -> float:
     """Seconds per view of one training-style render and backward (all parameters, L1-like scalar)."""
     leaves = [t.detach().clone().requires_grad_(True) for t in
               (gaussians.means, gaussians.quats, gaussians.log_scales, gaussians.opacity_logits, gaussians.sh)]
     means, quats, log_scales, logits, sh = leaves
     total = 0.0
-    for view in range(viewmats.shape[0]):
-        bg = view_background(backgrounds, view)
+    for view in range(len(views)):
+        bg = views.background(view)
 
         def step():
             image, _, _ = rasterization(
-                means, quats, torch.exp(log_scales), torch.sigmoid(logits), sh, viewmats[view : view + 1],
-                Ks[view : view + 1], width, height, sh_degree=sh_degree,
+                means, quats, torch.exp(log_scales), torch.sigmoid(logits), sh, views.viewmats[view : view + 1],
+                views.Ks[view : view + 1], views.width, views.height, sh_degree=gaussians.sh_degree,
                 backgrounds=None if bg is None else bg[None],
             )
             image.abs().sum().backward()
 
         _, seconds = _timed(step)
         total += seconds
-    return total / viewmats.shape[0]
+    return total / len(views)
 
 
-def run_benchmark(gaussians: GaussianSet, viewmats: Tensor, Ks: Tensor, width: int, height: int, sh_degree: int,
-                  backgrounds: Optional[Tensor] = None, probe_counts: Sequence[int] = (1, 4, 16),
+def run_benchmark(gaussians: Gaussians, views: Views, probe_counts: Sequence[int] = (1, 4, 16),
                   downscale: float = 1, seed: int = 0) -> Dict:
-    params = (gaussians.means, gaussians.quats, gaussians.log_scales, gaussians.opacity_logits, gaussians.sh)
-    common = dict(backgrounds=backgrounds, downscale=downscale, progress=False)
-    n_views = viewmats.shape[0]
+    common = dict(downscale=downscale, progress=False)
+    n_views = len(views)
     # First calls pay one-off costs (functorch set-up, allocator growth) that a pruning run pays once, not per view.
-    fisher_blocks(*params, viewmats[:1], Ks[:1], width, height, sh_degree, **common)
-    probe_fisher_blocks(*params, viewmats[:1], Ks[:1], width, height, sh_degree, **common)
-    render_forward_backward_seconds(gaussians, viewmats[:1], Ks[:1], width, height, sh_degree, backgrounds)
-    exact_blocks, exact_seconds = _timed(
-        lambda: fisher_blocks(*params, viewmats, Ks, width, height, sh_degree, **common)
-    )
+    fisher_blocks(gaussians, views[0], **common)
+    probe_fisher_blocks(gaussians, views[0], **common)
+    render_forward_backward_seconds(gaussians, views[0])
+    exact_blocks, exact_seconds = _timed(lambda: fisher_blocks(gaussians, views, **common))
     exact = fisher_scores(exact_blocks)
     finite = torch.isfinite(exact)
     results = {
@@ -96,15 +91,13 @@ def run_benchmark(gaussians: GaussianSet, viewmats: Tensor, Ks: Tensor, width: i
         "n_views": n_views,
         "n_scored": int(finite.sum()),
         "exact_seconds_per_view": exact_seconds / n_views,
-        "render_fwd_bwd_seconds_per_view": render_forward_backward_seconds(
-            gaussians, viewmats, Ks, width, height, sh_degree, backgrounds
-        ),
+        "render_fwd_bwd_seconds_per_view": render_forward_backward_seconds(gaussians, views),
         "probes": {},
     }
     for n_probes in probe_counts:
         generator = torch.Generator(device=gaussians.means.device).manual_seed(seed)
         blocks, seconds = _timed(lambda: probe_fisher_blocks(
-            *params, viewmats, Ks, width, height, sh_degree, n_probes=n_probes, generator=generator, **common
+            gaussians, views, n_probes=n_probes, generator=generator, **common
         ))
         scores = fisher_scores(blocks)
         results["probes"][n_probes] = {
@@ -137,9 +130,8 @@ def load_scene(path: str):
     """A torch.save'd dict with means, quats, log_scales, opacity_logits, sh, viewmats, Ks, width, height,
     sh_degree, and optionally backgrounds ([3] or [C, 3])."""
     d = torch.load(path, map_location="cpu")
-    gaussians = GaussianSet(d["means"], d["quats"], d["log_scales"], d["opacity_logits"], d["sh"])
-    size = int(d["width"]), int(d["height"])
-    return gaussians, d["viewmats"], d["Ks"], *size, int(d["sh_degree"]), d.get("backgrounds")
+    gaussians = Gaussians(d["means"], d["quats"], d["log_scales"], d["opacity_logits"], d["sh"], int(d["sh_degree"]))
+    return gaussians, Views(d["viewmats"], d["Ks"], int(d["width"]), int(d["height"]), d.get("backgrounds"))
 
 
 def main() -> None:
@@ -159,27 +151,22 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.load_config:
-        from nerfstudio_pruning.methods.run_tensors import load_run_tensors
+        from nerfstudio_pruning.testing.run_tensors import load_run
 
-        d = load_run_tensors(args.load_config)
-        gaussians = GaussianSet(d["means"], d["quats"], d["log_scales"], d["opacity_logits"], d["sh"])
-        viewmats, Ks, width, height = d["viewmats"], d["Ks"], d["width"], d["height"]
-        sh_degree, backgrounds = d["sh_degree"], d["backgrounds"]
-        label = f"{args.load_config}: {gaussians.means.shape[0]} Gaussians, {viewmats.shape[0]} views {width}x{height}"
+        gaussians, views = load_run(args.load_config)
+        label = f"{args.load_config}: {len(gaussians)} Gaussians, {len(views)} views {views.width}x{views.height}"
     elif args.scene:
-        gaussians, viewmats, Ks, width, height, sh_degree, backgrounds = load_scene(args.scene)
+        gaussians, views = load_scene(args.scene)
         label = args.scene
     else:
         gaussians = random_gaussians(args.n_gaussians, sh_degree=args.sh_degree, extent=0.6, scale=0.05,
-                                     seed=args.seed)
+                                     seed=args.seed).as_gaussians(args.sh_degree)
         width = height = args.size
         viewmats, Ks = orbit_cameras(args.views, width, height)
-        sh_degree = args.sh_degree
-        backgrounds = torch.tensor([0.2, 0.4, 0.6])
-        label = (f"synthetic random_gaussians(n={args.n_gaussians}, sh_degree={sh_degree}, extent=0.6, "
+        views = Views(viewmats, Ks, width, height, torch.tensor([0.2, 0.4, 0.6]))
+        label = (f"synthetic random_gaussians(n={args.n_gaussians}, sh_degree={args.sh_degree}, extent=0.6, "
                  f"scale=0.05, seed={args.seed}), orbit_cameras({args.views}, {width}, {height})")
-    results = run_benchmark(gaussians, viewmats, Ks, width, height, sh_degree, backgrounds, args.probes,
-                            args.downscale, args.seed)
+    results = run_benchmark(gaussians, views, args.probes, args.downscale, args.seed)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {gaussians.means.device}")
     print(format_results(results, label))
 

@@ -1,8 +1,8 @@
 """Dense baseline for the CPU rasterizer: one [pixels, Gaussians] alpha matrix per camera, colours by matmul.
 
 This is the obvious way to write a differentiable Gaussian compositor in torch, and the yardstick the pair-list
-compositor of `nerfstudio_pruning.cpu_rasterizer` is measured against. Projection and SH are shared with the CPU
-path (`cpu_rasterizer.project`), and compositing applies the same gsplat 1.4.0 rules, but as masks over the full
+compositor of `nerfstudio_pruning.render.reference` is measured against. Projection and SH are shared with the CPU
+path (`render.projection.project`), and compositing applies the same gsplat 1.4.0 rules, but as masks over the full
 matrix instead of by enumerating pairs:
 
 - tile culling: a Gaussian only counts in the pixel rectangle its 3-sigma tiles cover;
@@ -25,7 +25,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from nerfstudio_pruning.cpu_rasterizer import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN, project
+from nerfstudio_pruning.render.pairs import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN
+from nerfstudio_pruning.render.projection import project
 
 # Peak RSS growth of one forward+backward = fixed + per_entry * (pixels x visible Gaussians), float32, fitted to
 # `bench_cpu_rasterizer.py --calibrate` on the 2-core benchmark machine: 64x64 and 128x128 with 1k-4k Gaussians
@@ -141,8 +142,8 @@ def dense_rasterization(
 
 def check_agreement(n: int = 300, width: int = 48, height: int = 40, seed: int = 0) -> dict:
     """Render one small scene with both compositors; max abs differences of image, alpha and gradients."""
-    from nerfstudio_pruning.rendering import rasterization
-    from nerfstudio_pruning.synthetic import orbit_cameras, random_gaussians
+    from nerfstudio_pruning.render import rasterization
+    from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
 
     viewmats, Ks = orbit_cameras(2, width, height)
     weights = torch.rand(2, height, width, 3, generator=torch.Generator().manual_seed(seed + 1))

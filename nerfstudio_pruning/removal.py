@@ -14,7 +14,7 @@ import torch
 from gsplat.strategy import ops as gsplat_ops
 from torch import Tensor
 
-from nerfstudio_pruning.errors import InputError
+from nerfstudio_pruning.errors import PruningRefused
 
 
 class PerGaussianState(Protocol):
@@ -68,14 +68,14 @@ def remove_gaussians(
     """Remove the Gaussians where `prune` is True. Returns how many were removed.
 
     Refuses, with nothing changed, a mask of the wrong length (ValueError) or one that would leave fewer than
-    `min_remaining` Gaussians (InputError).
+    `min_remaining` Gaussians (PruningRefused).
     """
     n = next(iter(params.values())).shape[0]
     if prune.dtype != torch.bool or prune.shape != (n,):
         raise ValueError(f"prune mask must be a bool tensor of shape ({n},), got {prune.dtype} {tuple(prune.shape)}")
     n_removed = int(prune.sum())
     if n - n_removed < min_remaining:
-        raise InputError(
+        raise PruningRefused(
             f"removing {n_removed} of {n} Gaussians would leave {n - n_removed}, fewer than the minimum {min_remaining}"
         )
     if n_removed == 0:
@@ -98,7 +98,7 @@ def lowest_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
         raise ValueError(f"prune fraction must be in (0, 1), got {fraction}")
     n_nan = int(torch.isnan(scores).sum())
     if n_nan:
-        raise InputError(f"{n_nan} of {scores.numel()} scores are NaN; refusing to prune by an undefined order")
+        raise PruningRefused(f"{n_nan} of {scores.numel()} scores are NaN; refusing to prune by an undefined order")
     k = int(round(fraction * scores.numel()))
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:

@@ -26,7 +26,7 @@ def e2e_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_scene(e2e_root):
-    from nerfstudio_pruning.scene import ensure_default_scene
+    from nerfstudio_pruning.data.default_scene import ensure_default_scene
 
     return ensure_default_scene(e2e_root / "scene")
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from e2e import BIN, quick_train_args
-from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
+from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 
 
 def trainer_config(method: str, data: Path, output_dir: Path, **fields):
@@ -146,4 +146,4 @@ def test_pup_schedule_refused_mid_run_saves_the_model_and_stops(default_scene, t
     # Nothing lost: the 20 steps trained before the refusal are in a checkpoint, unpruned.
     saved = outputs / "too-few" / "pup-gs" / "run" / "nerfstudio_models" / "step-000000019.ckpt"
     state = torch.load(saved, map_location="cpu", weights_only=True)["pipeline"]
-    assert int(state["_model.rounds_done"]) == 0 and state["_model.gauss_params.means"].shape[0] >= 4000
+    assert int(state["_model._extra_state"]["pup"]["rounds_done"]) == 0 and state["_model.gauss_params.means"].shape[0] >= 4000

@@ -13,8 +13,8 @@ import torch
 from plyfile import PlyData
 
 from e2e import BIN, SHARED_DATA, ns, ns_eval, quick_train_args, run_dir
-from nerfstudio_pruning.cached_dataparser import CachedNerfstudioDataParserConfig
-from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
+from nerfstudio_pruning.data.cached_dataparser import CachedNerfstudioDataParserConfig
+from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 from nerfstudio_pruning.methods.registry import splatfacto_portable
 
 from conftest import BASE_STEPS

@@ -6,9 +6,10 @@ import pytest
 import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci, _spherical_harmonics
 
-from nerfstudio_pruning.cpu_rasterizer import ALPHA_MAX, cpu_rasterization
-from nerfstudio_pruning.rendering import rasterization
-from nerfstudio_pruning.synthetic import orbit_cameras, random_gaussians
+from nerfstudio_pruning.render.pairs import ALPHA_MAX
+from nerfstudio_pruning.render.reference import torch_rasterization as cpu_rasterization
+from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
 
 W, H, TILE = 24, 20, 8
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nerfstudio_pruning import scene as S
+from nerfstudio_pruning.data import default_scene as S
 
 # Small enough to generate in a fraction of a second, big enough to hold every split.
 SMALL = dict(width=64, height=48, n_views=16, eval_every=4, n_seed_points=800, seed=3)
@@ -43,7 +43,7 @@ def _images(root: Path) -> list:
 
 
 def test_defaults_agree_everywhere():
-    from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
+    from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 
     signature = inspect.signature(S.make_default_scene)
     defaults = {k: p.default for k, p in signature.parameters.items() if k != "out_dir"}
@@ -184,7 +184,7 @@ def test_refuses_to_overwrite_foreign_data(tmp_path):
 def test_dataparser_outputs(small_scene):
     import torch
 
-    from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
+    from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 
     parser = DefaultSceneDataParserConfig(data=small_scene, **SMALL).setup()
     outputs = {split: parser.get_dataparser_outputs(split) for split in ("train", "val", "test")}
@@ -207,7 +207,7 @@ def test_dataparser_outputs(small_scene):
 
 
 def test_dataparser_generates_on_first_use_and_skips_points(tmp_path):
-    from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
+    from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 
     target = tmp_path / "fresh"
     outputs = DefaultSceneDataParserConfig(data=target, load_3D_points=False, **SMALL).setup().get_dataparser_outputs("train")
@@ -218,7 +218,7 @@ def test_dataparser_generates_on_first_use_and_skips_points(tmp_path):
 def test_rays_match_nerfstudio_cameras(small_scene):
     import torch
 
-    from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
+    from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 
     meta = _meta(small_scene)
     cameras = DefaultSceneDataParserConfig(data=small_scene, auto_scale_poses=False).setup().get_dataparser_outputs("train").cameras
@@ -253,13 +253,13 @@ def test_nerfstudio_parser_round_trip(small_scene):
 def test_entry_point_and_light_import(tmp_path):
     from nerfstudio.plugins.registry_dataparser import discover_dataparsers
 
-    from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
+    from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 
     parsers, descriptions = discover_dataparsers()
     assert isinstance(parsers["nsp-default-scene"], DefaultSceneDataParserConfig)
     assert descriptions["nsp-default-scene"]
 
     # Importing must neither write the scene (relative default path) nor pull in open3d.
-    code = "import sys, nerfstudio_pruning.dataparser; assert 'open3d' not in sys.modules"
+    code = "import sys, nerfstudio_pruning.data.dataparser; assert 'open3d' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert list(tmp_path.iterdir()) == []

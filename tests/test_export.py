@@ -20,7 +20,7 @@ from nerfstudio.scripts.exporter import ExportGaussianSplat
 from nerfstudio.utils.eval_utils import eval_setup
 from plyfile import PlyData
 
-from nerfstudio_pruning.rendering import rasterization
+from nerfstudio_pruning.render import rasterization
 
 LOW_OPACITY_LOGIT = -5.5373  # ns-export leaves out Gaussians below logit(1/255), which no rasterizer draws
 

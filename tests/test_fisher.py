@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 
-from nerfstudio_pruning.fisher import fisher_blocks, fisher_scores, probe_fisher_blocks
-from nerfstudio_pruning.pair_stats import view_pair_statistics
-from nerfstudio_pruning.rendering import rasterization
-from nerfstudio_pruning.synthetic import orbit_cameras, random_gaussians
+from nerfstudio_pruning.errors import PruningRefused
+from nerfstudio_pruning.scoring.fisher import fisher_blocks, fisher_scores, probe_fisher_blocks
+from nerfstudio_pruning.scoring.pair_stats import view_pair_statistics
+from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
+from nerfstudio_pruning.types import Views
 
 W = H = 16
 VIEWS = 3
@@ -47,8 +49,8 @@ def _on_pixel_centre(viewmat, K, x, y, depth):
     return rotation.T @ (depth * in_camera - translation)
 
 
-def _params(g):
-    return (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh)
+def _views(viewmats, Ks, background=None, width=W, height=H):
+    return Views(viewmats, Ks, width, height, background)
 
 
 def autograd_fisher(g, viewmats, Ks, width, height, rasterize_mode="classic"):
@@ -83,12 +85,12 @@ def test_fisher_blocks_match_autograd_jacobian(rasterize_mode):
     g, viewmats, Ks = _scene()
     n_clamped = sum(
         int(stats.clamped.sum())
-        for stats in view_pair_statistics(*_params(g), viewmats, Ks, W, H, SH_DEGREE, tile_size=TILE)
+        for stats in view_pair_statistics(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks), tile_size=TILE)
     )
     assert n_clamped > 0, "scene should exercise the alpha clamp"
 
-    fisher = fisher_blocks(*_params(g), viewmats, Ks, W, H, SH_DEGREE, backgrounds=BACKGROUND,
-                           rasterize_mode=rasterize_mode, tile_size=TILE, progress=False)
+    fisher = fisher_blocks(g.as_gaussians(SH_DEGREE, rasterize_mode), _views(viewmats, Ks, BACKGROUND), tile_size=TILE,
+                           progress=False)
     reference = autograd_fisher(g, viewmats, Ks, W, H, rasterize_mode)
     assert fisher.dtype == torch.float64 and fisher.shape == (30, 6, 6)
     assert (reference.flatten(1).norm(dim=1) > 0).sum() >= 25, "most Gaussians should be seen"
@@ -101,8 +103,8 @@ def test_fisher_blocks_exact_in_float64():
     g, viewmats, Ks = _scene()
     g = type(g)(**{k: v.double() for k, v in g.__dict__.items()})
     viewmats, Ks = viewmats.double(), Ks.double()
-    fisher = fisher_blocks(*_params(g), viewmats, Ks, W, H, SH_DEGREE, backgrounds=BACKGROUND.double(),
-                           tile_size=TILE, progress=False)
+    fisher = fisher_blocks(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks, BACKGROUND.double()), tile_size=TILE,
+                           progress=False)
     reference = autograd_fisher(g, viewmats, Ks, W, H)
     # Measured ~2e-14: the two computations agree to rounding.
     assert _per_gaussian_relative_error(fisher, reference) < 1e-10
@@ -110,8 +112,8 @@ def test_fisher_blocks_exact_in_float64():
 
 def test_downscale_equals_rendering_at_half_resolution():
     g, viewmats, Ks = _scene(n=20, seed=1)
-    fisher = fisher_blocks(*_params(g), viewmats, Ks, W, H, SH_DEGREE, backgrounds=BACKGROUND, downscale=2,
-                           tile_size=TILE, progress=False)
+    fisher = fisher_blocks(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks, BACKGROUND), downscale=2, tile_size=TILE,
+                           progress=False)
     half_Ks = Ks.clone()
     half_Ks[:, :2, :] /= 2
     reference = autograd_fisher(g, viewmats, half_Ks, W // 2, H // 2)
@@ -121,10 +123,11 @@ def test_downscale_equals_rendering_at_half_resolution():
 
 def test_chunking_does_not_change_blocks():
     g, viewmats, Ks = _scene(n=20, seed=4)
-    common = dict(backgrounds=BACKGROUND, tile_size=TILE, progress=False)
-    whole = fisher_blocks(*_params(g), viewmats, Ks, W, H, SH_DEGREE, **common)
+    common = dict(tile_size=TILE, progress=False)
+    whole = fisher_blocks(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks, BACKGROUND), **common)
     # Chunks of a few pairs must still keep every pixel whole (T and S need all of its pairs).
-    sliced = fisher_blocks(*_params(g), viewmats, Ks, W, H, SH_DEGREE, chunk_pairs=5, gaussian_chunk=3, **common)
+    sliced = fisher_blocks(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks, BACKGROUND), chunk_pairs=5, gaussian_chunk=3,
+                           **common)
     assert whole.abs().sum() > 0
     # Only rounding differs (the segmented cumsums restart at other offsets): measured 2e-14.
     assert _per_gaussian_relative_error(sliced, whole) < 1e-12
@@ -133,7 +136,7 @@ def test_chunking_does_not_change_blocks():
 def test_unseen_gaussian_scores_minus_inf_and_nan_raises():
     g, viewmats, Ks = _scene(n=12, seed=2)
     g.means[-1] = torch.tensor([0.0, -50.0, 0.0])  # far outside every camera's frustum
-    fisher = fisher_blocks(*_params(g), viewmats, Ks, W, H, SH_DEGREE, tile_size=TILE, progress=False)
+    fisher = fisher_blocks(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks), tile_size=TILE, progress=False)
     scores = fisher_scores(fisher)
     assert scores.dtype == torch.float64
     assert torch.all(fisher[-1] == 0)
@@ -143,18 +146,17 @@ def test_unseen_gaussian_scores_minus_inf_and_nan_raises():
     broken = fisher.clone()
     broken[0, 1, 1] = math.nan
     broken[3, 0, 2] = math.inf
-    with pytest.raises(ValueError, match="2 of 12"):
+    with pytest.raises(PruningRefused, match="2 of 12"):
         fisher_scores(broken)
 
 
 def test_probe_estimator_converges_to_exact_fisher():
     g, viewmats, Ks = _scene(n=20, seed=3)
-    exact = fisher_blocks(*_params(g), viewmats, Ks, W, H, SH_DEGREE, backgrounds=BACKGROUND, tile_size=TILE,
-                          progress=False)
+    exact = fisher_blocks(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks, BACKGROUND), tile_size=TILE, progress=False)
 
     def relative_error(n_probes, seed):
         estimate = probe_fisher_blocks(
-            *_params(g), viewmats, Ks, W, H, SH_DEGREE, backgrounds=BACKGROUND, tile_size=TILE,
+            g.as_gaussians(SH_DEGREE), _views(viewmats, Ks, BACKGROUND), tile_size=TILE,
             n_probes=n_probes, generator=torch.Generator().manual_seed(seed), progress=False,
         )
         return ((estimate - exact).norm() / exact.norm()).item()

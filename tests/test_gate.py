@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nerfstudio_pruning.gate import ConvergenceGate, ConvergenceGateConfig
+from nerfstudio_pruning.vedal.gate import ConvergenceGate, ConvergenceGateConfig
 
 
 def open_config(**overrides) -> ConvergenceGateConfig:

@@ -6,11 +6,12 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from nerfstudio_pruning.cpu_rasterizer import find_pairs
-from nerfstudio_pruning.importance import first_order_importance, leave_one_out_importance
-from nerfstudio_pruning.pair_stats import project_gaussians, view_pair_statistics
-from nerfstudio_pruning.rendering import rasterization
-from nerfstudio_pruning.synthetic import GaussianSet, orbit_cameras, random_gaussians
+from nerfstudio_pruning.render.pairs import find_pairs
+from nerfstudio_pruning.scoring.importance import first_order_importance, leave_one_out_importance
+from nerfstudio_pruning.scoring.pair_stats import project_gaussians, view_pair_statistics
+from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.testing.synthetic import GaussianSet, orbit_cameras, random_gaussians
+from nerfstudio_pruning.types import Views
 
 W = H = 16
 VIEWS = 3
@@ -39,8 +40,8 @@ def _on_pixel_centre(viewmat, K, x, y, depth):
     return rotation.T @ (depth * in_camera - translation)
 
 
-def _params(g):
-    return (g.means, g.quats, g.log_scales, g.opacity_logits, g.sh)
+def _views(viewmats, Ks, backgrounds=BACKGROUNDS):
+    return Views(viewmats, Ks, W, H, backgrounds)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def brute_force(scene):
     kwargs = _render_kwargs(viewmats, Ks)
     args = g.render_args()
     full_image, _, _ = rasterization(**args, **kwargs)
-    full_pairs = find_pairs(project_gaussians(*_params(g), viewmats, Ks, W, H, SH_DEGREE), VIEWS, W, H, TILE)
+    full_pairs = find_pairs(project_gaussians(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks)), VIEWS, W, H, TILE)
     full_set = set(zip(full_pairs.pixel.tolist(), full_pairs.row.tolist()))
     changes = {"l1": [], "l2": [], "energy": []}
     unaffected = []
@@ -92,7 +93,7 @@ def brute_force(scene):
         logits = g.opacity_logits.clone()
         logits[i] = -math.inf
         removed = GaussianSet(g.means, g.quats, g.log_scales, logits, g.sh)
-        pairs = find_pairs(project_gaussians(*_params(removed), viewmats, Ks, W, H, SH_DEGREE), VIEWS, W, H, TILE)
+        pairs = find_pairs(project_gaussians(removed.as_gaussians(SH_DEGREE), _views(viewmats, Ks)), VIEWS, W, H, TILE)
         others = {pair for pair in full_set if pair[1] % N != i}
         unaffected.append(set(zip(pairs.pixel.tolist(), pairs.row.tolist())) == others)
     return {k: torch.tensor(v, dtype=DTYPE) for k, v in changes.items()}, torch.tensor(unaffected)
@@ -107,7 +108,7 @@ def test_scene_exercises_clamp_and_early_stop(scene, brute_force):
     _, unaffected = brute_force
     n_clamped = sum(
         int(stats.clamped.sum())
-        for stats in view_pair_statistics(*_params(g), viewmats, Ks, W, H, SH_DEGREE, tile_size=TILE)
+        for stats in view_pair_statistics(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks), tile_size=TILE)
     )
     assert n_clamped > 0
     assert 0 < int((~unaffected).sum()) < N // 2
@@ -121,8 +122,7 @@ def test_pair_statistics_reproduce_the_render(scene):
     n_pairs = 0
     for view in range(VIEWS):
         for stats in view_pair_statistics(
-            *_params(g), viewmats[view : view + 1], Ks[view : view + 1], W, H, SH_DEGREE,
-            backgrounds=BACKGROUNDS[view], tile_size=TILE, chunk_pairs=50,
+            g.as_gaussians(SH_DEGREE), _views(viewmats, Ks)[view], tile_size=TILE, chunk_pairs=50,
         ):
             n_pairs += len(stats)
             assert torch.allclose(stats.pixel_color, flat[view * W * H + stats.pixel], rtol=0, atol=1e-12)
@@ -139,8 +139,8 @@ def test_identity_matches_brute_force_removal(scene, brute_force, loss):
     changes, unaffected = brute_force
     exact = changes[loss]
     importance = leave_one_out_importance(
-        *_params(g), viewmats, Ks, W, H, SH_DEGREE, gt_images=None if loss == "energy" else gt, loss=loss,
-        backgrounds=BACKGROUNDS, tile_size=TILE, progress=False,
+        g.as_gaussians(SH_DEGREE), _views(viewmats, Ks), gt_images=None if loss == "energy" else gt, loss=loss,
+        tile_size=TILE, progress=False,
     )
     assert importance.shape == (N,) and importance.dtype == torch.float64
     relative = (importance - exact).abs() / exact.abs().clamp_min(1e-12)
@@ -160,16 +160,12 @@ def test_first_order_is_the_linearised_identity_without_clamped_pairs(scene, bru
     each other, and shows what the first-order statistic drops."""
     g, viewmats, Ks, gt = scene
     first_order = first_order_importance(
-        *_params(g), viewmats, Ks, W, H, SH_DEGREE, gt_images=gt, loss=loss, backgrounds=BACKGROUNDS,
-        tile_size=TILE, progress=False,
+        g.as_gaussians(SH_DEGREE), _views(viewmats, Ks), gt_images=gt, loss=loss, tile_size=TILE, progress=False,
     )
     linearised = torch.zeros(N, dtype=DTYPE)
     for view in range(VIEWS):
         gt_flat = gt[view].reshape(-1, 3)
-        for stats in view_pair_statistics(
-            *_params(g), viewmats[view : view + 1], Ks[view : view + 1], W, H, SH_DEGREE,
-            backgrounds=BACKGROUNDS[view], tile_size=TILE,
-        ):
+        for stats in view_pair_statistics(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks)[view], tile_size=TILE):
             residual = stats.pixel_color - gt_flat[stats.pixel]
             dloss_dpixel = torch.sign(residual) if loss == "l1" else 2 * residual
             term = (dloss_dpixel * stats.removal_delta()).sum(-1) * (~stats.clamped)
@@ -184,6 +180,6 @@ def test_first_order_is_the_linearised_identity_without_clamped_pairs(scene, bru
 def test_requires_ground_truth_for_image_losses(scene):
     g, viewmats, Ks, _ = scene
     with pytest.raises(ValueError, match="gt_images"):
-        leave_one_out_importance(*_params(g), viewmats, Ks, W, H, SH_DEGREE, loss="l1", progress=False)
+        leave_one_out_importance(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks), loss="l1", progress=False)
     with pytest.raises(ValueError, match="loss"):
-        leave_one_out_importance(*_params(g), viewmats, Ks, W, H, SH_DEGREE, loss="huber", progress=False)
+        leave_one_out_importance(g.as_gaussians(SH_DEGREE), _views(viewmats, Ks), loss="huber", progress=False)

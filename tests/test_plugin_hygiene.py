@@ -39,11 +39,26 @@ def test_importing_the_plugin_has_no_side_effects():
         import os, sys, torch
         before_cwd = set(os.listdir("."))
         threads = torch.get_num_threads()
-        import nerfstudio_pruning.entry_points as ep
+        import nerfstudio_pruning.methods.entry_points as ep
         from nerfstudio.plugins.types import MethodSpecification
         assert isinstance(ep.pup_gs, MethodSpecification) and isinstance(ep.vedal_gs, MethodSpecification)
         assert set(os.listdir(".")) == before_cwd, "import wrote files"
         assert torch.get_num_threads() == threads
         assert "open3d" not in sys.modules
+    """))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_copied_optimizer_table_still_equals_splatfacto_s():
+    """`methods/trainer.py` copies splatfacto's optimizer table (reading it from the plugin is a circular import):
+    the copy must not drift from the nerfstudio version it was taken from."""
+    proc = _python(textwrap.dedent("""
+        from nerfstudio.configs.method_configs import method_configs
+        from nerfstudio_pruning.methods.trainer import splatfacto_optimizers
+        ours = splatfacto_optimizers(30000)
+        theirs = method_configs["splatfacto"].optimizers
+        assert set(ours) == set(theirs), (sorted(ours), sorted(theirs))
+        for name, entry in theirs.items():
+            assert repr(entry) == repr(ours[name]), (name, entry, ours[name])
     """))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -32,7 +32,7 @@ def test_full_schedule_prunes_80_then_50_percent(e2e_root, pup_run):
     assert removed1 == round(0.8 * n0) and removed2 == round(0.5 * left1) and left2 == left1 - removed2
     state = _final_state(run)
     assert state["_model.gauss_params.means"].shape[0] == left2
-    assert int(state["_model.rounds_done"]) == 2
+    assert int(state["_model._extra_state"]["pup"]["rounds_done"]) == 2
     assert state["_model.sensitivity"].shape[0] == left2
     results = ns_eval(run / "config.yml", cwd=e2e_root)
     assert results["num_gaussians"] == left2 and math.isfinite(results["psnr"])

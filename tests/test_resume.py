@@ -92,7 +92,7 @@ def test_pup_gs_resumed_anywhere_ends_identical_to_the_uninterrupted_run(pup_run
         assert count(60) != count(40), "no densification after step 40: the densification state would go untested"
     resumed = resume("pup-gs", run, step, PUP_LAST - step, f"pup-resume-{step}", PUP_ARGS, e2e_root)
     final, resumed_final = checkpoint(run, PUP_LAST), checkpoint(resumed, PUP_LAST)
-    assert int(resumed_final["pipeline"]["_model.rounds_done"]) == 2
+    assert int(resumed_final["pipeline"]["_model._extra_state"]["pup"]["rounds_done"]) == 2
     assert_same_model(final, resumed_final)
     assert torch.equal(final["pipeline"]["_model.sensitivity"], resumed_final["pipeline"]["_model.sensitivity"])
 
@@ -103,8 +103,8 @@ def test_pup_gs_between_rounds_restores_count_round_and_optimizer_state(pup_run,
     trainer = loaded_trainer(run, 80, tmp_path)
     model = trainer.pipeline.model
     assert model.num_points == saved["pipeline"]["_model.gauss_params.means"].shape[0]
-    assert int(model.rounds_done) == 1 and int(model.first_round_step) == 80
-    assert model.round_step(1) == 100
+    assert model.schedule.rounds_done == 1 and model.schedule.first_round_step == 80
+    assert model.schedule.round_step(1) == 100
     assert_optimizers_restored(trainer, saved)
 
 
@@ -114,7 +114,7 @@ def test_pup_gs_resumed_after_its_schedule_keeps_training_the_survivors(pup_run,
     before, after = checkpoint(run, PUP_LAST)["pipeline"], checkpoint(resumed, PUP_LAST + 10)["pipeline"]
     assert ns_eval(resumed / "config.yml", cwd=e2e_root)["num_gaussians"] == after["_model.gauss_params.means"].shape[0]
     assert after["_model.gauss_params.means"].shape == before["_model.gauss_params.means"].shape
-    assert int(after["_model.rounds_done"]) == 2
+    assert int(after["_model._extra_state"]["pup"]["rounds_done"]) == 2
     moved = (after["_model.gauss_params.means"] - before["_model.gauss_params.means"]).norm(dim=1) > 0
     assert moved.float().mean() > 0.5  # optimizers bound to stale tensors would leave them where they were
 
@@ -130,7 +130,7 @@ def vedal_args(run: Path):
             "--pipeline.model.importance-every", str(config.importance_every),
             "--pipeline.model.importance-views", str(config.importance_views),
             "--pipeline.model.importance-downscale", str(config.importance_downscale),
-            "--pipeline.model.gate.min-refreshes", str(gate.min_refreshes), "--pipeline.model.gate.window", str(gate.window),
+            "--pipeline.model.vedal.gate.min-refreshes", str(gate.min_refreshes), "--pipeline.model.vedal.gate.window", str(gate.window),
             "--pipeline.model.kl-weight", str(config.kl_weight)]
 
 
@@ -157,12 +157,12 @@ def test_vedal_gs_mid_gate_restores_gate_head_window_and_optimizers(vedal_run, t
     trainer = loaded_trainer(run, VEDAL_MID_GATE, tmp_path)
     model = trainer.pipeline.model
     assert model.num_points == state["_model.gauss_params.means"].shape[0]
-    assert torch.equal(model.gate.ema, vedal["gate"]["ema"]) and torch.equal(model.gate.eligible, vedal["gate"]["eligible"])
-    assert torch.equal(model.gate.stable_count, vedal["gate"]["stable_count"])
-    assert (model.refresh_count, model.last_refresh_step, model.finetune_started_at) == (
+    assert torch.equal(model.vedal.gate.ema, vedal["gate"]["ema"]) and torch.equal(model.vedal.gate.eligible, vedal["gate"]["eligible"])
+    assert torch.equal(model.vedal.gate.stable_count, vedal["gate"]["stable_count"])
+    assert (model.vedal.refresh_count, model.vedal.last_refresh_step, model.vedal.finetune_started_at) == (
         vedal["refresh_count"], vedal["last_refresh_step"], vedal["finetune_started_at"])
-    assert model.importance_window is not None and model.importance_window.full
-    assert torch.equal(model.importance_window.sums, vedal["importance_sums"])
+    assert model.vedal.window is not None and model.vedal.window.full
+    assert torch.equal(model.vedal.window.sums, vedal["importance_sums"])
     for key, value in model.retention_head.state_dict().items():
         assert torch.equal(value, state[f"_model.retention_head.{key}"]), key
     assert_optimizers_restored(trainer, saved)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nerfstudio_pruning.retention_head import (
+from nerfstudio_pruning.vedal.retention_head import (
     RetentionHead,
     RetentionHeadConfig,
     bernoulli_kl,

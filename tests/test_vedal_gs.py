@@ -16,14 +16,10 @@ from plyfile import PlyData
 from conftest import VEDAL_SAVE_BEFORE_REMOVAL as SAVE_BEFORE_REMOVAL
 from conftest import VEDAL_STEPS as STEPS
 from e2e import ns, ns_eval
-from nerfstudio_pruning.gate import ConvergenceGate
-from nerfstudio_pruning.methods.vedal_gs import (
-    HIDDEN_OPACITY_LOGIT,
-    ImportancePassWindow,
-    VedalGSModel,
-    VedalGSModelConfig,
-)
-from nerfstudio_pruning.retention_head import RetentionHead, gaussian_features
+from nerfstudio_pruning.vedal.gate import ConvergenceGate
+from nerfstudio_pruning.methods.vedal_gs import HIDDEN_OPACITY_LOGIT, VedalGSModel, VedalGSModelConfig
+from nerfstudio_pruning.vedal.controller import ImportancePassWindow
+from nerfstudio_pruning.vedal.retention_head import RetentionHead, gaussian_features
 
 N_TINY = 48
 SIZE = 16
@@ -63,10 +59,10 @@ def tiny_camera() -> Cameras:
 
 def start_with_gate(model: VedalGSModel, gated: torch.Tensor, logits: torch.Tensor) -> None:
     """Fine-tuning started, `gated` eligible, p fixed through the frozen logits."""
-    model.finetune_started_at = 0
-    model.gate = ConvergenceGate(model.config.gate, model.num_points)
-    model.gate.eligible = gated.clone()
-    model.frozen_retention_logits = logits.clone()
+    model.vedal.finetune_started_at = 0
+    model.vedal.gate = ConvergenceGate(model.config.gate, model.num_points)
+    model.vedal.gate.eligible = gated.clone()
+    model.vedal.frozen_logits = logits.clone()
 
 
 def test_eval_opacities_hide_exactly_the_gated_gaussians_below_the_threshold():
@@ -116,25 +112,32 @@ def test_training_masks_gated_gaussians_and_adds_the_regulariser_with_head_gradi
     model = tiny_model()
     n = model.num_points
     model.train()
-    model.finetune_started_at = 0
-    model.gate = ConvergenceGate(model.config.gate, n)
+    model.vedal.finetune_started_at = 0
+    model.vedal.gate = ConvergenceGate(model.config.gate, n)
+
+    raw = model.gauss_params["opacities"].squeeze(-1)
+
+    def training_opacities():
+        gated = model.gated_mask()
+        return torch.sigmoid(model.vedal.sampled_opacity_logits(raw, model.head_logits(), gated, model.step))
 
     torch.manual_seed(0)
-    assert torch.equal(model.render_opacities(), torch.sigmoid(model.gauss_params["opacities"]).squeeze(-1))
+    assert torch.allclose(training_opacities(), torch.sigmoid(raw), rtol=1e-6, atol=0)
     image = (torch.rand(SIZE, SIZE, 3) * 255).to(torch.uint8)
     outputs = model.get_outputs(tiny_camera())
     assert "retention_kl" not in model.get_loss_dict(outputs, {"image": image})
 
     gated = torch.arange(n) < n // 2
-    model.gate.eligible = gated
+    model.vedal.gate.eligible = gated
     with torch.no_grad():
         model.retention_head.output.bias.fill_(0.0)  # p near 1/2: samples well inside (0, 1)
-    masked = model.render_opacities()
-    unmasked = torch.sigmoid(model.gauss_params["opacities"]).squeeze(-1)
+    masked = training_opacities()
+    unmasked = torch.sigmoid(raw)
     assert torch.equal(masked[~gated], unmasked[~gated])
     assert (masked[gated] <= unmasked[gated]).all() and (masked[gated] < 0.9 * unmasked[gated]).any()
 
     outputs = model.get_outputs(tiny_camera())
+    assert "retention_logits" in outputs  # the sampled render hands its logits to the loss through the outputs
     losses = model.get_loss_dict(outputs, {"image": image})
     assert losses["retention_kl"] > 0 and losses["retention_sparsity"] > 0
     sum(losses.values()).backward()
@@ -144,11 +147,11 @@ def test_training_masks_gated_gaussians_and_adds_the_regulariser_with_head_gradi
 def _gate_and_split_the_head(model: VedalGSModel) -> torch.Tensor:
     """Gate two Gaussians in three and move about half below p = 0.5; returns the gated & p < 0.5 mask."""
     n = model.num_points
-    model.finetune_started_at = 0
-    model.gate = ConvergenceGate(model.config.gate, n)
+    model.vedal.finetune_started_at = 0
+    model.vedal.gate = ConvergenceGate(model.config.gate, n)
     gated = torch.arange(n) % 3 != 0
-    model.gate.eligible = gated.clone()
-    model.gate.ema = torch.arange(n, dtype=torch.float32)
+    model.vedal.gate.eligible = gated.clone()
+    model.vedal.gate.ema = torch.arange(n, dtype=torch.float32)
     with torch.no_grad():
         logits = model.head_logits()
         # Push half of the Gaussians below p = 0.5 through the head's output bias, relative to the median.
@@ -168,10 +171,10 @@ def test_hard_prune_removes_gated_gaussians_below_one_half_and_keeps_state_align
 
     removed = model.hard_prune(step=100)
 
-    assert removed == int(prune.sum()) and model.num_points == n - removed and model.pruned
+    assert removed == int(prune.sum()) and model.num_points == n - removed and model.vedal.pruned
     assert torch.equal(model.means.detach(), means[~prune])
-    assert torch.equal(model.gate.ema, torch.arange(n, dtype=torch.float32)[~prune])
-    assert torch.equal(model.frozen_retention_logits, logits[~prune])
+    assert torch.equal(model.vedal.gate.ema, torch.arange(n, dtype=torch.float32)[~prune])
+    assert torch.equal(model.vedal.frozen_logits, logits[~prune])
     model.eval()
     assert not model.hidden_mask().any()
     assert model.optimizers["means"].param_groups[0]["params"][0] is model.gauss_params["means"]
@@ -181,22 +184,22 @@ def test_hard_prune_below_min_gaussians_is_refused_and_changes_nothing():
     model = tiny_model(min_gaussians=N_TINY)
     _gate_and_split_the_head(model)
     assert model.hard_prune(step=100) == 0
-    assert model.num_points == N_TINY and not model.pruned and model.frozen_retention_logits is None
+    assert model.num_points == N_TINY and not model.vedal.pruned and model.vedal.frozen_logits is None
 
 
 def test_checkpoint_round_trip_with_weights_only_and_another_number_of_gaussians(tmp_path):
     source = tiny_model(n=60, seed=1)
     n = source.num_points
-    source.finetune_started_at = 7
-    source.last_refresh_step = 40
-    source.refresh_count = 5
-    source.pruned = True
-    source.gate = ConvergenceGate(source.config.gate, n)
+    source.vedal.finetune_started_at = 7
+    source.vedal.last_refresh_step = 40
+    source.vedal.refresh_count = 5
+    source.vedal.pruned = True
+    source.vedal.gate = ConvergenceGate(source.config.gate, n)
     for step in range(3):
-        source.gate.update(torch.rand(n), step)
-    source.frozen_retention_logits = torch.randn(n)
-    source.importance_window = ImportancePassWindow(slots=3, num_gaussians=n, device=torch.device("cpu"))
-    source.importance_window.add(4, torch.rand(n, dtype=torch.float64), n_views=5)
+        source.vedal.gate.update(torch.rand(n), step)
+    source.vedal.frozen_logits = torch.randn(n)
+    source.vedal.window = ImportancePassWindow(slots=3, num_gaussians=n, device=torch.device("cpu"))
+    source.vedal.window.add(4, torch.rand(n, dtype=torch.float64), n_views=5)
     source.strategy_state.update(grad2d=torch.rand(n), count=torch.arange(n, dtype=torch.float32))
     with torch.no_grad():
         source.retention_head.output.bias.fill_(1.25)
@@ -210,11 +213,11 @@ def test_checkpoint_round_trip_with_weights_only_and_another_number_of_gaussians
     target.load_state_dict({k[len("_model."):]: v for k, v in state.items()})
 
     assert target.num_points == n
-    assert (target.finetune_started_at, target.last_refresh_step, target.refresh_count, target.pruned) == (7, 40, 5, True)
-    assert torch.equal(target.frozen_retention_logits, source.frozen_retention_logits)
-    assert torch.equal(target.gate.ema, source.gate.ema) and target.gate.history == source.gate.history
-    assert torch.equal(target.importance_window.sums, source.importance_window.sums)
-    assert target.importance_window.view_counts == [0, 5, 0]
+    assert (target.vedal.finetune_started_at, target.vedal.last_refresh_step, target.vedal.refresh_count, target.vedal.pruned) == (7, 40, 5, True)
+    assert torch.equal(target.vedal.frozen_logits, source.vedal.frozen_logits)
+    assert torch.equal(target.vedal.gate.ema, source.vedal.gate.ema) and target.vedal.gate.history == source.vedal.gate.history
+    assert torch.equal(target.vedal.window.sums, source.vedal.window.sums)
+    assert target.vedal.window.view_counts == [0, 5, 0]
     # densification's running statistics come back too, so a resumed run densifies as the uninterrupted one
     assert torch.equal(target.strategy_state["grad2d"], source.strategy_state["grad2d"])
     assert torch.equal(target.strategy_state["count"], source.strategy_state["count"])
@@ -238,30 +241,8 @@ def test_loads_a_checkpoint_of_another_method_with_fresh_vedal_state(other_extra
         other_keys["_extra_state"] = {"strategy_state": {"grad2d": torch.ones(30), "count": None}}
     model = tiny_model()
     model.load_state_dict(other_keys)
-    assert model.num_points == 30 and model.finetune_started_at == -1 and not model.pruned
-    assert model.gate.num_gaussians == 0 and not model.gated_mask().any()
-
-
-def test_any_pass_of_consecutive_refreshes_sees_every_training_view_once():
-    model = tiny_model(importance_views=3)
-    model._train_images = [{} for _ in range(7)]
-    per_pass = model.refreshes_per_pass()
-    assert per_pass == 3
-    for first in range(5):
-        views = [v for r in range(first, first + per_pass) for v in model.refresh_views(r)]
-        assert sorted(views) == list(range(7))
-
-
-def test_pass_window_averages_over_views_and_shrinks_with_the_gaussians():
-    window = ImportancePassWindow(slots=2, num_gaussians=4, device=torch.device("cpu"))
-    window.add(0, torch.tensor([3.0, 0.0, 6.0, 9.0]), n_views=3)
-    assert not window.full
-    window.add(1, torch.tensor([1.0, 4.0, 0.0, 3.0]), n_views=1)
-    assert window.full and torch.equal(window.mean_per_view(), torch.tensor([1.0, 1.0, 1.5, 3.0]))
-    window.add(2, torch.tensor([1.0, 0.0, 2.0, 3.0]), n_views=1)  # replaces slot 0
-    assert torch.equal(window.mean_per_view(), torch.tensor([1.0, 2.0, 1.0, 3.0]))
-    window.select(torch.tensor([True, False, False, True]))
-    assert torch.equal(window.mean_per_view(), torch.tensor([1.0, 3.0]))
+    assert model.num_points == 30 and model.vedal.finetune_started_at == -1 and not model.vedal.pruned
+    assert model.vedal.gate.num_gaussians == 0 and not model.gated_mask().any()
 
 
 def test_config_refuses_a_hard_prune_before_fine_tuning():

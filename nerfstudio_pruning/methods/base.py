@@ -1,112 +1,76 @@
 """Splatfacto that runs on CPU and GPU alike: the base model both pruning methods share.
 
-Stock splatfacto 1.1.5 cannot be built or trained without CUDA (see docs/environment notes): it moves seed
-colours and intrinsics with `.cuda()`, builds LPIPS eagerly (which downloads AlexNet weights), and renders with
-gsplat's CUDA-only `rasterization`. This subclass changes exactly those things and keeps everything else
-(densification strategy, losses, metrics, parameter layout, checkpoint format) from splatfacto:
+Stock splatfacto 1.1.5 cannot be built or trained without CUDA: its `get_outputs` moves the intrinsics with
+`.cuda()` and calls gsplat's CUDA-only `rasterization`, its seed colours are built with `.cuda()`, and LPIPS is
+built eagerly (which downloads AlexNet weights). This subclass changes exactly those things and runs
+splatfacto's own code for everything else (rendering, densification, losses, metrics, parameter layout,
+checkpoint format):
 
-- rendering goes through `nerfstudio_pruning.rendering.rasterization` (gsplat on CUDA, the pure-torch path
-  elsewhere), with two hooks, `render_opacities` and `render_colors`, that the pruning methods override;
+- splatfacto looks its `rasterization` up in its module at call time; that name is pointed at this plugin's one
+  dispatch (`nerfstudio_pruning.render`), which on CUDA tensors *is* gsplat's function, so splatfacto on a
+  GPU is unchanged; off CUDA the camera handed to splatfacto keeps its intrinsics on the model's device;
+- two hooks let the pruning methods change what is rendered without copying splatfacto: `rendering_with`
+  overrides the raw opacities or colours for one render (VEDAL's sampled masks, score-coloured viewer outputs);
 - LPIPS is built on first use and, when its weights cannot be loaded offline, reported once and omitted;
 - optimizers are rebound to the current parameters each step (after a checkpoint load resized them);
-- checkpoints also hold densification's running statistics (so a resumed run densifies as an uninterrupted one
-  would), and a checkpoint that cannot fit this model is refused with an `InputError`.
+- checkpoints also hold densification's running statistics, and a checkpoint that cannot fit this model is
+  refused with an `InputError`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterator, Optional, Type
 from unittest import mock
 
+import nerfstudio.models.splatfacto as splatfacto_module
 import torch
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.optimizers import Optimizers
-from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat, num_sh_bases
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from nerfstudio.utils.rich_utils import CONSOLE
-from nerfstudio.viewer.viewer_elements import ViewerCheckbox
 
-from nerfstudio_pruning.errors import InputError
+from nerfstudio_pruning.methods.checkpoints import check_gaussian_checkpoint, use_python_float_learning_rates
 from nerfstudio_pruning.removal import rebind_optimizers
-from nerfstudio_pruning.rendering import rasterization
+from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.types import Gaussians, Views
 
 GAUSSIAN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
 
-
-def check_gaussian_checkpoint(state: Dict[str, Any], sh_degree: int) -> int:
-    """Number of Gaussians in a model state dict; `InputError` when it cannot load into a splatfacto model of
-    `sh_degree` (another kind of method, no Gaussians, another SH degree)."""
-    prefix = "gauss_params." if "gauss_params.means" in state else ""
-    if f"{prefix}means" not in state:
-        raise InputError("the checkpoint holds no Gaussians (not a splatfacto-family method); "
-                         "these methods load checkpoints of splatfacto, splatfacto-portable, pup-gs and vedal-gs")
-    n = int(state[f"{prefix}means"].shape[0])
-    if n == 0:
-        raise InputError("the checkpoint holds an empty model (0 Gaussians); there is nothing to train or prune")
-    rest = state.get(f"{prefix}features_rest")
-    if rest is not None and rest.dim() == 3 and rest.shape[1] != num_sh_bases(sh_degree) - 1:
-        degree = round((rest.shape[1] + 1) ** 0.5) - 1
-        raise InputError(f"the checkpoint's Gaussians have SH degree {degree} (features_rest {tuple(rest.shape)}), this "
-                         f"config has sh_degree {sh_degree}: pass --pipeline.model.sh-degree {degree}")
-    return n
+splatfacto_module.rasterization = rasterization
 
 
-def camera_tensors(cameras: Cameras, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
-    """gsplat viewmats [C, 4, 4], Ks [C, 3, 3] and the shared image size of nerfstudio cameras."""
+def views_from_cameras(cameras: Cameras, device: torch.device, backgrounds: Optional[torch.Tensor] = None) -> Views:
+    """gsplat views of nerfstudio cameras, which must share one image size."""
     widths, heights = cameras.width.unique(), cameras.height.unique()
     if widths.numel() != 1 or heights.numel() != 1:
         raise NotImplementedError("scoring needs all training images at one size; this dataset mixes sizes")
     viewmats = get_viewmat(cameras.camera_to_worlds.to(device))
     Ks = cameras.get_intrinsics_matrices().to(device)
-    return viewmats, Ks, int(widths.item()), int(heights.item())
+    return Views(viewmats, Ks, int(widths.item()), int(heights.item()), backgrounds)
 
 
-def score_output_toggle(name: str) -> ViewerCheckbox:
-    """A viewer checkbox for an extra score-coloured render output.
+class _IntrinsicsOnModelDevice(torch.Tensor):
+    """Intrinsics whose `.cuda()` returns them as they are: splatfacto calls `.cuda()` on K, which on a CPU
+    model must be a no-op."""
 
-    The extra output costs a second render per frame, so it is produced only when a viewer has installed this
-    checkbox (its `gui_handle` exists) and it is ticked: ns-eval's timings and ns-export never pay for it.
-    """
-    return ViewerCheckbox(name, True, hint="Adds a render output with each Gaussian coloured by its score")
-
-
-def viewer_wants(toggle: ViewerCheckbox) -> bool:
-    return toggle.gui_handle is not None and bool(toggle.value)
+    def cuda(self, *args, **kwargs):  # noqa: D102
+        return self.as_subclass(torch.Tensor)
 
 
-def turbo_colours(values: torch.Tensor) -> torch.Tensor:
-    """[N, 3] turbo colours of values in [0, 1]."""
-    from nerfstudio.utils.colormaps import ColormapOptions, apply_colormap
+def _camera_for_cpu_model(camera: Cameras) -> Cameras:
+    """A shallow copy of `camera` whose intrinsics survive splatfacto's `.cuda()` on a machine without CUDA.
+    A copy, so the caller's camera (the datamanager's, the viewer's) is never changed."""
+    camera = copy.copy(camera)
+    intrinsics = Cameras.get_intrinsics_matrices
 
-    return apply_colormap(values.float()[:, None].clamp(0, 1), ColormapOptions(colormap="turbo"))
+    def get_intrinsics_matrices():
+        return intrinsics(camera).as_subclass(_IntrinsicsOnModelDevice)
 
-
-def use_python_float_learning_rates(optimizers: Optimizers) -> None:
-    """Keep learning rates Python floats so checkpoints load with `torch.load(weights_only=True)`.
-
-    nerfstudio's exponential-decay schedule computes rates with numpy; the numpy scalars end up in the saved
-    optimizer and scheduler state, and torch >= 2.6 (weights_only by default) then refuses the checkpoint in
-    ns-eval, ns-export and ns-viewer.
-    """
-    for scheduler in optimizers.schedulers.values():
-        # Marked on the functions, not the scheduler: a scheduler's attributes are saved and restored with
-        # checkpoints, its lambdas are not, so a resumed run must wrap them again.
-        if all(getattr(f, "returns_python_float", False) for f in scheduler.lr_lambdas):
-            continue
-        scheduler.lr_lambdas = [_python_float_schedule(f) for f in scheduler.lr_lambdas]
-        scheduler._last_lr = [float(lr) for lr in scheduler._last_lr]
-    for optimizer in optimizers.optimizers.values():
-        for group in optimizer.param_groups:
-            group["lr"] = float(group["lr"])
-
-
-def _python_float_schedule(schedule):
-    def wrapped(step):
-        return float(schedule(step))
-
-    wrapped.returns_python_float = True
-    return wrapped
+    camera.get_intrinsics_matrices = get_intrinsics_matrices
+    return camera
 
 
 class LazyLPIPS:
@@ -132,15 +96,9 @@ class LazyLPIPS:
         return self._metric(a, b)
 
 
-@contextlib.contextmanager
-def _deferred_lpips():
-    with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):
-        yield
-
-
 @dataclass
 class PortableSplatfactoModelConfig(SplatfactoModelConfig):
-    """Splatfacto on any device (gsplat's CUDA rasterizer on GPU, a pure-torch rasterizer on CPU)."""
+    """Splatfacto on any device (gsplat's CUDA rasterizer on GPU, a compiled CPU rasterizer elsewhere)."""
 
     _target: Type = field(default_factory=lambda: PortableSplatfactoModel)
     min_training_size: int = 128
@@ -151,13 +109,15 @@ class PortableSplatfactoModelConfig(SplatfactoModelConfig):
 
 class PortableSplatfactoModel(SplatfactoModel):
     config: PortableSplatfactoModelConfig
+    # Replaced, never mutated, by `rendering_with`; empty: render the parameters as they are.
+    _render_overrides: Dict[str, torch.Tensor] = {}
 
     def populate_modules(self) -> None:
         seed = self.seed_points
         if seed is not None and seed[1].shape[0] > 0:
             # splatfacto would build the seed colours with `.cuda()`; hand it none and set them here.
             self.seed_points = (seed[0], seed[1][:0])
-        with _deferred_lpips():
+        with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):
             super().populate_modules()
         self.seed_points = seed
         if seed is not None and not self.config.random_init and seed[1].shape[0] > 0:
@@ -165,39 +125,58 @@ class PortableSplatfactoModel(SplatfactoModel):
             dc = RGB2SH(rgb) if self.config.sh_degree > 0 else torch.logit(rgb, eps=1e-10)
             self.gauss_params["features_dc"] = torch.nn.Parameter(dc.to(self.gauss_params["means"]))
 
-    # -- hooks the pruning methods override ------------------------------------------------------------------
-    _colour_override: Optional[torch.Tensor] = None
+    # -- what splatfacto renders ---------------------------------------------------------------------------------
+    @property
+    def opacities(self) -> torch.Tensor:
+        return self._render_overrides.get("opacities", self.gauss_params["opacities"])
+
+    @property
+    def features_dc(self) -> torch.Tensor:
+        return self._render_overrides.get("features_dc", self.gauss_params["features_dc"])
+
+    @property
+    def features_rest(self) -> torch.Tensor:
+        return self._render_overrides.get("features_rest", self.gauss_params["features_rest"])
+
+    @contextlib.contextmanager
+    def rendering_with(self, **overrides: torch.Tensor) -> Iterator[None]:
+        """Render with some raw parameters replaced (`opacities` as logits [N, 1], `features_dc`,
+        `features_rest`); the model's own parameters are untouched."""
+        previous = self._render_overrides
+        self._render_overrides = {**previous, **overrides}
+        try:
+            yield
+        finally:
+            self._render_overrides = previous
 
     def render_with_colours(self, camera: Cameras, colours: torch.Tensor) -> torch.Tensor:
-        """Render [H, W, 3] with each Gaussian painted one flat colour (viewer outputs of scores)."""
-        self._colour_override = colours.to(self.means)
-        try:
+        """Render [H, W, 3] with each Gaussian painted one flat colour [N, 3] in [0, 1] (viewer outputs)."""
+        colours = colours.to(self.means)
+        if self.config.sh_degree > 0:  # SH with only a DC term evaluates to that colour in every direction
+            dc, rest = RGB2SH(colours), torch.zeros_like(self.gauss_params["features_rest"])
+        else:  # splatfacto stores degree-0 colours as logits
+            dc, rest = torch.logit(colours, eps=1e-6), self.gauss_params["features_rest"]
+        with self.rendering_with(features_dc=dc, features_rest=rest):
             return PortableSplatfactoModel.get_outputs(self, camera)["rgb"]
-        finally:
-            self._colour_override = None
 
-    def render_opacities(self) -> torch.Tensor:
-        """Post-sigmoid opacities [N] used for rendering."""
-        return torch.sigmoid(self.opacities).squeeze(-1)
-
-    def render_colors(self) -> Tuple[torch.Tensor, Optional[int]]:
-        """Colours for rendering: SH coefficients [N, K, 3] with the degree in use, or RGB [N, 3] with None."""
-        if self._colour_override is not None:
-            return self._colour_override, None
-        colors = torch.cat((self.features_dc[:, None, :], self.features_rest), dim=1)
-        if self.config.sh_degree > 0:
-            return colors, self.active_sh_degree()
-        return torch.sigmoid(colors).squeeze(1), None
+    def gaussians(self, sh_degree: Optional[int] = None) -> Gaussians:
+        """The model's own Gaussians (no render overrides, no inference masks), detached, as the scoring code
+        takes them: SH at every degree (at degree 0 splatfacto stores colours as logits: they become a DC
+        coefficient here), rendered at `sh_degree` (default: the degree training renders with now)."""
+        params = self.gauss_params
+        sh = torch.cat([params["features_dc"][:, None, :], params["features_rest"]], dim=1).detach()
+        if self.config.sh_degree == 0:
+            sh = RGB2SH(torch.sigmoid(sh[:, :1]))
+        return Gaussians(
+            means=params["means"].detach(), quats=params["quats"].detach(), log_scales=params["scales"].detach(),
+            opacity_logits=params["opacities"].detach().squeeze(-1), sh=sh,
+            sh_degree=self.active_sh_degree() if sh_degree is None else sh_degree,
+            rasterize_mode=self.config.rasterize_mode,
+        )
 
     def active_sh_degree(self) -> int:
         """SH degree training renders with now (splatfacto raises it by one every sh_degree_interval steps)."""
         return min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
-
-    def sh_coefficients(self) -> torch.Tensor:
-        """Detached SH coefficients [N, K, 3] of the current colours, for the scoring code (which takes SH at every
-        degree). At degree 0 splatfacto stores colours as logits: they become a DC coefficient here."""
-        sh = torch.cat([self.features_dc[:, None, :], self.features_rest], dim=1).detach()
-        return RGB2SH(torch.sigmoid(sh[:, :1])) if self.config.sh_degree == 0 else sh
 
     # -- splatfacto overrides ----------------------------------------------------------------------------------
     _longest_side: Optional[int] = None
@@ -209,71 +188,13 @@ class PortableSplatfactoModel(SplatfactoModel):
                 factor //= 2
         return factor
 
-    def get_outputs(self, camera: Cameras) -> Dict[str, Union[torch.Tensor, List]]:
+    def get_outputs(self, camera: Cameras) -> Dict[str, Any]:
         if not isinstance(camera, Cameras):
             raise TypeError(f"get_outputs expects a Cameras object, got {type(camera).__name__}")
-        if self.training:
-            if camera.shape[0] != 1:
-                raise ValueError("training renders one camera at a time")
-            camera_to_world = self.camera_optimizer.apply_to_camera(camera)
-        else:
-            camera_to_world = camera.camera_to_worlds
-
-        keep = None
-        if self.crop_box is not None and not self.training:
-            keep = self.crop_box.within(self.means).squeeze()
-            if keep.sum() == 0:
-                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
-
-        colors, sh_degree = self.render_colors()
-        opacities = self.render_opacities()
-        means, quats, scales = self.means, self.quats, self.scales
-        if keep is not None:
-            means, quats, scales, colors, opacities = (t[keep] for t in (means, quats, scales, colors, opacities))
-
         self._longest_side = int(max(camera.width.max().item(), camera.height.max().item()))
-        downscale = self._get_downscale_factor()
-        camera.rescale_output_resolution(1 / downscale)
-        viewmat = get_viewmat(camera_to_world)
-        K = camera.get_intrinsics_matrices().to(self.device)
-        W, H = int(camera.width.item()), int(camera.height.item())
-        self.last_size = (H, W)
-        camera.rescale_output_resolution(downscale)
-
-        render_mode = "RGB+ED" if (self.config.output_depth_during_training or not self.training) else "RGB"
-        render, alpha, self.info = rasterization(
-            means=means,
-            quats=quats,
-            scales=torch.exp(scales),
-            opacities=opacities,
-            colors=colors,
-            viewmats=viewmat,
-            Ks=K,
-            width=W,
-            height=H,
-            tile_size=16,
-            packed=False,
-            near_plane=0.01,
-            far_plane=1e10,
-            render_mode=render_mode,
-            sh_degree=sh_degree,
-            sparse_grad=False,
-            absgrad=self.strategy.absgrad,
-            rasterize_mode=self.config.rasterize_mode,
-        )
-        if self.training:
-            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
-
-        background = self._get_background_color()
-        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
-        if self.config.use_bilateral_grid and self.training and camera.metadata and "cam_idx" in camera.metadata:
-            rgb = self._apply_bilateral_grid(rgb, camera.metadata["cam_idx"], H, W)
-        depth = None
-        if render_mode == "RGB+ED":
-            depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
-        if background.shape[0] == 3 and not self.training:
-            background = background.expand(H, W, 3)
-        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+        if self.device.type != "cuda":
+            camera = _camera_for_cpu_model(camera)
+        return super().get_outputs(camera)
 
     def step_cb(self, optimizers: Optimizers, step: int) -> None:
         super().step_cb(optimizers, step)

@@ -7,7 +7,7 @@ from nerfstudio.plugins.types import MethodSpecification
 
 from nerfstudio_pruning.methods.base import PortableSplatfactoModelConfig
 from nerfstudio_pruning.methods.pup_gs import PupGSModelConfig
-from nerfstudio_pruning.methods.trainer_config import splatfacto_trainer_config
+from nerfstudio_pruning.methods.trainer import splatfacto_trainer_config
 from nerfstudio_pruning.methods.vedal_gs import VedalGSModelConfig
 
 splatfacto_portable = MethodSpecification(

@@ -128,6 +128,23 @@ def gaussian_features(opacity_logits: Tensor, log_scales: Tensor) -> Tensor:
     return torch.stack([opacity_logits.reshape(-1), log_scales.mean(dim=-1)], dim=-1)
 
 
+def retention_inputs(means: Tensor, opacity_logits: Tensor, log_scales: Tensor) -> Tuple[Tensor, Tensor]:
+    """Detached (means, features) for the head, with non-finite entries made neutral.
+
+    The head standardises its features over all Gaussians, so one Gaussian with a NaN parameter (splatfacto
+    occasionally diverges a few) would make every p NaN. Such a Gaussian gets the mean features of the others
+    and a mean at the origin instead.
+    """
+    means = means.detach()
+    features = gaussian_features(opacity_logits, log_scales).detach()
+    if not torch.isfinite(features).all() or not torch.isfinite(means).all():
+        finite_features = torch.isfinite(features)
+        typical = torch.where(finite_features, features, 0.0).sum(0) / finite_features.sum(0).clamp_min(1)
+        features = torch.where(finite_features, features, typical)
+        means = torch.where(torch.isfinite(means), means, 0.0)
+    return means, features
+
+
 class RetentionHead(nn.Module):
     """MLP (depth x hidden ReLU) from encoded means (+ features) to one retention logit per Gaussian."""
 
@@ -186,9 +203,9 @@ class RetentionHead(nn.Module):
         return self.mlp(torch.cat(inputs, dim=-1)).squeeze(-1)
 
 
-def binary_concrete(logits: Tensor, tau: float, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Relaxed Bernoulli sample z = sigmoid((logit + log u - log(1 - u)) / tau), u ~ U(0, 1), differentiable in
-    the logits. u is kept within machine epsilon of (0, 1): log(0) would give an infinite noise and a NaN
+def binary_concrete_logits(logits: Tensor, tau: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """The logit of a relaxed Bernoulli sample: (logit + log u - log(1 - u)) / tau, u ~ U(0, 1), differentiable
+    in the logits. u is kept within machine epsilon of (0, 1): log(0) would give an infinite noise and a NaN
     gradient; the clamp bounds the logistic noise at about +-16 in float32, far out in its tails."""
     if tau <= 0:
         raise ValueError("tau must be > 0")
@@ -196,7 +213,12 @@ def binary_concrete(logits: Tensor, tau: float, generator: Optional[torch.Genera
     u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
     u = u.clamp(eps, 1.0 - eps)
     noise = torch.log(u) - torch.log1p(-u)
-    return torch.sigmoid((logits + noise) / tau)
+    return (logits + noise) / tau
+
+
+def binary_concrete(logits: Tensor, tau: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Relaxed Bernoulli sample z = sigmoid(`binary_concrete_logits`), in (0, 1)."""
+    return torch.sigmoid(binary_concrete_logits(logits, tau, generator))
 
 
 def hard_mask(logits: Tensor, threshold: float = 0.5) -> Tensor:

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from nerfstudio_pruning.types import Gaussians
+
 
 @dataclass
 class GaussianSet:
@@ -28,6 +30,10 @@ class GaussianSet:
             opacities=torch.sigmoid(self.opacity_logits),
             colors=self.sh,
         )
+
+    def as_gaussians(self, sh_degree: int, rasterize_mode: str = "classic") -> Gaussians:
+        """These tensors (not copies) as the `Gaussians` the renderer's callers and the scores take."""
+        return Gaussians(self.means, self.quats, self.log_scales, self.opacity_logits, self.sh, sh_degree, rasterize_mode)
 
     def requires_grad_(self) -> "GaussianSet":
         for t in (self.means, self.quats, self.log_scales, self.opacity_logits, self.sh):

@@ -31,21 +31,10 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.models.base_model import ModelConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from nerfstudio_pruning.dataparser import DefaultSceneDataParserConfig
-from nerfstudio_pruning.errors import InputError
+from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
+from nerfstudio_pruning.errors import InputError, PruningRefused
+from nerfstudio_pruning.methods.checkpoints import numpy_scalars_allowed
 from nerfstudio_pruning.methods.pipeline import PruningPipelineConfig
-
-
-@contextlib.contextmanager
-def numpy_scalars_allowed():
-    """Let `torch.load(weights_only=True)` read the numpy scalars in checkpoints written by stock nerfstudio.
-
-    Stock splatfacto checkpoints hold numpy learning rates, which torch >= 2.6 refuses by default. Allowing
-    numpy's scalar and dtype reconstructors admits plain numbers, not arbitrary objects.
-    """
-    allowed = [np.core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64)]
-    with torch.serialization.safe_globals(allowed):
-        yield
 
 
 @dataclass
@@ -71,7 +60,7 @@ class PruningTrainer(Trainer):
             self.shutdown()
 
     def _save_before_exit(self) -> None:
-        # Our InputErrors are raised by callbacks before the step that hits them changes anything: the model is
+        # Our refusals are raised by callbacks before the step that hits them changes anything: the model is
         # exactly as the previous step left it.
         step = max(self.step - 1, 0)
         self.save_checkpoint(step)
@@ -166,7 +155,7 @@ def checkpoint_to_load(config: TrainerConfig) -> Optional[Path]:
 def _reported_in_one_line(on_error=None) -> Iterator[None]:
     try:
         yield
-    except InputError as err:
+    except (InputError, PruningRefused) as err:
         if on_error is not None:
             on_error()
         CONSOLE.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
@@ -179,7 +168,12 @@ def default_device_type() -> str:
 
 
 def splatfacto_optimizers(max_steps: int) -> dict:
-    """splatfacto 1.1.5's optimizer table, with the schedules stretched over `max_steps`."""
+    """splatfacto 1.1.5's optimizer table, with the schedules stretched over `max_steps`.
+
+    A copy, because the original lives in nerfstudio's method table (`nerfstudio.configs.method_configs`), whose
+    import discovers the plugins, i.e. imports this module: reading it from here is a circular import.
+    `tests/test_plugin_hygiene.py` checks that the copy still equals splatfacto's.
+    """
 
     def adam(lr: float) -> AdamOptimizerConfig:
         return AdamOptimizerConfig(lr=lr, eps=1e-15)

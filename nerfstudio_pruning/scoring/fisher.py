@@ -4,7 +4,7 @@ F_i = sum over views, pixels p and channels c of g g^T with g = d I_pc / d theta
 log-scale_i). In one view the image depends on Gaussian i only through its projected quantities
 u_i = (mean2d 2, conic 3, colour D, effective opacity 1), so g = A_i^T d I_pc / d u_i with A_i = du_i/dtheta_i
 and F_i(view) = A_i^T M_i A_i, M_i = sum_{p,c} (dI_pc/du_i)(dI_pc/du_i)^T. M_i comes from the per-pair
-gradients of `pair_stats`, A_i from forward-mode autodiff through gsplat's torch projection and SH
+gradients of `pair_stats.py`, A_i from forward-mode autodiff through gsplat's torch projection and SH
 evaluation: u_i depends on theta_i only, so a JVP whose tangent is the same unit vector for every Gaussian
 returns that column of every A_i at once (6 JVPs per view).
 
@@ -22,20 +22,19 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
-from nerfstudio_pruning.cpu_rasterizer import ProjectedGaussians
-from nerfstudio_pruning.errors import InputError
-from nerfstudio_pruning.pair_stats import (
+from nerfstudio_pruning.errors import PruningRefused
+from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.render.projection import ProjectedGaussians
+from nerfstudio_pruning.scoring.accumulate import sum_over_views
+from nerfstudio_pruning.scoring.pair_stats import (
     DEFAULT_CHUNK_PAIRS,
     PairStatistics,
-    enumerate_pairs,
-    iter_pair_statistics,
+    project_and_enumerate,
     project_gaussians,
-    scale_intrinsics,
-    view_background,
+    sum_over_pairs,
 )
-from nerfstudio_pruning.rendering import rasterization
+from nerfstudio_pruning.types import Gaussians, Views
 
 N_PARAMS = 6  # mean (3), log-scale (3)
 # Gaussians whose projection Jacobian is taken at once: ~0.25 GB of float64 forward-mode temporaries.
@@ -52,38 +51,24 @@ def projected_quantities(proj: ProjectedGaussians) -> Tensor:
     return torch.cat([proj.means2d, proj.conics, proj.colors, proj.opacities[:, None]], dim=-1)
 
 
-def projection_jacobian(
-    means: Tensor,
-    quats: Tensor,
-    log_scales: Tensor,
-    opacity_logits: Tensor,
-    sh: Tensor,
-    viewmat: Tensor,
-    K: Tensor,
-    width: int,
-    height: int,
-    sh_degree: int,
-    rasterize_mode: str = "classic",
-) -> Tensor:
-    """[N, 6 + D, 6] float64 A_i = du_i / d(mean_i, log-scale_i) for one camera (viewmat [1, 4, 4], K [1, 3, 3]).
+def projection_jacobian(gaussians: Gaussians, view: Views) -> Tensor:
+    """[N, 6 + D, 6] float64 A_i = du_i / d(mean_i, log-scale_i) for one view.
 
     Includes the view-direction path of the SH colour into the mean and, in antialiased mode, the
     compensation factor in the opacity. Computed in float64 so that A adds no float32 noise to F.
     """
-    q64, logit64, sh64, view64, k64 = (t.detach().double() for t in (quats, opacity_logits, sh, viewmat, K))
+    g64 = gaussians.double()
+    view64 = Views(view.viewmats.detach().double(), view.Ks.detach().double(), view.width, view.height)
 
     def u_of(m: Tensor, s: Tensor) -> Tensor:
-        proj = project_gaussians(m, q64, s, logit64, sh64, view64, k64, width, height, sh_degree, rasterize_mode)
-        return projected_quantities(proj)
+        return projected_quantities(project_gaussians(g64.with_tensors(means=m, log_scales=s), view64))
 
-    m0 = means.detach().double()
-    s0 = log_scales.detach().double()
     columns = []
     for j in range(N_PARAMS):
-        tangent_m = torch.zeros_like(m0)
-        tangent_s = torch.zeros_like(s0)
+        tangent_m = torch.zeros_like(g64.means)
+        tangent_s = torch.zeros_like(g64.log_scales)
         (tangent_m if j < 3 else tangent_s)[:, j % 3] = 1.0
-        _, column = torch.func.jvp(u_of, (m0, s0), (tangent_m, tangent_s))
+        _, column = torch.func.jvp(u_of, (g64.means, g64.log_scales), (tangent_m, tangent_s))
         columns.append(column)
     return torch.stack(columns, dim=-1)
 
@@ -127,19 +112,9 @@ def _expand_m(compact: Tensor, channels: int) -> Tensor:
 
 
 def fisher_blocks(
-    means: Tensor,
-    quats: Tensor,
-    log_scales: Tensor,
-    opacity_logits: Tensor,
-    sh: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    sh_degree: int,
-    backgrounds: Optional[Tensor] = None,
+    gaussians: Gaussians,
+    views: Views,
     downscale: float = 1,
-    rasterize_mode: str = "classic",
     tile_size: int = 16,
     progress: bool = True,
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
@@ -147,70 +122,52 @@ def fisher_blocks(
 ) -> Tensor:
     """[N, 6, 6] float64 exact Fisher blocks over (mean, log-scale), summed over the views given.
 
-    `backgrounds` is [3] or [C, 3] (black if None). `downscale` renders at 1/downscale resolution (size and
-    fx, fy, cx, cy divided), as PUP's `--fisher_resolution`. Views are processed one at a time.
+    `downscale` renders at 1/downscale resolution (size and fx, fy, cx, cy divided), as PUP's
+    `--fisher_resolution`. Views are processed one at a time.
     """
-    n = means.shape[0]
-    Ks, width, height = scale_intrinsics(Ks, width, height, downscale)
-    fisher = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=means.device)
-    for view in tqdm(range(viewmats.shape[0]), desc="Fisher blocks", disable=not progress):
-        viewmat, K = viewmats[view : view + 1], Ks[view : view + 1]
-        with torch.no_grad():
-            proj = project_gaussians(
-                means, quats, log_scales, opacity_logits, sh, viewmat, K, width, height, sh_degree, rasterize_mode
-            )
-            pairs = enumerate_pairs(proj, 1, width, height, tile_size)
+    n = len(gaussians)
+    gaussians = gaussians.detach()
+
+    def view_blocks(_: int, view: Views) -> Optional[Tensor]:
+        proj, pairs = project_and_enumerate(gaussians, view, tile_size)
         if len(pairs) == 0:
-            continue
+            return None
         channels = proj.colors.shape[-1]
-        m_compact = torch.zeros(n, _compact_width(channels), dtype=torch.float64, device=means.device)
-        for stats in iter_pair_statistics(
-            proj, pairs, 1, width, height, view_background(backgrounds, view), chunk_pairs
-        ):
-            m_compact.index_add_(0, stats.gaussian, _compact_m_contributions(stats))
+        m_compact = sum_over_pairs(proj, pairs, view, n, _compact_m_contributions, chunk_pairs)
+        blocks = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=gaussians.device)
         # Only the Gaussians this view composites need A; the projection is per Gaussian, so a subset is exact,
         # and taking it in slices bounds the float64 forward-mode temporaries (~4 KB per Gaussian).
         for seen in torch.unique(proj.gaussian_ids[pairs.row]).split(gaussian_chunk):
-            jac = projection_jacobian(
-                means[seen], quats[seen], log_scales[seen], opacity_logits[seen], sh[seen], viewmat, K, width,
-                height, sh_degree, rasterize_mode,
-            )
+            jac = projection_jacobian(gaussians.subset(seen), view)
             m_full = _expand_m(m_compact[seen], channels)
             block = jac.transpose(1, 2) @ m_full @ jac
             # Matmul rounding leaves ~1e-16 asymmetry; symmetric blocks keep downstream eigen/SVD code honest.
-            fisher.index_add_(0, seen, 0.5 * (block + block.transpose(1, 2)))
-    return fisher
+            blocks.index_add_(0, seen, 0.5 * (block + block.transpose(1, 2)))
+        return blocks
+
+    total = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=gaussians.device)
+    return sum_over_views(views.downscaled(downscale), view_blocks, total, "Fisher blocks", progress)
 
 
 def fisher_scores(fisher: Tensor) -> Tensor:
     """[N] float64 log det F_i as the sum of the logs of its singular values; -inf where F_i = 0 (unseen).
 
-    Raises InputError (counting them) if any block holds a NaN or inf, rather than letting it through as a score:
+    Raises PruningRefused (counting them) if any block holds a NaN or inf, rather than letting it through as a score:
     such blocks come from Gaussians with non-finite parameters, i.e. a diverged model.
     """
     finite = torch.isfinite(fisher).flatten(1).all(dim=1)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise InputError(f"{bad} of {fisher.shape[0]} Fisher blocks contain NaN or inf values (Gaussians with "
+        raise PruningRefused(f"{bad} of {fisher.shape[0]} Fisher blocks contain NaN or inf values (Gaussians with "
                          "non-finite parameters: the model has diverged); refusing to score them")
     singular_values = torch.linalg.svdvals(fisher.to(torch.float64))
     return torch.log(singular_values).sum(dim=-1)
 
 
 def probe_fisher_blocks(
-    means: Tensor,
-    quats: Tensor,
-    log_scales: Tensor,
-    opacity_logits: Tensor,
-    sh: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    sh_degree: int,
-    backgrounds: Optional[Tensor] = None,
+    gaussians: Gaussians,
+    views: Views,
     downscale: float = 1,
-    rasterize_mode: str = "classic",
     tile_size: int = 16,
     n_probes: int = 1,
     generator: Optional[torch.Generator] = None,
@@ -224,24 +181,22 @@ def probe_fisher_blocks(
     """
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
-    n = means.shape[0]
-    Ks, width, height = scale_intrinsics(Ks, width, height, downscale)
-    fisher = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=means.device)
-    means_leaf = means.detach().requires_grad_(True)
-    log_scales_leaf = log_scales.detach().requires_grad_(True)
-    opacities = torch.sigmoid(opacity_logits.detach())
-    colors = sh.detach()
-    quats = quats.detach()
-    for view in tqdm(range(viewmats.shape[0]), desc="Fisher probes", disable=not progress):
-        bg = view_background(backgrounds, view)
+    n = len(gaussians)
+    g = gaussians.detach()
+    means_leaf = g.means.clone().requires_grad_(True)
+    log_scales_leaf = g.log_scales.clone().requires_grad_(True)
+    opacities = g.opacities
+
+    def view_probes(_: int, view: Views) -> Optional[Tensor]:
+        bg = view.background(0)
         image, _, _ = rasterization(
-            means_leaf, quats, torch.exp(log_scales_leaf), opacities, colors, viewmats[view : view + 1],
-            Ks[view : view + 1], width, height, sh_degree=sh_degree, tile_size=tile_size,
-            backgrounds=None if bg is None else bg.reshape(1, -1).to(means.dtype),
-            rasterize_mode=rasterize_mode,
+            means_leaf, g.quats, torch.exp(log_scales_leaf), opacities, g.sh, view.viewmats, view.Ks, view.width,
+            view.height, sh_degree=g.sh_degree, tile_size=tile_size,
+            backgrounds=None if bg is None else bg.reshape(1, -1).to(g.means.dtype), rasterize_mode=g.rasterize_mode,
         )
         if not image.requires_grad:  # nothing composited in this view
-            continue
+            return None
+        blocks = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=g.device)
         for probe in range(n_probes):
             # Drawn on the generator's device so that a seeded CPU generator reproduces the same probes anywhere.
             signs = torch.randint(0, 2, image.shape, generator=generator, device=_probe_device(generator, image))
@@ -250,9 +205,12 @@ def probe_fisher_blocks(
                 (signs * image).sum(), (means_leaf, log_scales_leaf), retain_graph=probe < n_probes - 1,
                 allow_unused=True, materialize_grads=True,
             )
-            g = torch.cat([grad_means, grad_log_scales], dim=-1).to(torch.float64)
-            fisher += g[:, :, None] * g[:, None, :] / n_probes
-    return fisher
+            grad = torch.cat([grad_means, grad_log_scales], dim=-1).to(torch.float64)
+            blocks += grad[:, :, None] * grad[:, None, :] / n_probes
+        return blocks
+
+    total = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=g.device)
+    return sum_over_views(views.downscaled(downscale), view_probes, total, "Fisher probes", progress)
 
 
 def _probe_device(generator: Optional[torch.Generator], image: Tensor) -> torch.device:

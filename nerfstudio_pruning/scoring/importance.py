@@ -15,7 +15,7 @@ to 1e-4 or below, so e.g. an alpha = 0.999 pair is dropped whenever T before it 
 Gaussian in front can bring it back at full weight. `tests/test_importance.py` measures the effect against
 brute-force re-rendering (up to a few % per Gaussian there; 24% seen on another scene; ranking unchanged).
 
-Memory beyond `pair_stats`: a few [P, 3] float64 temporaries per chunk (the residual, dI, the loss change) and
+Memory beyond `pair_stats.py`: a few [P, 3] float64 temporaries per chunk (the residual, dI, the loss change) and
 one float64 per Gaussian.
 """
 
@@ -25,10 +25,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
-from nerfstudio_pruning.pair_stats import DEFAULT_CHUNK_PAIRS, view_background, view_pair_statistics
-from nerfstudio_pruning.rendering import rasterization
+from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.scoring.accumulate import sum_over_views
+from nerfstudio_pruning.scoring.pair_stats import DEFAULT_CHUNK_PAIRS, PairStatistics, project_and_enumerate, sum_over_pairs
+from nerfstudio_pruning.types import Gaussians, Views
 
 LOSSES = ("l1", "l2", "energy")
 
@@ -57,20 +58,10 @@ def pixel_loss_change(delta: Tensor, residual: Optional[Tensor], loss: str) -> T
 
 
 def leave_one_out_importance(
-    means: Tensor,
-    quats: Tensor,
-    log_scales: Tensor,
-    opacity_logits: Tensor,
-    sh: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    sh_degree: int,
+    gaussians: Gaussians,
+    views: Views,
     gt_images: Optional[Tensor] = None,
     loss: str = "l1",
-    backgrounds: Optional[Tensor] = None,
-    rasterize_mode: str = "classic",
     tile_size: int = 16,
     progress: bool = True,
     chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
@@ -78,40 +69,32 @@ def leave_one_out_importance(
     """[N] float64 loss increase, summed over views and pixels, when each Gaussian alone is removed.
 
     loss: "l1" or "l2" against `gt_images` [C, H, W, 3], or "energy" = sum_p |dI_p|^2 (no ground truth).
-    `backgrounds` [3] or [C, 3], black if None. Views are processed one at a time.
+    Views are processed one at a time.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    n_views = viewmats.shape[0]
-    _check_gt(gt_images, n_views, width, height, loss)
-    importance = torch.zeros(means.shape[0], dtype=torch.float64, device=means.device)
-    for view in tqdm(range(n_views), desc="Leave-one-out importance", disable=not progress):
-        gt_flat = None if loss == "energy" else gt_images[view].reshape(width * height, -1).detach().double()
-        for stats in view_pair_statistics(
-            means, quats, log_scales, opacity_logits, sh, viewmats[view : view + 1], Ks[view : view + 1], width,
-            height, sh_degree, view_background(backgrounds, view), rasterize_mode, tile_size, chunk_pairs,
-        ):
+    _check_gt(gt_images, len(views), views.width, views.height, loss)
+    gaussians = gaussians.detach()
+
+    def view_importance(index: int, view: Views) -> Tensor:
+        gt_flat = None if loss == "energy" else gt_images[index].reshape(view.width * view.height, -1).detach().double()
+
+        def change(stats: PairStatistics) -> Tensor:
             residual = None if gt_flat is None else stats.pixel_color - gt_flat[stats.pixel]
-            change = pixel_loss_change(stats.removal_delta(), residual, loss)
-            importance.index_add_(0, stats.gaussian, change)
-    return importance
+            return pixel_loss_change(stats.removal_delta(), residual, loss)
+
+        proj, pairs = project_and_enumerate(gaussians, view, tile_size)
+        return sum_over_pairs(proj, pairs, view, len(gaussians), change, chunk_pairs)
+
+    total = torch.zeros(len(gaussians), dtype=torch.float64, device=gaussians.device)
+    return sum_over_views(views, view_importance, total, "Leave-one-out importance", progress)
 
 
 def first_order_importance(
-    means: Tensor,
-    quats: Tensor,
-    log_scales: Tensor,
-    opacity_logits: Tensor,
-    sh: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    sh_degree: int,
+    gaussians: Gaussians,
+    views: Views,
     gt_images: Tensor,
     loss: str = "l1",
-    backgrounds: Optional[Tensor] = None,
-    rasterize_mode: str = "classic",
     tile_size: int = 16,
     progress: bool = True,
 ) -> Tensor:
@@ -124,22 +107,23 @@ def first_order_importance(
     """
     if loss not in ("l1", "l2"):
         raise ValueError(f"first-order importance supports 'l1' and 'l2', got {loss!r}")
-    n_views = viewmats.shape[0]
-    _check_gt(gt_images, n_views, width, height, loss)
-    opacities = torch.sigmoid(opacity_logits.detach()).requires_grad_(True)
-    scales = torch.exp(log_scales.detach())
-    importance = torch.zeros(means.shape[0], dtype=torch.float64, device=means.device)
-    for view in tqdm(range(n_views), desc="First-order importance", disable=not progress):
-        bg = view_background(backgrounds, view)
+    _check_gt(gt_images, len(views), views.width, views.height, loss)
+    g = gaussians.detach()
+    opacities = g.opacities.clone().requires_grad_(True)
+
+    def view_importance(index: int, view: Views) -> Optional[Tensor]:
+        bg = view.background(0)
         image, _, _ = rasterization(
-            means.detach(), quats.detach(), scales, opacities, sh.detach(), viewmats[view : view + 1],
-            Ks[view : view + 1], width, height, sh_degree=sh_degree, tile_size=tile_size,
-            backgrounds=None if bg is None else bg.reshape(1, -1).to(means.dtype), rasterize_mode=rasterize_mode,
+            g.means, g.quats, g.scales, opacities, g.sh, view.viewmats, view.Ks, view.width, view.height,
+            sh_degree=g.sh_degree, tile_size=tile_size,
+            backgrounds=None if bg is None else bg.reshape(1, -1).to(g.means.dtype), rasterize_mode=g.rasterize_mode,
         )
         if not image.requires_grad:  # nothing composited in this view
-            continue
-        residual = image[0] - gt_images[view].to(image.dtype)
+            return None
+        residual = image[0] - gt_images[index].to(image.dtype)
         view_loss = residual.abs().sum() if loss == "l1" else (residual * residual).sum()
         (grad,) = torch.autograd.grad(view_loss, opacities)
-        importance -= (opacities.detach() * grad).double()
-    return importance
+        return -(opacities.detach() * grad).double()
+
+    total = torch.zeros(len(g), dtype=torch.float64, device=g.device)
+    return sum_over_views(views, view_importance, total, "First-order importance", progress)

@@ -26,7 +26,7 @@ from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.plugins.registry_dataparser import DataParserSpecification
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from nerfstudio_pruning import scene as default_scene
+from nerfstudio_pruning.data import default_scene
 
 
 @dataclass
@@ -61,7 +61,7 @@ class DefaultSceneDataParserConfig(DataParserConfig):
 
 @dataclass
 class DefaultSceneDataParser(DataParser):
-    """Reads the default scene (or any scene written by nerfstudio_pruning.scene)."""
+    """Reads the default scene (or any scene written by nerfstudio_pruning.data.default_scene)."""
 
     config: DefaultSceneDataParserConfig
 

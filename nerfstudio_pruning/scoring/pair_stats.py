@@ -4,9 +4,9 @@ PUP's Fisher blocks and VEDAL's leave-one-out importance are both sums, over the
 view composites, of closed-form functions of that pair's alpha, transmittance T, colour c and the colour
 composited behind it S. This module enumerates the pairs, computes those quantities and the per-pair gradients
 of the pixel, and hands them out in chunks, so that callers accumulate per-Gaussian results with `index_add_`
-and never hold a pixels x Gaussians array. See /work/shared/notes/methods.md for the derivations.
+and never hold a pixels x Gaussians array. The derivations are in docs/methods.md.
 
-Conventions (as `cpu_rasterizer`): pixel centres at (x + 0.5, y + 0.5); dx = mean2d_x - (x + 0.5); the conic
+Conventions (as `render/pairs.py`): pixel centres at (x + 0.5, y + 0.5); dx = mean2d_x - (x + 0.5); the conic
 (a, b, c) gives sigma = 0.5 (a dx^2 + c dy^2) + b dx dy; alpha = min(ALPHA_MAX, o exp(-sigma)); opacities are
 effective ones (antialiasing compensation included). Statistics are float64 whatever the model's dtype, so
 that sums over millions of pairs, and S / (1 - alpha) at the 0.999 clamp (a x1000 amplification), keep their
@@ -27,71 +27,37 @@ Consumers add their own per-pair and per-Gaussian buffers; `fisher.py` and `impo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from nerfstudio_pruning.cpu_rasterizer import (
-    Pairs,
-    ProjectedGaussians,
-    find_pairs,
-    pair_terms,
-    project,
-    segmented_cumsum,
-)
+from nerfstudio_pruning.render.pairs import Pairs, enumerate_pairs, pair_terms, segmented_cumsum
+from nerfstudio_pruning.render.projection import ProjectedGaussians, project
+from nerfstudio_pruning.types import Gaussians, Views
 
 # ~0.25 GB of statistics per chunk, ~0.75 GB with the Fisher terms (docstrings): fits beside a training run.
 DEFAULT_CHUNK_PAIRS = 1 << 20
 
 
-def project_gaussians(
-    means: Tensor,
-    quats: Tensor,
-    log_scales: Tensor,
-    opacity_logits: Tensor,
-    sh: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    sh_degree: int,
-    rasterize_mode: str = "classic",
-) -> ProjectedGaussians:
-    """Project splatfacto-parametrised Gaussians exactly as the renderer does (gsplat defaults: eps2d 0.3,
-    near 0.01), returning unpacked rows: row k is camera k // N, Gaussian k % N.
+def project_gaussians(gaussians: Gaussians, views: Views) -> ProjectedGaussians:
+    """Project Gaussians exactly as the renderer does (gsplat defaults: eps2d 0.3, near 0.01), returning unpacked
+    rows: row k is camera k // N, Gaussian k % N.
 
     Differentiable: callers wanting plain numbers wrap it in `no_grad`.
     """
     proj, _ = project(
-        means, quats, torch.exp(log_scales), torch.sigmoid(opacity_logits), sh, viewmats, Ks, width, height,
-        sh_degree=sh_degree, rasterize_mode=rasterize_mode,
+        gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.sh, views.viewmats,
+        views.Ks, views.width, views.height, sh_degree=gaussians.sh_degree, rasterize_mode=gaussians.rasterize_mode,
     )
     return proj
 
 
-def scale_intrinsics(Ks: Tensor, width: int, height: int, downscale: float) -> tuple[Tensor, int, int]:
-    """Intrinsics and image size for rendering at 1/downscale of the resolution.
-
-    fx, fy, cx, cy are divided by the factor and the size truncated to whole pixels, as nerfstudio's
-    `Cameras.rescale_output_resolution` does.
-    """
-    if downscale == 1:
-        return Ks, width, height
-    if downscale <= 0:
-        raise ValueError(f"downscale must be positive, got {downscale}")
-    scaled = Ks.clone()
-    scaled[..., :2, :] = scaled[..., :2, :] / downscale
-    return scaled, int(width / downscale), int(height / downscale)
-
-
-def enumerate_pairs(proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int = 16) -> Pairs:
-    """Every (pixel, row) pair the rasterizer composites, sorted by pixel and front to back within a pixel.
-
-    The only place pairs are enumerated, so that on CUDA this can become gsplat's
-    `rasterize_to_indices_in_range` without touching the statistics.
-    """
-    return find_pairs(proj, n_cameras, width, height, tile_size)
+def project_and_enumerate(gaussians: Gaussians, views: Views, tile_size: int = 16) -> Tuple[ProjectedGaussians, Pairs]:
+    """Projected rows and the pairs they composite in `views`, as plain numbers (no autograd)."""
+    with torch.no_grad():
+        proj = project_gaussians(gaussians.detach(), views)
+        return proj, enumerate_pairs(proj, len(views), views.width, views.height, tile_size)
 
 
 @dataclass
@@ -153,13 +119,6 @@ def _chunk_bounds(pixel: Tensor, chunk_pairs: int) -> Iterator[tuple[int, int]]:
         start = end
 
 
-def view_background(backgrounds: Optional[Tensor], view: int) -> Optional[Tensor]:
-    """Background of one view from None, a shared [D] or a per-view [C, D] tensor."""
-    if backgrounds is None:
-        return None
-    return backgrounds if backgrounds.dim() == 1 else backgrounds[view]
-
-
 def _background_per_pixel(backgrounds: Optional[Tensor], n_cameras: int, channels: int, like: Tensor) -> Tensor:
     """[C, D] float64 background of each camera; black when none is given."""
     if backgrounds is None:
@@ -175,18 +134,13 @@ def _background_per_pixel(backgrounds: Optional[Tensor], n_cameras: int, channel
 
 
 def iter_pair_statistics(
-    proj: ProjectedGaussians,
-    pairs: Pairs,
-    n_cameras: int,
-    width: int,
-    height: int,
-    backgrounds: Optional[Tensor] = None,
-    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+    proj: ProjectedGaussians, pairs: Pairs, views: Views, chunk_pairs: int = DEFAULT_CHUNK_PAIRS
 ) -> Iterator[PairStatistics]:
-    """Statistics of `pairs` (from `enumerate_pairs` on the same `proj`), in chunks of whole pixels.
+    """Statistics of `pairs` (from `project_and_enumerate` on the same views), in chunks of whole pixels.
 
-    `backgrounds` is [D] or [n_cameras, D]; black if None. Runs under `no_grad` on proj's device.
+    Runs under `no_grad` on proj's device; backgrounds come from `views` (black if None).
     """
+    n_cameras, width, height, backgrounds = len(views), views.width, views.height, views.backgrounds
     with torch.no_grad():
         # One float64 copy of the per-row quantities; per-pair values are then recomputed in float64, so the
         # statistics carry the precision the Fisher and importance sums need even for a float32 model.
@@ -268,30 +222,35 @@ def _chunk_statistics(
 
 
 def view_pair_statistics(
-    means: Tensor,
-    quats: Tensor,
-    log_scales: Tensor,
-    opacity_logits: Tensor,
-    sh: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    sh_degree: int,
-    backgrounds: Optional[Tensor] = None,
-    rasterize_mode: str = "classic",
-    tile_size: int = 16,
-    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+    gaussians: Gaussians, views: Views, tile_size: int = 16, chunk_pairs: int = DEFAULT_CHUNK_PAIRS
 ) -> Iterator[PairStatistics]:
-    """Project, enumerate and yield statistics for the cameras given, in chunks of whole pixels.
+    """Project, enumerate and yield statistics for the views given, in chunks of whole pixels.
 
-    Pass one camera at a time to keep memory at one view's pair list; a batch of cameras works too (pixels
-    then index the [C, H, W] stack and `row` the C x N projected rows).
+    Pass one view at a time to keep memory at one view's pair list; a batch works too (pixels then index the
+    [C, H, W] stack and `row` the C x N projected rows).
     """
-    with torch.no_grad():
-        proj = project_gaussians(
-            means, quats, log_scales, opacity_logits, sh, viewmats, Ks, width, height, sh_degree, rasterize_mode
-        )
-        n_cameras = viewmats.shape[0]
-        pairs = enumerate_pairs(proj, n_cameras, width, height, tile_size)
-    yield from iter_pair_statistics(proj, pairs, n_cameras, width, height, backgrounds, chunk_pairs)
+    proj, pairs = project_and_enumerate(gaussians, views, tile_size)
+    yield from iter_pair_statistics(proj, pairs, views, chunk_pairs)
+
+
+def sum_over_pairs(
+    proj: ProjectedGaussians,
+    pairs: Pairs,
+    views: Views,
+    num_gaussians: int,
+    per_pair: Callable[[PairStatistics], Tensor],
+    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+) -> Tensor:
+    """[N, ...] float64 sum, over the pairs of each Gaussian, of `per_pair(stats)` ([P, ...] per chunk).
+
+    The one accumulation every score shares: no pixels x Gaussians array is ever formed.
+    """
+    total: Optional[Tensor] = None
+    for stats in iter_pair_statistics(proj, pairs, views, chunk_pairs):
+        values = per_pair(stats)
+        if total is None:
+            total = torch.zeros((num_gaussians, *values.shape[1:]), dtype=torch.float64, device=values.device)
+        total.index_add_(0, stats.gaussian, values.to(torch.float64))
+    if total is None:  # nothing composited: the shape of per_pair's output is unknown, so a zero column
+        total = torch.zeros(num_gaussians, dtype=torch.float64, device=proj.means2d.device)
+    return total

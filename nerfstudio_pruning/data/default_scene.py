@@ -600,7 +600,7 @@ def _install(staged: Path, out_dir: Path, overwrite: bool) -> None:
         if not overwrite:
             return  # another process finished first; its scene is as good as ours
         if not _is_ours(out_dir):
-            raise FileExistsError(f"{out_dir} holds a dataset not made by nerfstudio_pruning.scene; not overwriting it")
+            raise FileExistsError(f"{out_dir} holds a dataset not made by nerfstudio_pruning.data.default_scene; not overwriting it")
     else:
         foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _PAYLOAD_NAMES)
         if foreign:

@@ -1,0 +1,1 @@
+"""VEDAL as plain tensor code: the convergence gate, the retention head and the controller that runs them."""

@@ -1,0 +1,407 @@
+"""Everything VEDAL decides during a run, as one plain object with step hooks and a state dict.
+
+Schedule (steps of one training run):
+- before `finetune_start_step`: ordinary training, densification and opacity resets included;
+- from `finetune_start_step`: densification and opacity resets stop. Every `importance_every` steps the exact
+  leave-one-out importance of every Gaussian is measured on a few training views; once the last refreshes have
+  covered every training view, their average Delta_i goes into the `ConvergenceGate` at each refresh. Gated
+  Gaussians render with opacity o_i z_i, z_i ~ BinaryConcrete(logit p_i, tau), and the loss gains
+  kl_weight * sum_{gated} KL(Bern(p_i) || Bern(pi)) + sparsity_weight * mean_i p_i;
+- at `hard_prune_step` (after that step's update): every gated Gaussian with p_i < 0.5 is removed.
+
+Importance units: Delta_i is the increase of the reconstruction part of splatfacto's loss, (1 - ssim_lambda) x
+the mean per-pixel, per-channel L1 of one view, when Gaussian i alone is removed, averaged over all training
+views. In these units Proposition 1 says a gated Gaussian ends below p = 0.5 when
+Delta_i < kl_weight * log((1 - pi) / pi), so `kl_weight` is directly a loss increase per Gaussian.
+
+Why the gate sees a one-pass window rather than each refresh's views: a Gaussian is visible in only some views,
+so the importance of a random handful of views swings by more than its own size from refresh to refresh. On the
+default scene (1500 steps, 285k Gaussians, the model held fixed) feeding the gate random 4, 8 or 16-view batches
+left only 13-22% of the Gaussians ever passing its convergence test, with 25-40% reversals (the paper: under 2%).
+Views are therefore visited in one fixed shuffled order, `importance_views` per refresh, and the gate gets the
+mean over the last pass, which contains every training view once: its changes are the model's, not the
+sampling's.
+
+Deviation from the paper, on purpose: only *gated* Gaussians with p < 0.5 are removed, not every Gaussian with
+p < 0.5. Only gated Gaussians are rendered through the mask, so the reconstruction loss constrains p of gated
+Gaussians alone; p of an ungated Gaussian is whatever the shared head extrapolates from its neighbours, and
+removing on it would drop Gaussians that the gate judged important or not yet settled.
+
+Two smaller choices: the regulariser is added only while some Gaussian is gated (see `regulariser`), and after
+the hard removal VEDAL is over: p is frozen, nothing is sampled, and any remaining steps train the survivors
+without densification.
+
+The controller never touches the Gaussians or renders: the model measures importance when asked (a callback
+taking view indices) and removes what `hard_prune_mask` selects through `removal.remove_gaussians`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nerfstudio_pruning.vedal.gate import ConvergenceGate, ConvergenceGateConfig
+from nerfstudio_pruning.vedal.retention_head import (
+    RetentionHeadConfig,
+    binary_concrete_logits,
+    hard_mask,
+    retention_regulariser,
+    temperature,
+)
+
+STATE_FORMAT = 2
+
+
+@dataclass
+class VedalConfig:
+    """VEDAL's settings. The nerfstudio model config inherits these fields, so each is a `--pipeline.model.*` flag."""
+
+    finetune_start_step: int = 7000
+    """First step of the VEDAL fine-tuning (the paper: 7k steps of ordinary training first). From here on,
+    densification and opacity resets are off and the gate and the retention head are active."""
+    hard_prune_step: int = 29999
+    """Step after whose update every gated Gaussian with p < 0.5 is removed: the last step of the default 30k
+    schedule. Set it to max-num-iterations - 1 when shortening a run; a run that stops earlier is still pruned
+    at export and at inference by the deterministic mask."""
+
+    kl_weight: float = 1e-6
+    """lambda_KL, the main rate-distortion knob: larger prunes more. In units of Delta (the increase of
+    (1 - ssim_lambda) x mean per-pixel L1 of a view when one Gaussian is removed), gated Gaussians with
+    Delta < kl_weight * log((1 - pi) / pi) = 1.39e-6 by default are let go (Proposition 1). On the default
+    scene with 4k Gaussians that threshold sits near the median Delta (1.8e-6), so about half of the gated
+    Gaussians go. Delta shrinks roughly as 1/(number of Gaussians per image): at 285k Gaussians its median was
+    7e-10 and every gated Gaussian went. Tensorboard logs Delta's quantiles (vedal/importance_q50, _q90) next to
+    the threshold (vedal/prune_threshold_importance) to set this per scene."""
+    prior_keep_probability: float = 0.2
+    """Prior retention probability pi of the KL term: the paper's operating point of 5.2x fewer Gaussians keeps
+    ~19%. With kl_weight it sets the prune threshold on Delta (see kl_weight)."""
+    sparsity_weight: float = 1e-3
+    """lambda_s of the weak global term lambda_s * mean_i p_i; per Gaussian it moves the Proposition 1 threshold
+    by lambda_s / N, negligible against kl_weight except on tiny models."""
+    initial_keep_probability: float = 0.99
+    """p of every Gaussian when the head is created: near 1 the masked render starts equal to the trained one."""
+    temperature_start: float = 1.0
+    """Binary Concrete temperature at the start of fine-tuning (smooth samples, informative gradients)."""
+    temperature_end: float = 0.1
+    """Temperature reached at hard_prune_step (geometric anneal): nearly binary samples, as at inference."""
+
+    importance_every: int = 100
+    """Steps between importance refreshes. The gate gets its first observation once a pass over the training
+    views is complete (ceil(views / importance_views) refreshes) and needs min_refreshes (10) before anything is
+    gated: with 100, on a scene of ~40-50 training views the first Gaussians become eligible ~1.5k steps into the
+    23k-step fine-tuning (~3.4k with 200 views), leaving most of it for the head to settle."""
+    importance_views: int = 8
+    """Training views per refresh. On the CPU path at 285k Gaussians one view's leave-one-out costs about two
+    training steps, so 8 views every 100 steps adds ~15% to the training time; a pass over a 40-50-view scene
+    takes 6 refreshes."""
+    importance_downscale: int = 1
+    """Measure Delta at 1/importance_downscale of the training resolution. 1: on the default scene at 285k
+    Gaussians, half resolution took as long (projecting every Gaussian dominates) and ranked the Gaussians
+    differently (Spearman 0.47 with full resolution; 0.97 at 4k Gaussians), since many are below a pixel."""
+    importance_seed: int = 0
+    """Seed of the fixed shuffled order in which the refreshes visit the training views."""
+    use_gate: bool = True
+    """False: synchronous variational pruning, the paper's ablation: every Gaussian is gated (under the KL prior
+    and the sampled mask) from the start of fine-tuning and no importance is measured."""
+    gate: ConvergenceGateConfig = field(default_factory=ConvergenceGateConfig)
+    """Convergence gate: EMA decay, convergence test, adaptive threshold and eligibility cap."""
+    min_gaussians: int = 64
+    """A hard removal that would leave fewer Gaussians than this is refused (the model is kept as is)."""
+
+    def __post_init__(self) -> None:
+        if self.finetune_start_step < 0:
+            raise ValueError(f"finetune_start_step must be >= 0, got {self.finetune_start_step}")
+        if self.hard_prune_step <= self.finetune_start_step:
+            raise ValueError(
+                f"hard_prune_step ({self.hard_prune_step}) must come after finetune_start_step ({self.finetune_start_step})"
+            )
+        if self.importance_every < 1 or self.importance_views < 1 or self.importance_downscale < 1:
+            raise ValueError("importance_every, importance_views and importance_downscale must all be >= 1")
+        if not 0.0 < self.prior_keep_probability < 1.0 or not 0.0 < self.initial_keep_probability < 1.0:
+            raise ValueError("prior_keep_probability and initial_keep_probability must be in (0, 1)")
+        if self.kl_weight <= 0 or self.sparsity_weight < 0:
+            raise ValueError("kl_weight must be > 0 and sparsity_weight >= 0")
+        if self.temperature_start <= 0 or self.temperature_end <= 0:
+            raise ValueError("temperatures must be > 0")
+
+    def head_config(self) -> RetentionHeadConfig:
+        return RetentionHeadConfig(
+            init_keep_prob=self.initial_keep_probability,
+            prior_pi=self.prior_keep_probability,
+            lambda_kl=self.kl_weight,
+            lambda_sparsity=self.sparsity_weight,
+            tau_start=self.temperature_start,
+            tau_end=self.temperature_end,
+            anneal_steps=self.hard_prune_step - self.finetune_start_step,
+        )
+
+    def prune_threshold_importance(self) -> float:
+        """The Delta below which Proposition 1 puts a gated Gaussian under p = 0.5."""
+        prior = self.prior_keep_probability
+        return self.kl_weight * math.log((1.0 - prior) / prior)
+
+
+class ImportancePassWindow:
+    """Importance of the last `slots` refreshes, one slot per refresh: per Gaussian, the sum over the slot's
+    views of each view's mean L1 change, and how many views that was."""
+
+    def __init__(self, slots: int, num_gaussians: int, device: torch.device) -> None:
+        self.slots = slots
+        self.sums = torch.zeros(slots, num_gaussians, dtype=torch.float64, device=device)
+        self.view_counts = [0] * slots
+
+    @property
+    def num_gaussians(self) -> int:
+        return self.sums.shape[1]
+
+    @property
+    def full(self) -> bool:
+        return all(count > 0 for count in self.view_counts)
+
+    def add(self, refresh_index: int, view_sums: Tensor, n_views: int) -> None:
+        slot = refresh_index % self.slots
+        self.sums[slot] = view_sums.to(self.sums)
+        self.view_counts[slot] = n_views
+
+    def mean_per_view(self) -> Tensor:
+        """[N] float32 mean L1 change of a view, averaged over every view in the window."""
+        return (self.sums.sum(dim=0) / max(sum(self.view_counts), 1)).float()
+
+    def select(self, keep: Tensor) -> None:
+        self.sums = self.sums[:, keep.to(self.sums.device)]
+
+
+MeasureImportance = Callable[[List[int]], Tensor]
+"""Callback: [N] float64 leave-one-out importance summed over the given training views (mean-L1 units)."""
+
+
+class VedalController:
+    def __init__(self, config: VedalConfig, ssim_lambda: float, device: Optional[torch.device] = None) -> None:
+        self.config = config
+        self.head_config = config.head_config()
+        # Delta is in units of splatfacto's loss, whose L1 part is weighted by 1 - ssim_lambda.
+        self.loss_weight = 1.0 - ssim_lambda
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        """The state before fine-tuning starts: that of a new run, and of one loaded from another method's
+        checkpoint."""
+        self.gate = ConvergenceGate(self.config.gate, 0, self.device)
+        # -1: fine-tuning has not started. Not the configured step: a run resumed from another method's
+        # checkpoint starts it at its first step, and the temperature anneal runs from there.
+        self.finetune_started_at = -1
+        self.last_refresh_step = -1
+        self.refresh_count = 0
+        self.pruned = False
+        self.removal_refused = False
+        # After the hard removal p is frozen: the head standardises its features over the Gaussians present, so
+        # evaluated after the removal it would move p of the survivors.
+        self.frozen_logits: Optional[Tensor] = None
+        self.window: Optional[ImportancePassWindow] = None
+        self.importance_summary: Dict[str, float] = {}
+
+    # -- phases --------------------------------------------------------------------------------------------------
+    @property
+    def finetuning_started(self) -> bool:
+        return self.finetune_started_at >= 0
+
+    def finetuning_active(self) -> bool:
+        return self.finetuning_started and not self.pruned
+
+    def densification_allowed(self, step: int) -> bool:
+        return not self.finetuning_started and step < self.config.finetune_start_step
+
+    def before_step(self, step: int, num_gaussians: int, n_views: int, measure: MeasureImportance) -> bool:
+        """Start fine-tuning when due and refresh importance when due; True if a refresh ran."""
+        if self.pruned:
+            return False
+        if not self.finetuning_started and step >= self.config.finetune_start_step:
+            self.finetune_started_at = step
+            self.gate = ConvergenceGate(self.config.gate, num_gaussians, self.device)
+        if self.finetuning_started and (
+            self.last_refresh_step < 0 or step - self.last_refresh_step >= self.config.importance_every
+        ):
+            self.refresh(step, num_gaussians, n_views, measure)
+            return True
+        return False
+
+    def refresh(self, step: int, num_gaussians: int, n_views: int, measure: MeasureImportance) -> None:
+        """Measure importance on this refresh's views and update the gate once a pass is complete (when gating is
+        on)."""
+        if self.config.use_gate:
+            n = num_gaussians
+            if self.gate.num_gaussians != n:
+                # Only a model changed behind VEDAL's back (e.g. by hand) gets here; densification is off.
+                self.gate = ConvergenceGate(self.config.gate, n, self.device)
+            slots = self.refreshes_per_pass(n_views)
+            window = self.window
+            if window is None or window.num_gaussians != n or window.slots != slots:
+                window = self.window = ImportancePassWindow(slots, n, self.device)
+            views = self.refresh_views(self.refresh_count, n_views)
+            window.add(self.refresh_count, measure(views), len(views))
+            if window.full:
+                importance = self.loss_weight * window.mean_per_view()
+                self.gate.update(importance, step)
+                self.importance_summary = {
+                    f"importance_q{int(100 * q)}": float(importance.kthvalue(max(1, math.ceil(q * n))).values)
+                    for q in (0.5, 0.9)
+                }
+        self.last_refresh_step = step
+        self.refresh_count += 1
+
+    def refreshes_per_pass(self, n_views: int) -> int:
+        return math.ceil(n_views / self.config.importance_views)
+
+    def refresh_views(self, refresh_index: int, n_views: int) -> List[int]:
+        """Training views of one refresh. One shuffled order, cut into refreshes_per_pass near-equal parts and
+        visited cyclically: any refreshes_per_pass consecutive refreshes see every view exactly once. (A new
+        order per pass would not: the window would straddle two orders and could miss views.)"""
+        generator = torch.Generator().manual_seed(self.config.importance_seed)
+        order = torch.randperm(n_views, generator=generator)
+        parts = torch.tensor_split(order, self.refreshes_per_pass(n_views))
+        return parts[refresh_index % len(parts)].tolist()
+
+    # -- masks -----------------------------------------------------------------------------------------------------
+    def gated_mask(self, num_gaussians: int) -> Tensor:
+        """[N] bool: Gaussians under the KL prior and the sampled mask (and the only ones ever removed)."""
+        n = num_gaussians
+        if not self.finetuning_started:
+            return torch.zeros(n, dtype=torch.bool, device=self.device)
+        if not self.config.use_gate:
+            return torch.ones(n, dtype=torch.bool, device=self.device)
+        if self.gate.num_gaussians != n:
+            return torch.zeros(n, dtype=torch.bool, device=self.device)
+        return self.gate.eligible.to(self.device)
+
+    def temperature(self, step: int) -> float:
+        start = max(self.finetune_started_at, 0)
+        return temperature(
+            step - start, self.config.temperature_start, self.config.temperature_end,
+            max(self.config.hard_prune_step - start, 1),
+        )
+
+    def sampled_opacity_logits(self, opacity_logits: Tensor, logits: Tensor, gated: Tensor, step: int) -> Tensor:
+        """[N] training opacities as logits: logit(o_i z_i), z_i ~ BinaryConcrete(logit p_i, tau), for gated
+        Gaussians, the raw logit otherwise.
+
+        As logits because splatfacto renders sigmoid(raw opacity). Computed in log space, so that sigmoid of the
+        result is o z to rounding and stays differentiable where o or z round to 0 or 1: with o = sigmoid(r) and
+        z = sigmoid(t), log(o z) = logsig(r) + logsig(t) and 1 - o z = sigmoid(-r) + sigmoid(r) sigmoid(-t).
+        """
+        r = opacity_logits
+        t = binary_concrete_logits(logits, self.temperature(step))
+        log_oz = F.logsigmoid(r) + F.logsigmoid(t)
+        log_one_minus_oz = torch.logaddexp(F.logsigmoid(-r), F.logsigmoid(r) + F.logsigmoid(-t))
+        return torch.where(gated, log_oz - log_one_minus_oz, r)
+
+    def inference_logits(self, head_logits: Callable[[], Tensor], num_gaussians: int) -> Tensor:
+        """Retention logits as inference sees them: frozen at the hard removal, else the head's."""
+        frozen = self.frozen_logits
+        if frozen is not None and frozen.numel() == num_gaussians:
+            return frozen.to(self.device)
+        return head_logits()
+
+    def hidden_mask(self, logits: Tensor, gated: Tensor, threshold: float = 0.5) -> Tensor:
+        """[N] bool: Gaussians the deterministic inference mask drops (gated and p < threshold)."""
+        if not gated.any():
+            return gated
+        return gated & ~hard_mask(logits, threshold)
+
+    def regulariser(self, logits: Optional[Tensor], gated: Tensor) -> Dict[str, Tensor]:
+        """The retention loss terms for this step: none before any Gaussian is gated or after the removal.
+
+        Not before the gate has opened: the sparsity term would then be the head's only gradient, and Adam's
+        per-parameter normalisation turns a gradient of any size into full-size steps, so a 1e-3-weighted term
+        would pull every p down long before any Gaussian has a reconstruction reason to stay.
+        """
+        if logits is None or not self.finetuning_active() or not gated.any():
+            return {}
+        _, parts = retention_regulariser(logits, gated, self.head_config)
+        return {"retention_kl": parts["kl"], "retention_sparsity": parts["sparsity"]}
+
+    # -- the hard removal ------------------------------------------------------------------------------------------
+    def hard_prune_due(self, step: int) -> bool:
+        return (not self.pruned and not self.removal_refused and self.finetuning_started
+                and step >= self.config.hard_prune_step)
+
+    def hard_prune_mask(self, logits: Tensor, gated: Tensor) -> Tensor:
+        """[N] bool: every gated Gaussian with p < 0.5."""
+        return gated & ~hard_mask(logits, 0.5)
+
+    def per_gaussian_states(self, num_gaussians: int) -> list:
+        """The per-Gaussian state a removal must shrink with the Gaussians (see `removal.remove_gaussians`)."""
+        return [s for s in (self.gate, self.window) if s is not None and s.num_gaussians == num_gaussians]
+
+    def finish(self, kept_logits: Tensor) -> None:
+        """After the hard removal: p of the survivors is frozen and VEDAL is over."""
+        self.frozen_logits = kept_logits.detach()
+        self.pruned = True
+
+    # -- logging ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def scalars(self, logits: Tensor, gated: Tensor, step: int) -> Dict[str, float]:
+        """What tensorboard shows of VEDAL at `step`."""
+        _, parts = retention_regulariser(logits, gated, self.head_config)
+        n = max(logits.numel(), 1)
+        scalars = {
+            "num_gaussians": logits.numel(),
+            "gated_fraction": float(gated.sum()) / n,
+            "would_remove": int(self.hard_prune_mask(logits, gated).sum()),
+            "reversal_count": self.gate.reversal_count,
+            "reversal_rate": self.gate.reversal_rate,
+            "mean_p": float(parts["mean_p"]),
+            "kl_sum_gated": float(parts["kl_sum"]),
+            "kl_term": float(parts["kl"]),
+            "temperature": self.temperature(step),
+            # Beside the Delta quantiles, the Proposition 1 threshold shows where kl_weight cuts the distribution.
+            "prune_threshold_importance": self.config.prune_threshold_importance(),
+        }
+        if gated.any():
+            scalars["mean_p_gated"] = float(torch.sigmoid(logits[gated]).mean())
+        scalars.update(self.importance_summary)
+        return scalars
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain tensors and numbers, so checkpoints load with torch.load(weights_only=True).
+
+        The importance window is saved too ([slots, N] float64, ~5 refreshes' worth of one number per Gaussian):
+        without it a resumed gate would wait a whole pass for its next observation and open later than in the
+        uninterrupted run."""
+        frozen, window = self.frozen_logits, self.window
+        return {
+            "format": STATE_FORMAT,
+            "gate": self.gate.state_dict(),
+            "finetune_started_at": int(self.finetune_started_at),
+            "last_refresh_step": int(self.last_refresh_step),
+            "refresh_count": int(self.refresh_count),
+            "pruned": bool(self.pruned),
+            "frozen_retention_logits": torch.zeros(0) if frozen is None else frozen.detach().cpu().clone(),
+            "importance_sums": torch.zeros(0, dtype=torch.float64) if window is None else window.sums.cpu().clone(),
+            "importance_view_counts": [] if window is None else list(window.view_counts),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore from `state_dict()`; ValueError for a state of another format."""
+        if int(state.get("format", -1)) != STATE_FORMAT:
+            raise ValueError(f"the checkpoint's vedal-gs state has format {state.get('format')!r}; this version "
+                             f"reads format {STATE_FORMAT}")
+        self.reset()
+        self.gate.load_state_dict(state["gate"])
+        self.finetune_started_at = int(state["finetune_started_at"])
+        self.last_refresh_step = int(state["last_refresh_step"])
+        self.refresh_count = int(state["refresh_count"])
+        self.pruned = bool(state["pruned"])
+        frozen = state["frozen_retention_logits"]
+        self.frozen_logits = frozen.to(self.device).float() if frozen.numel() else None
+        sums, counts = state["importance_sums"], state["importance_view_counts"]
+        if sums.numel():
+            self.window = ImportancePassWindow(sums.shape[0], sums.shape[1], self.device)
+            self.window.sums = sums.to(self.device, torch.float64)
+            self.window.view_counts = [int(c) for c in counts]

@@ -1,0 +1,140 @@
+"""The pruning schedules as plain objects, without nerfstudio: PUP's round schedule and VEDAL's controller."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nerfstudio_pruning.errors import PruningRefused
+from nerfstudio_pruning.pup.schedule import PupSchedule, PupScheduleConfig
+from nerfstudio_pruning.vedal.controller import ImportancePassWindow, VedalConfig, VedalController
+from nerfstudio_pruning.vedal.gate import ConvergenceGateConfig
+
+
+# -- PUP ------------------------------------------------------------------------------------------------------------
+def test_pup_rounds_fall_on_their_steps_and_state_round_trips():
+    schedule = PupSchedule(PupScheduleConfig(prune_start_step=100, prune_fractions=(0.8, 0.5), refine_steps=(20, 30)))
+    due = {step: schedule.due(step) for step in range(95, 160)}
+    assert [s for s, f in due.items() if f is not None][0] == 100 and due[100] == 0.8
+    assert not schedule.pruning_started(99) and schedule.pruning_started(100)
+    schedule.round_done()
+    assert schedule.due(119) is None and schedule.due(120) == 0.5
+    schedule.round_done()
+    assert schedule.finished and schedule.due(10_000) is None
+
+    restored = PupSchedule(schedule.config)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.state_dict() == {"rounds_done": 2, "first_round_step": 100}
+
+
+def test_pup_post_hoc_start_and_refusal_before_scoring():
+    schedule = PupSchedule(PupScheduleConfig(prune_start_step=30000, refine_steps=(5, 5), min_gaussians=64))
+    schedule.start_after(1234)
+    assert schedule.due(1234) is None and schedule.due(1235) == 0.8 and schedule.round_step(1) == 1240
+    assert schedule.remaining_after_all_rounds(1000) == 100
+    schedule.check_feasible(640)  # 640 -> 128 -> 64: allowed
+    with pytest.raises(PruningRefused, match="fewer than min_gaussians=64"):
+        schedule.check_feasible(600)
+
+
+def test_pup_mask_takes_the_lowest_scores_and_refuses_nan():
+    schedule = PupSchedule(PupScheduleConfig(prune_fractions=(0.5,), refine_steps=(1,)))
+    scores = torch.tensor([3.0, -float("inf"), 1.0, 2.0])
+    assert schedule.prune_mask(scores).tolist() == [False, True, True, False]
+    with pytest.raises(PruningRefused, match="NaN"):
+        schedule.prune_mask(torch.tensor([1.0, float("nan")]))
+
+
+@pytest.mark.parametrize("bad", [dict(prune_fractions=(0.8,)), dict(prune_fractions=(1.2, 0.5))])
+def test_pup_config_refuses_inconsistent_rounds(bad):
+    with pytest.raises(ValueError):
+        PupScheduleConfig(**bad)
+
+
+# -- VEDAL ----------------------------------------------------------------------------------------------------------
+def _controller(**overrides) -> VedalController:
+    settings = dict(finetune_start_step=10, hard_prune_step=60, importance_every=5, importance_views=3,
+                    gate=ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=1.0,
+                                               max_eligible_fraction=1.0))
+    settings.update(overrides)
+    return VedalController(VedalConfig(**settings), ssim_lambda=0.2)
+
+
+def test_any_pass_of_consecutive_refreshes_sees_every_training_view_once():
+    vedal = _controller()
+    per_pass = vedal.refreshes_per_pass(7)
+    assert per_pass == 3
+    for first in range(5):
+        views = [v for r in range(first, first + per_pass) for v in vedal.refresh_views(r, 7)]
+        assert sorted(views) == list(range(7))
+
+
+def test_pass_window_averages_over_views_and_shrinks_with_the_gaussians():
+    window = ImportancePassWindow(slots=2, num_gaussians=4, device=torch.device("cpu"))
+    window.add(0, torch.tensor([3.0, 0.0, 6.0, 9.0]), n_views=3)
+    assert not window.full
+    window.add(1, torch.tensor([1.0, 4.0, 0.0, 3.0]), n_views=1)
+    assert window.full and torch.equal(window.mean_per_view(), torch.tensor([1.0, 1.0, 1.5, 3.0]))
+    window.add(2, torch.tensor([1.0, 0.0, 2.0, 3.0]), n_views=1)  # replaces slot 0
+    assert torch.equal(window.mean_per_view(), torch.tensor([1.0, 2.0, 1.0, 3.0]))
+    window.select(torch.tensor([True, False, False, True]))
+    assert torch.equal(window.mean_per_view(), torch.tensor([1.0, 3.0]))
+
+
+def test_controller_runs_the_schedule_and_gates_converged_unimportant_gaussians():
+    vedal = _controller()
+    n, n_views = 6, 7
+    # Constant importance per Gaussian: every EMA converges; threshold_quantile 1 lets all of them through.
+    importance = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    asked = []
+
+    def measure(views):
+        asked.append(list(views))
+        return importance * len(views)
+
+    assert vedal.densification_allowed(9) and not vedal.densification_allowed(10)
+    refreshes = [step for step in range(0, 60) if vedal.before_step(step, n, n_views, measure)]
+    assert not vedal.densification_allowed(9)  # once fine-tuning has started, whatever the step
+    assert refreshes[0] == 10 and all(b - a == 5 for a, b in zip(refreshes, refreshes[1:]))
+    assert sorted(v for views in asked[:3] for v in views) == list(range(n_views))
+    # The gate sees (1 - ssim_lambda) x the per-view mean once a pass is complete.
+    assert torch.allclose(vedal.gate.ema, 0.8 * importance.float())
+    assert vedal.gated_mask(n).all()
+
+    logits = torch.tensor([-2.0, 2.0, -2.0, 2.0, -2.0, 2.0])
+    gated = vedal.gated_mask(n)
+    assert vedal.hard_prune_mask(logits, gated).tolist() == [True, False, True, False, True, False]
+    assert set(vedal.regulariser(logits.requires_grad_(), gated)) == {"retention_kl", "retention_sparsity"}
+    assert not vedal.hard_prune_due(59) and vedal.hard_prune_due(60)
+
+
+def test_sampled_opacity_logits_are_the_logit_of_o_times_z():
+    vedal = _controller()
+    vedal.finetune_started_at = 0
+    raw = torch.tensor([-3.0, 0.0, 2.0, 20.0, 40.0], dtype=torch.float64)
+    head = torch.tensor([0.5, -1.0, 3.0, 30.0, -30.0], dtype=torch.float64)
+    gated = torch.tensor([True, True, True, True, False])
+    torch.manual_seed(3)
+    masked = vedal.sampled_opacity_logits(raw, head, gated, step=5)
+    torch.manual_seed(3)
+    from nerfstudio_pruning.vedal.retention_head import binary_concrete
+
+    z = binary_concrete(head, vedal.temperature(5))
+    expected = torch.where(gated, torch.sigmoid(raw) * z, torch.sigmoid(raw))
+    assert torch.allclose(torch.sigmoid(masked), expected, rtol=1e-12, atol=1e-15)
+    assert masked[4] == raw[4]
+
+
+def test_controller_state_round_trips_and_refuses_another_format():
+    vedal = _controller()
+    for step in range(0, 40):
+        vedal.before_step(step, 5, 7, lambda views: torch.rand(5, dtype=torch.float64))
+    vedal.finish(torch.randn(5))
+    restored = _controller()
+    restored.load_state_dict(vedal.state_dict())
+    for key in ("finetune_started_at", "last_refresh_step", "refresh_count", "pruned"):
+        assert getattr(restored, key) == getattr(vedal, key)
+    assert torch.equal(restored.window.sums, vedal.window.sums)
+    assert torch.equal(restored.gate.ema, vedal.gate.ema) and torch.equal(restored.frozen_logits, vedal.frozen_logits)
+    with pytest.raises(ValueError, match="format"):
+        restored.load_state_dict({**vedal.state_dict(), "format": 1})
