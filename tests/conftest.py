@@ -1,4 +1,4 @@
-"""Fixtures shared by the end-to-end tests: the built-in scene and one short splatfacto-portable run."""
+"""Fixtures shared by the tests: one torch thread for tiny tensors, the built-in scene and short ns-train runs."""
 
 from __future__ import annotations
 
@@ -17,6 +17,18 @@ PUP_SAVE_EVERY = 20  # checkpoints at 40 (before densification), 80 (between rou
 # start), rounds at steps 80 and 100.
 PUP_ARGS = ["--pipeline.model.prune-start-step", "80", "--pipeline.model.refine-steps", "20", "20",
             "--pipeline.model.warmup-length", "10", "--pipeline.model.refine-every", "10"]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread: tensors in the unit tests are tiny, and with the two cores shared by other jobs OpenMP
+    barriers in every op cost ~100x the work itself."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

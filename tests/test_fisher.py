@@ -9,8 +9,9 @@ from nerfstudio_pruning.errors import PruningRefused
 from nerfstudio_pruning.scoring.fisher import fisher_blocks, fisher_scores, probe_fisher_blocks
 from nerfstudio_pruning.scoring.pair_stats import view_pair_statistics
 from nerfstudio_pruning.render import rasterization
-from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
+from nerfstudio_pruning.testing.synthetic import point_on_pixel_centre, orbit_cameras, random_gaussians
 from nerfstudio_pruning.types import Views
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 W = H = 16
 VIEWS = 3
@@ -19,14 +20,6 @@ TILE = 8
 BACKGROUND = torch.tensor([0.2, 0.4, 0.6])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tensors here are tiny; with the cores shared by other jobs, OpenMP barriers in every op cost ~100x the
-    # work itself.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _scene(n=30, seed=0):
@@ -37,16 +30,9 @@ def _scene(n=30, seed=0):
     # opaque Gaussians centred exactly on a pixel centre of one view each.
     g.opacity_logits[:2] = 12.0
     g.log_scales[:2] = math.log(0.25)
-    g.means[0] = _on_pixel_centre(viewmats[0], Ks[0], 5, 7, 1.2)
-    g.means[1] = _on_pixel_centre(viewmats[1], Ks[1], 10, 9, 1.3)
+    g.means[0] = point_on_pixel_centre(viewmats[0], Ks[0], 5, 7, 1.2)
+    g.means[1] = point_on_pixel_centre(viewmats[1], Ks[1], 10, 9, 1.3)
     return g, viewmats, Ks
-
-
-def _on_pixel_centre(viewmat, K, x, y, depth):
-    """World point that projects exactly onto the centre of pixel (x, y) at the given depth."""
-    in_camera = torch.stack([(x + 0.5 - K[0, 2]) / K[0, 0], (y + 0.5 - K[1, 2]) / K[1, 1], torch.ones_like(K[0, 0])])
-    rotation, translation = viewmat[:3, :3], viewmat[:3, 3]
-    return rotation.T @ (depth * in_camera - translation)
 
 
 def _views(viewmats, Ks, background=None, width=W, height=H):

@@ -10,8 +10,9 @@ from nerfstudio_pruning.render.pairs import find_pairs
 from nerfstudio_pruning.scoring.importance import first_order_importance, leave_one_out_importance
 from nerfstudio_pruning.scoring.pair_stats import project_gaussians, view_pair_statistics
 from nerfstudio_pruning.render import rasterization
-from nerfstudio_pruning.testing.synthetic import GaussianSet, orbit_cameras, random_gaussians
+from nerfstudio_pruning.testing.synthetic import point_on_pixel_centre, GaussianSet, orbit_cameras, random_gaussians
 from nerfstudio_pruning.types import Views
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 W = H = 16
 VIEWS = 3
@@ -23,21 +24,6 @@ DTYPE = torch.float64
 BACKGROUNDS = torch.tensor([[0.2, 0.4, 0.6], [0.9, 0.1, 0.3], [0.5, 0.5, 0.5]], dtype=DTYPE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tensors here are tiny; with the cores shared by other jobs, OpenMP barriers in every op cost ~100x the
-    # work itself.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _on_pixel_centre(viewmat, K, x, y, depth):
-    """World point that projects exactly onto the centre of pixel (x, y) at the given depth."""
-    in_camera = torch.stack([(x + 0.5 - K[0, 2]) / K[0, 0], (y + 0.5 - K[1, 2]) / K[1, 1], torch.ones_like(K[0, 0])])
-    rotation, translation = viewmat[:3, :3], viewmat[:3, 3]
-    return rotation.T @ (depth * in_camera - translation)
 
 
 def _views(viewmats, Ks, backgrounds=BACKGROUNDS):
@@ -54,8 +40,8 @@ def scene():
     # The 0.999 alpha clamp needs sigma < 1e-3: two nearly opaque Gaussians centred exactly on a pixel centre.
     g.opacity_logits[:2] = 12.0
     g.log_scales[:2] = math.log(0.25)
-    g.means[0] = _on_pixel_centre(viewmats[0], Ks[0], 5, 7, 1.2)
-    g.means[1] = _on_pixel_centre(viewmats[1], Ks[1], 10, 9, 1.3)
+    g.means[0] = point_on_pixel_centre(viewmats[0], Ks[0], 5, 7, 1.2)
+    g.means[1] = point_on_pixel_centre(viewmats[1], Ks[1], 10, 9, 1.3)
     target = random_gaussians(N, sh_degree=SH_DEGREE, extent=0.5, scale=0.12, seed=5, dtype=DTYPE)
     gt, _, _ = rasterization(**target.render_args(), **_render_kwargs(viewmats, Ks))
     return g, viewmats, Ks, gt

@@ -130,7 +130,7 @@ def vedal_args(run: Path):
             "--pipeline.model.importance-every", str(config.importance_every),
             "--pipeline.model.importance-views", str(config.importance_views),
             "--pipeline.model.importance-downscale", str(config.importance_downscale),
-            "--pipeline.model.vedal.gate.min-refreshes", str(gate.min_refreshes), "--pipeline.model.vedal.gate.window", str(gate.window),
+            "--pipeline.model.gate.min-refreshes", str(gate.min_refreshes), "--pipeline.model.gate.window", str(gate.window),
             "--pipeline.model.kl-weight", str(config.kl_weight)]
 
 

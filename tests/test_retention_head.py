@@ -187,14 +187,6 @@ def test_proposition_1_derivation_by_finite_differences(lambda_kl):
     assert proposition_1_optimum(torch.tensor(crossing), lambda_kl, pi).item() == pytest.approx(0.5)
 
 
-@pytest.fixture
-def single_thread():
-    # A 5k-parameter MLP over 200 points is all threading overhead; on a busy 2-core box the default pool
-    # makes this test ~30x slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("lambda_kl", [0.5, 0.2])

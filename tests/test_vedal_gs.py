@@ -20,19 +20,13 @@ from nerfstudio_pruning.vedal.gate import ConvergenceGate
 from nerfstudio_pruning.methods.vedal_gs import HIDDEN_OPACITY_LOGIT, VedalGSModel, VedalGSModelConfig
 from nerfstudio_pruning.vedal.controller import ImportancePassWindow
 from nerfstudio_pruning.vedal.retention_head import RetentionHead, gaussian_features
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 N_TINY = 48
 SIZE = 16
 EXPORT_OPACITY_FLOOR = -5.5373  # ns-export drops Gaussians whose opacity logit is below logit(1/255)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny tensors: with the cores shared by other jobs, OpenMP barriers would cost more than the work.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_model(n: int = N_TINY, seed: int = 0, **overrides) -> VedalGSModel:

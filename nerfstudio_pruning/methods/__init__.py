@@ -1,0 +1,1 @@
+"""The nerfstudio layer: models, configs, trainer, pipeline and entry points that wire the algorithms into splatfacto."""

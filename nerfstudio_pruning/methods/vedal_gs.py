@@ -117,21 +117,11 @@ class VedalGSModel(PortableSplatfactoModel):
         # After `cached_train`: caching undistorts the images and rewrites these cameras' intrinsics to match.
         self._train_cameras = datamanager.train_dataset.cameras
         trainer = training_callback_attributes.trainer
-        if trainer is not None and not self.vedal.pruned:
+        if trainer is not None:
             first_step = getattr(trainer, "_start_step", 0)
-            last_step = first_step + trainer.config.max_num_iterations - 1
-            if not self.vedal.finetuning_started and first_step >= self.config.hard_prune_step:
-                CONSOLE.print(
-                    f"[yellow]vedal-gs: this run starts at step {first_step}, past hard_prune_step "
-                    f"{self.config.hard_prune_step}: fine-tuning would end at once. Set --pipeline.model.hard-prune-step "
-                    "(and finetune-start-step) relative to the loaded step."
-                )
-            elif last_step < self.config.hard_prune_step:
-                CONSOLE.print(
-                    f"[yellow]vedal-gs: this run ends at step {last_step}, before hard_prune_step "
-                    f"{self.config.hard_prune_step}: nothing is removed, but exports and renders still drop the "
-                    "Gaussians the mask hides."
-                )
+            warning = self.vedal.schedule_warning(first_step, first_step + trainer.config.max_num_iterations - 1)
+            if warning:
+                CONSOLE.print(f"[yellow]vedal-gs: {warning}")
         callbacks = super().get_training_callbacks(training_callback_attributes)
         callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self.before_step))
         callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], self.hard_prune_if_due))

@@ -84,3 +84,11 @@ def orbit_cameras(
     f = 0.5 * width / math.tan(math.radians(fov_deg) / 2)
     K = torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]])
     return torch.stack(views).to(device), K[None].repeat(n_views, 1, 1).to(device)
+
+
+def point_on_pixel_centre(viewmat: Tensor, K: Tensor, x: int, y: int, depth: float) -> Tensor:
+    """World point that projects exactly onto the centre of pixel (x, y) at the given depth (to put a Gaussian on
+    the 0.999 alpha clamp, which needs sigma < 1e-3)."""
+    in_camera = torch.stack([(x + 0.5 - K[0, 2]) / K[0, 0], (y + 0.5 - K[1, 2]) / K[1, 1], torch.ones_like(K[0, 0])])
+    rotation, translation = viewmat[:3, :3], viewmat[:3, 3]
+    return rotation.T @ (depth * in_camera - translation)

@@ -267,6 +267,19 @@ class VedalController:
         parts = torch.tensor_split(order, self.refreshes_per_pass(n_views))
         return parts[refresh_index % len(parts)].tolist()
 
+    def schedule_warning(self, first_step: int, last_step: int) -> Optional[str]:
+        """What is wrong with running steps first_step..last_step under this schedule, if anything."""
+        if self.pruned:
+            return None
+        hard = self.config.hard_prune_step
+        if not self.finetuning_started and first_step >= hard:
+            return (f"this run starts at step {first_step}, past hard_prune_step {hard}: fine-tuning would end at once. "
+                    "Set --pipeline.model.hard-prune-step (and finetune-start-step) relative to the loaded step.")
+        if last_step < hard:
+            return (f"this run ends at step {last_step}, before hard_prune_step {hard}: nothing is removed, but exports "
+                    "and renders still drop the Gaussians the mask hides.")
+        return None
+
     # -- masks -----------------------------------------------------------------------------------------------------
     def gated_mask(self, num_gaussians: int) -> Tensor:
         """[N] bool: Gaussians under the KL prior and the sampled mask (and the only ones ever removed)."""
