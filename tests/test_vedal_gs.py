@@ -78,28 +78,104 @@ def test_eval_opacities_hide_exactly_the_gated_gaussians_below_the_threshold():
     assert HIDDEN_OPACITY_LOGIT < EXPORT_OPACITY_FLOOR and math.isfinite(HIDDEN_OPACITY_LOGIT)
     # Ungated Gaussians with a low p stay: the reconstruction loss never constrained their p.
     assert not (~gated & (p < 0.5) & (shown == HIDDEN_OPACITY_LOGIT)).any()
-    assert model.kept_count_description().startswith(f"{n - int(hidden.sum())} of {n}")
+    assert model.kept_count_description().startswith(f"{n - int(hidden.sum())} of {n} shown")
 
     model.retention_threshold_slider.value = 0.9
     assert torch.equal(model.hidden_mask(), gated & (p < 0.9))
     model.update_kept_count_text()
-    assert model.kept_count_text.value.startswith(f"{n - int((gated & (p < 0.9)).sum())} of {n}")
+    hidden_at_09 = int((gated & (p < 0.9)).sum())
+    assert model.kept_count_text.content == (
+        f"**Gaussians shown**: {n - hidden_at_09} of {n} shown ({hidden_at_09} of the {int(gated.sum())} gated "
+        "have p < 0.90)")
 
 
-def test_eval_outputs_include_the_retention_render_with_every_gaussian():
+def viewer_showing(output: str, split_output: str = "rgb", split: bool = False) -> SimpleNamespace:
+    """What a running viewer hands its ViewerControls: here only the control panel's output selection."""
+    panel = SimpleNamespace(output_render=output, split=split, split_output_render=split_output)
+    return SimpleNamespace(control_panel=panel, viser_server=None, _trigger_rerender=lambda: None)
+
+
+def test_the_kept_count_follows_the_slider_without_a_render_and_states_the_hard_removal():
     model = tiny_model()
     n = model.num_points
-    start_with_gate(model, torch.ones(n, dtype=torch.bool), torch.full((n,), -3.0))
+    gated = torch.arange(n) % 2 == 0
+    p = torch.linspace(0.02, 0.98, n)
+    start_with_gate(model, gated, torch.logit(p))
     model.eval()
+    model.viewer_outputs._setup(viewer_showing("rgb"))
     with torch.no_grad():
-        assert "retention" not in model.get_outputs(tiny_camera())  # no viewer: no second render (ns-eval timing)
-        model.retention_toggle.gui_handle = SimpleNamespace(value=True)  # as installed by a viewer
+        model.get_outputs(tiny_camera())  # a frame: the count's inputs are taken from the model
+    renders = []
+    model.get_outputs = lambda *args: renders.append(args)  # from here on any render would be recorded
+    for threshold in (0.2, 0.7):
+        model.threshold_moved(threshold)  # what the slider's own callback calls, before nerfstudio's locked one
+        hidden = int((gated & (p < threshold)).sum())
+        assert model.kept_count_text.content.startswith(f"**Gaussians shown**: {n - hidden} of {n} shown")
+    assert renders == []
+
+    # After a hard removal in this process the count says what it removed.
+    model.head_logits = lambda: torch.logit(p)  # the removal asks the head, whose p here is the frozen one
+    model.hard_prune(step=99)
+    survivors = model.num_points
+    assert survivors == n - int((gated & (p < 0.5)).sum())
+    assert model.kept_count_description(0.5) == (
+        f"{survivors} of {survivors} shown (0 of the {int(model.gated_mask().sum())} gated have p < 0.50; "
+        f"hard removal at step 99: {n} -> {survivors})")
+    # A model loaded from a checkpoint does not know the count before the removal, and says so.
+    model._hard_removal = None
+    assert model.kept_count_description(0.5).endswith(
+        "; the hard removal (gated, p < 0.5) already ran: checkpoints do not keep the count before it)")
+
+
+def test_the_retention_output_is_rendered_only_while_the_viewer_shows_it():
+    model = tiny_model()
+    n = model.num_points
+    gated = torch.ones(n, dtype=torch.bool)
+    # p = 0.1 for the first half (hidden from rgb), 0.8 for the second: the output must show both.
+    p = torch.where(torch.arange(n) < n // 2, 0.1, 0.8)
+    start_with_gate(model, gated, torch.logit(p))
+    model.eval()
+    renders = []
+    render_value_image = model.render_value_image
+    model.render_value_image = lambda *args: renders.append(args) or render_value_image(*args)
+    with torch.no_grad():
+        assert "retention" not in model.get_outputs(tiny_camera())  # no viewer (ns-eval, ns-render): no output
+        model.viewer_outputs._setup(viewer_showing("rgb"))
+        while_rgb = model.get_outputs(tiny_camera())
+        assert renders == []  # shown: rgb; the key is there for the Output type list, at no render cost
+        assert torch.equal(while_rgb["retention"], torch.zeros(SIZE, SIZE, 1))
+        model.viewer_outputs._setup(viewer_showing("rgb", split_output="retention", split=True))
+        assert len(renders) == 0 and model.get_outputs(tiny_camera())["retention"].abs().amax() > 0
+        assert len(renders) == 1  # the split screen's second output counts as shown
+        model.viewer_outputs._setup(viewer_showing("retention"))
         outputs = model.get_outputs(tiny_camera())
-    assert outputs["retention"].shape == (SIZE, SIZE, 3)
-    # Every Gaussian is hidden from the RGB render but still drawn, coloured by p, in the retention output.
-    assert outputs["accumulation"].max() == 0
-    background = outputs["background"][0, 0]
-    assert (outputs["retention"] - background).abs().amax() > 0.1
+    assert len(renders) == 2
+    retention = outputs["retention"]
+    assert retention.shape == (SIZE, SIZE, 1) and retention.dtype == torch.float32  # nerfstudio's colormaps apply
+    # Every Gaussian is drawn with its p, hidden ones included: pixels read 0.1, 0.8 or mixtures of them, 0 where
+    # nothing is drawn.
+    drawn = retention[retention > 0]
+    assert drawn.numel() > 0 and drawn.min() >= 0.1 - 1e-4 and drawn.max() <= 0.8 + 1e-4
+    assert (drawn < 0.2).any() and (drawn > 0.7).any()
+    # Where both kinds overlap, the value is their compositing-weighted mean, which matches the rgb render of the
+    # same Gaussians painted grey p (composited onto the background).
+    with torch.no_grad(), model.rendering_with(opacities=model.gauss_params["opacities"]):
+        grey = model.render_value_image(tiny_camera(), p)
+    assert torch.allclose(grey, retention, atol=1e-5)
+
+
+def test_pixels_of_the_value_image_are_weighted_means_of_the_gaussians_values():
+    model = tiny_model()
+    model.eval()
+    model.set_background(torch.tensor([0.3, 0.6, 0.9]))  # the value image must not depend on it
+    with torch.no_grad():
+        rgb = model.get_outputs(tiny_camera())
+        for value in (0.0, 0.25, 1.0):  # a weighted mean of equal values is that value, wherever anything is drawn
+            image = model.render_value_image(tiny_camera(), torch.full((model.num_points,), value))
+            drawn = rgb["accumulation"] > 1 / 255
+            assert drawn.any() and (~drawn).any()
+            assert torch.allclose(image[drawn], torch.full_like(image[drawn], value), atol=1e-4)
+            assert torch.all(image[~drawn] == 0)
 
 
 def test_training_masks_gated_gaussians_and_adds_the_regulariser_with_head_gradients():
@@ -292,7 +368,7 @@ def test_schedule_gates_and_removes_then_export_matches_the_model(vedal_run, e2e
     low_opacity = int((final["_model.gauss_params.opacities"] < EXPORT_OPACITY_FLOOR).sum())
     assert _export_count(run / "config.yml", e2e_root / "vedal_export", e2e_root) == remain - low_opacity
 
-    # ns-eval renders in eval mode, with the retention output; after the removal nothing is left to hide.
+    # ns-eval renders in eval mode (no viewer: no retention output); after the removal nothing is left to hide.
     results = ns_eval(run / "config.yml", cwd=e2e_root)
     assert results["num_gaussians"] == remain and results["retained_gaussians"] == remain
     assert math.isfinite(results["psnr"])

@@ -10,7 +10,8 @@ checkpoint format):
   dispatch (`nerfstudio_pruning.render`), which on CUDA tensors *is* gsplat's function, so splatfacto on a
   GPU is unchanged; off CUDA the camera handed to splatfacto keeps its intrinsics on the model's device;
 - two hooks let the pruning methods change what is rendered without copying splatfacto: `rendering_with`
-  overrides the raw opacities or colours for one render (VEDAL's sampled masks, score-coloured viewer outputs);
+  overrides the raw opacities or colours for one render (VEDAL's sampled masks), `render_value_image` renders
+  a per-Gaussian value as a one-channel image (the viewer's score outputs);
 - LPIPS is built on first use and, when its weights cannot be loaded offline, reported once and omitted;
 - optimizers are rebound to the current parameters each step (after a checkpoint load resized them);
 - checkpoints also hold densification's running statistics, and a checkpoint that cannot fit this model is
@@ -32,6 +33,7 @@ from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.methods.checkpoints import check_gaussian_checkpoint, use_python_float_learning_rates
 from nerfstudio_pruning.removal import rebind_optimizers
 from nerfstudio_pruning.render import rasterization
@@ -43,10 +45,16 @@ splatfacto_module.rasterization = rasterization
 
 
 def views_from_cameras(cameras: Cameras, device: torch.device, backgrounds: Optional[torch.Tensor] = None) -> Views:
-    """gsplat views of nerfstudio cameras, which must share one image size."""
+    """gsplat views of nerfstudio cameras, which must share one image size.
+
+    `PruningTrainer` refuses training images of mixed sizes before training starts
+    (`trainer.check_training_views`); this InputError is for callers outside a training run.
+    """
     widths, heights = cameras.width.unique(), cameras.height.unique()
     if widths.numel() != 1 or heights.numel() != 1:
-        raise NotImplementedError("scoring needs all training images at one size; this dataset mixes sizes")
+        sizes = sorted({(int(w), int(h)) for w, h in zip(cameras.width.reshape(-1).tolist(), cameras.height.reshape(-1).tolist())})
+        raise InputError(f"scoring needs all training images at one size; these cameras have {len(sizes)}: "
+                         + ", ".join(f"{w}x{h}" for w, h in sizes[:4]) + (", ..." if len(sizes) > 4 else ""))
     viewmats = get_viewmat(cameras.camera_to_worlds.to(device))
     Ks = cameras.get_intrinsics_matrices().to(device)
     return Views(viewmats, Ks, int(widths.item()), int(heights.item()), backgrounds)
@@ -149,15 +157,22 @@ class PortableSplatfactoModel(SplatfactoModel):
         finally:
             self._render_overrides = previous
 
-    def render_with_colours(self, camera: Cameras, colours: torch.Tensor) -> torch.Tensor:
-        """Render [H, W, 3] with each Gaussian painted one flat colour [N, 3] in [0, 1] (viewer outputs)."""
-        colours = colours.to(self.means)
+    def render_value_image(self, camera: Cameras, values: torch.Tensor) -> torch.Tensor:
+        """[H, W, 1]: per pixel, the mean of a per-Gaussian value in [0, 1] ([N]) weighted by each Gaussian's
+        alpha-compositing weight there, i.e. the colour the pixel would have with every Gaussian painted its value
+        and no background; 0 where (almost) nothing is drawn. One render with replaced colours (viewer outputs)."""
+        grey = values.to(self.means)[:, None].expand(-1, 3)
         if self.config.sh_degree > 0:  # SH with only a DC term evaluates to that colour in every direction
-            dc, rest = RGB2SH(colours), torch.zeros_like(self.gauss_params["features_rest"])
+            dc, rest = RGB2SH(grey), torch.zeros_like(self.gauss_params["features_rest"])
         else:  # splatfacto stores degree-0 colours as logits
-            dc, rest = torch.logit(colours, eps=1e-6), self.gauss_params["features_rest"]
+            dc, rest = torch.logit(grey, eps=1e-6), self.gauss_params["features_rest"]
         with self.rendering_with(features_dc=dc, features_rest=rest):
-            return PortableSplatfactoModel.get_outputs(self, camera)["rgb"]
+            outputs = PortableSplatfactoModel.get_outputs(self, camera)
+        # splatfacto composites onto its background: rgb = sum_i w_i v_i + (1 - alpha) background.
+        alpha = outputs["accumulation"]
+        weighted_sum = outputs["rgb"][..., :1] - (1.0 - alpha) * outputs["background"][..., :1]
+        drawn = alpha > 1.0 / 255.0
+        return torch.where(drawn, weighted_sum / alpha.clamp_min(1.0 / 255.0), torch.zeros_like(alpha)).clamp(0, 1)
 
     def gaussians(self, sh_degree: Optional[int] = None) -> Gaussians:
         """The model's own Gaussians (no render overrides, no inference masks), detached, as the scoring code

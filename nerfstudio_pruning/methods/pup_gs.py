@@ -26,7 +26,13 @@ from nerfstudio_pruning.methods.base import (
     PortableSplatfactoModelConfig,
     views_from_cameras,
 )
-from nerfstudio_pruning.methods.viewer import score_output_toggle, turbo_colours, viewer_wants
+from nerfstudio_pruning.methods.viewer import (
+    ORDER_LEGEND,
+    ViewerMarkdown,
+    ViewerOutputs,
+    add_output_if_shown,
+    score_legend,
+)
 from nerfstudio_pruning.pup.schedule import PupSchedule, PupScheduleConfig
 from nerfstudio_pruning.removal import remove_gaussians, reset_optimizer_state
 from nerfstudio_pruning.scoring.scores import ScoreKind, score_gaussians
@@ -62,7 +68,11 @@ class PupGSModel(PortableSplatfactoModel):
         self.register_buffer("sensitivity", torch.zeros(0, dtype=torch.float64))
         self._score_cameras: Optional[Cameras] = None
         self._loaded_step: Optional[int] = None
-        self.sensitivity_toggle = score_output_toggle("Sensitivity output (PUP score percentile)")
+        # The 'sensitivity' output, rendered only while the viewer shows it (see methods/viewer.py).
+        self.viewer_outputs = ViewerOutputs()
+        self.sensitivity_legend = ViewerMarkdown("Sensitivity legend", score_legend(
+            "sensitivity", what="per pixel, the PUP score percentile of its Gaussians (after the first round)",
+            low="lowest score, pruned first", high="kept longest"), order=ORDER_LEGEND)
 
     def step_post_backward(self, step: int) -> None:
         if self.schedule.pruning_started(step):
@@ -146,8 +156,14 @@ class PupGSModel(PortableSplatfactoModel):
     # -- viewer --------------------------------------------------------------------------------------------------
     def get_outputs(self, camera: Cameras) -> Dict:
         outputs = super().get_outputs(camera)
-        if not self.training and viewer_wants(self.sensitivity_toggle) and self.sensitivity.numel() == self.num_points:
-            percentile = torch.argsort(torch.argsort(self.sensitivity)).float() / max(self.num_points - 1, 1)
-            # blue: pruned first; red: kept longest
-            outputs["sensitivity"] = self.render_with_colours(camera, turbo_colours(percentile))
+        # Scores exist once a round has run; Gaussians are never added after it.
+        if not self.training and self.sensitivity.numel() == self.num_points:
+            add_output_if_shown(outputs, "sensitivity", self.viewer_outputs,
+                                lambda: self.render_value_image(camera, self.sensitivity_percentile()))
         return outputs
+
+    def sensitivity_percentile(self) -> torch.Tensor:
+        """[N] rank of each Gaussian's last-round score among the current Gaussians, in [0, 1]: 0 is the lowest
+        score (a further round would prune it first), 1 the highest."""
+        ranks = torch.argsort(torch.argsort(self.sensitivity))
+        return ranks.float() / max(self.num_points - 1, 1)

@@ -4,17 +4,25 @@ Built explicitly rather than by copying `method_configs["splatfacto"]`: importin
 a plugin that nerfstudio itself is importing gives a circular import.
 
 `PruningTrainer` is nerfstudio's trainer plus checks that turn the usual ways a run goes wrong into one clear
-line (`InputError`, exit status 1) before anything is loaded, trained or overwritten: a missing data path, a
-dataset without seed points, a checkpoint that holds no Gaussians, an empty model, or one trained on another
-scene. An `InputError` raised during training (a pruning schedule the model cannot satisfy, NaN scores) first
-saves a checkpoint of the model as it was, so no training is lost.
+line (`InputError`, exit status 1) before anything is loaded, trained or overwritten: a missing data path, no
+training images or one without pixels, training images of several sizes for a method that scores Gaussians on
+them (pup-gs, vedal-gs; found at the first scoring, thousands of steps in, otherwise), a scoring downscale that
+leaves no pixel, a dataset without seed points, a checkpoint that holds no Gaussians, an empty model, or one
+trained on another scene. An `InputError` raised during training (a pruning schedule the model cannot satisfy,
+NaN scores) first saves a checkpoint of the model as it was, so no training is lost.
+
+It also makes nerfstudio's terminal progress ("step (percent)" and ETA) count the steps of this run: nerfstudio
+computes both as if every run started at step 0, so a post-hoc or resumed run showed e.g. "30500 (305.00%)"
+and a meaningless ETA.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Type
@@ -29,12 +37,15 @@ from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.models.base_model import ModelConfig
+from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 from nerfstudio_pruning.errors import InputError, PruningRefused
 from nerfstudio_pruning.methods.checkpoints import numpy_scalars_allowed
 from nerfstudio_pruning.methods.pipeline import PruningPipelineConfig
+from nerfstudio_pruning.pup.schedule import PupScheduleConfig
+from nerfstudio_pruning.vedal.controller import VedalConfig
 
 
 @dataclass
@@ -49,6 +60,7 @@ class PruningTrainer(Trainer):
         with _reported_in_one_line(on_error=self._stop_viewer):
             self._check_data_path()
             super().setup(test_mode=test_mode)
+        show_progress_of_this_run(self._start_step, self.config.max_num_iterations)
 
     def train(self) -> None:
         with _reported_in_one_line(on_error=self._save_before_exit):
@@ -78,6 +90,10 @@ class PruningTrainer(Trainer):
             raise InputError(f"data path {data} does not exist")
 
     def _load_checkpoint(self) -> None:
+        # The first point of setup where the training cameras exist; nothing has been loaded yet.
+        model_config = self.pipeline.model.config
+        check_training_views(self.pipeline.datamanager.train_dataset.cameras, scoring_downscale(model_config),
+                             self.config.method_name)
         path = checkpoint_to_load(self.config)
         if path is None:
             self._check_model_to_train_from_scratch()
@@ -94,7 +110,8 @@ class PruningTrainer(Trainer):
             self.config.save_config()
         end = self._start_step + self.config.max_num_iterations - 1
         CONSOLE.print(f"continuing from step {self._start_step - 1}: this run trains steps {self._start_step} to {end} "
-                      "(nerfstudio counts --max-num-iterations from the loaded step)", soft_wrap=True)
+                      "(nerfstudio counts --max-num-iterations from the loaded step; the progress percentage and ETA "
+                      "count this run's steps)", soft_wrap=True)
 
     def _check_model_to_train_from_scratch(self) -> None:
         model = self.pipeline.model
@@ -130,6 +147,80 @@ class PruningTrainer(Trainer):
                 f"{not np.allclose(their_transform, ours_transform, atol=1e-4)}); its Gaussians would not line up "
                 "with these images"
             )
+
+
+def scoring_downscale(model_config) -> Optional[int]:
+    """The downscale at which the method scores Gaussians on the training views (pup-gs: fisher_downscale;
+    vedal-gs with its gate: importance_downscale), or None when it scores nothing (splatfacto, VEDAL's
+    ungated ablation)."""
+    if isinstance(model_config, PupScheduleConfig):
+        return int(getattr(model_config, "fisher_downscale", 1))
+    if isinstance(model_config, VedalConfig) and model_config.use_gate:
+        return int(model_config.importance_downscale)
+    return None
+
+
+def check_training_views(cameras, scoring_downscale: Optional[int], method: str) -> None:
+    """InputError unless there are training views, each with pixels, and, for a method that scores Gaussians on
+    them (`scoring_downscale` not None), they share one size that keeps a pixel at 1/scoring_downscale.
+
+    The scores render all training views as one batch of one image size (`Views`); without this check a scene
+    of mixed sizes would train for thousands of steps and then fail at the first scoring.
+    """
+    widths = [int(w) for w in cameras.width.reshape(-1).tolist()]
+    heights = [int(h) for h in cameras.height.reshape(-1).tolist()]
+    if not widths:
+        raise InputError("the dataset has no training images")
+    empty = [i for i, (w, h) in enumerate(zip(widths, heights)) if w < 1 or h < 1]
+    if empty:
+        raise InputError(f"{len(empty)} training image(s) have no pixels (the first, #{empty[0]}, is "
+                         f"{widths[empty[0]]}x{heights[empty[0]]}); remove them from the dataset")
+    if scoring_downscale is None:
+        return
+    sizes = Counter(zip(widths, heights))
+    if len(sizes) > 1:
+        listed = ", ".join(f"{w}x{h} ({n} images)" for (w, h), n in sizes.most_common(4))
+        raise InputError(f"{method} scores Gaussians on all training views at one image size, but this dataset mixes "
+                         f"{len(sizes)} sizes: {listed}{', ...' if len(sizes) > 4 else ''}; resize the images to one size")
+    (width, height), = sizes
+    if int(width / scoring_downscale) < 1 or int(height / scoring_downscale) < 1:
+        raise InputError(f"{method} scores at 1/{scoring_downscale} of the {width}x{height} training images, which "
+                         "leaves no pixel; choose a smaller scoring downscale")
+
+
+def show_progress_of_this_run(first_step: int, steps: int) -> None:
+    """Make nerfstudio's terminal progress count the steps of this run, first_step .. first_step + steps - 1.
+
+    nerfstudio prints "step (step / max_iter %)" and an ETA of (max_iter - step) x the mean step time, with
+    max_iter = --max-num-iterations, i.e. as if every run started at step 0. The ETA becomes right with max_iter
+    set to the run's end; the percentage of the printed line is computed from a max_iter that makes
+    step / max_iter equal this run's fraction, (step - first_step) / steps, set for that one line only. A run
+    from step 0 prints exactly what nerfstudio prints.
+    """
+    buffer = writer.GLOBAL_BUFFER
+    if "max_iter" not in buffer:  # no local writer was set up (not the main process)
+        return
+    buffer["max_iter"] = first_step + steps
+    for local_writer in writer.EVENT_WRITERS:
+        if isinstance(local_writer, writer.LocalWriter):
+            _print_this_runs_fraction(local_writer, first_step, steps)
+
+
+def _print_this_runs_fraction(local_writer, first_step: int, steps: int) -> None:
+    nerfstudio_print_stats = getattr(local_writer, "_nsp_nerfstudio_print_stats", local_writer._print_stats)
+
+    def print_stats(latest_map, padding=" "):
+        buffer = writer.GLOBAL_BUFFER
+        step, end = buffer["step"], buffer["max_iter"]
+        done = step - first_step
+        buffer["max_iter"] = step * steps / done if done > 0 else math.inf  # step / max_iter = done / steps
+        try:
+            nerfstudio_print_stats(latest_map, padding)
+        finally:
+            buffer["max_iter"] = end
+
+    local_writer._nsp_nerfstudio_print_stats = nerfstudio_print_stats
+    local_writer._print_stats = print_stats
 
 
 def checkpoint_to_load(config: TrainerConfig) -> Optional[Path]:

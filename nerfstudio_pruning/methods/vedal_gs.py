@@ -17,7 +17,7 @@ export then holds only the retained Gaussians even before the hard removal, with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -25,12 +25,19 @@ from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackAttrib
 from nerfstudio.models.splatfacto import resize_image
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
-from nerfstudio.viewer.viewer_elements import ViewerSlider, ViewerText
 from torch import Tensor
 
 from nerfstudio_pruning.errors import InputError, PruningRefused
 from nerfstudio_pruning.methods.base import PortableSplatfactoModel, PortableSplatfactoModelConfig, views_from_cameras
-from nerfstudio_pruning.methods.viewer import score_output_toggle, turbo_colours, viewer_wants
+from nerfstudio_pruning.methods.viewer import (
+    ORDER_COUNT,
+    ORDER_LEGEND,
+    ThresholdSlider,
+    ViewerMarkdown,
+    ViewerOutputs,
+    add_output_if_shown,
+    score_legend,
+)
 from nerfstudio_pruning.removal import remove_gaussians
 from nerfstudio_pruning.scoring.importance import leave_one_out_importance
 from nerfstudio_pruning.vedal.controller import VedalConfig, VedalController
@@ -57,16 +64,24 @@ class VedalGSModel(PortableSplatfactoModel):
         self.retention_head = RetentionHead(self.vedal.head_config)
         self._train_cameras: Optional[Cameras] = None
         self._train_images: Optional[List[Dict[str, Tensor]]] = None
-        self.retention_threshold_slider = ViewerSlider(
-            "Retention threshold", 0.5, 0.01, 0.99, 0.01,
-            cb_hook=lambda _: self.update_kept_count_text(),
-            hint="Gated Gaussians with retention probability p below this are hidden (0.5 is what the hard removal uses)",
+        # -- viewer (methods/viewer.py) --
+        self.retention_threshold_slider = ThresholdSlider(
+            "Retention threshold", 0.5, 0.01, 0.99, 0.01, marks=(0.01, 0.5, 0.99),
+            on_move=self.threshold_moved,
+            hint="Hides gated Gaussians whose retention probability p is below this; 0.5 is what the hard removal "
+                 "uses. Gated: eligible for pruning once its importance estimate has converged.",
         )
-        self.kept_count_text = ViewerText(
-            "Gaussians kept", "", disabled=True, hint="Gaussians that remain at the retention threshold"
-        )
-        # 'retention' output: every Gaussian, hidden ones included, coloured by p (blue: about to go, red: kept)
-        self.retention_toggle = score_output_toggle("Retention output (p per Gaussian)")
+        self.kept_count_text = ViewerMarkdown("Gaussians shown", "", order=ORDER_COUNT)
+        # 'retention' output: every Gaussian, hidden ones included, drawn with its p.
+        self.viewer_outputs = ViewerOutputs()
+        self.retention_legend = ViewerMarkdown("Retention legend", score_legend(
+            "retention", what="per pixel, the retention probability p of its Gaussians, hidden ones included",
+            low="hidden first once gated", high="kept"), order=ORDER_LEGEND)
+        # What the viewer counts from, replaced as a whole by the thread that holds the model (training or
+        # rendering) and read by the slider's thread: (number of Gaussians, retention logits, gated mask).
+        self._kept_count_inputs: Optional[Tuple[int, Tensor, Tensor]] = None
+        # (step, Gaussians before, after) of a hard removal made in this process; checkpoints do not record it.
+        self._hard_removal: Optional[Tuple[int, int, int]] = None
 
     # -- retention probabilities and masks -----------------------------------------------------------------------
     def head_logits(self) -> Tensor:
@@ -138,7 +153,7 @@ class VedalGSModel(PortableSplatfactoModel):
             CONSOLE.print(f"[bold]vedal-gs[/bold]: fine-tuning from step {step} with {self.num_points} Gaussians ({mode})")
         if refreshed:
             self.log_state(step)
-            self.update_kept_count_text()
+            self.refresh_kept_count()
 
     def hard_prune_if_due(self, step: int) -> None:
         if self.vedal.hard_prune_due(step):
@@ -168,7 +183,8 @@ class VedalGSModel(PortableSplatfactoModel):
         )
         writer.put_scalar("vedal/removed", removed, step)
         self.log_state(step)
-        self.update_kept_count_text()
+        self._hard_removal = (step, n_before, self.num_points)
+        self.refresh_kept_count()
         return removed
 
     # -- importance ----------------------------------------------------------------------------------------------
@@ -210,11 +226,10 @@ class VedalGSModel(PortableSplatfactoModel):
                     outputs = super().get_outputs(camera)
                 return {**outputs, "retention_logits": logits}  # for get_loss_dict's regulariser
         outputs = super().get_outputs(camera)
-        if not self.training and not self._render_overrides:
-            self.update_kept_count_text()
-            if viewer_wants(self.retention_toggle):
-                p = torch.sigmoid(self.retention_logits())
-                outputs["retention"] = self.render_with_colours(camera, turbo_colours(p))
+        if not self.training and not self._render_overrides and self.viewer_outputs.attached:
+            self.refresh_kept_count()
+            add_output_if_shown(outputs, "retention", self.viewer_outputs,
+                                lambda: self.render_value_image(camera, torch.sigmoid(self.retention_logits())))
         return outputs
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
@@ -232,16 +247,43 @@ class VedalGSModel(PortableSplatfactoModel):
         for name, value in self.vedal.scalars(self.retention_logits(), self.gated_mask(), step).items():
             writer.put_scalar(f"vedal/{name}", value, step)
 
-    def kept_count_description(self) -> str:
-        n = self.num_points
-        kept = n - int(self.hidden_mask().sum())
-        return f"{kept} of {n} ({100.0 * kept / max(n, 1):.1f}%)"
+    @torch.no_grad()
+    def kept_count_inputs(self) -> Tuple[int, Tensor, Tensor]:
+        """(number of Gaussians, retention logits, gated mask): what the count is computed from."""
+        gated = self.gated_mask()
+        logits = self.retention_logits() if gated.any() else torch.zeros(gated.shape, device=gated.device)
+        return self.num_points, logits, gated
 
-    def update_kept_count_text(self) -> None:
-        description = self.kept_count_description()
-        # Assigning a viewer element's value re-renders the viewer: assign only on a change.
-        if self.kept_count_text.value != description:
-            self.kept_count_text.value = description
+    def refresh_kept_count(self) -> None:
+        """Take the count's inputs from the model and show the count; by the thread that holds the model."""
+        self._kept_count_inputs = self.kept_count_inputs()
+        self.update_kept_count_text()
+
+    def threshold_moved(self, threshold: float) -> None:
+        """The slider moved (viser's thread, maybe while a frame renders): count at once, then ask for a frame."""
+        self.update_kept_count_text(threshold)
+        self.viewer_outputs.rerender()
+
+    def kept_count_description(self, threshold: Optional[float] = None) -> str:
+        """'<shown> of <N> shown' at `threshold` (default: the slider's), and why the others are not shown. Counted
+        from the inputs of the last refresh (a render or a training refresh) when there was one: the slider's
+        thread must not read the model while training changes it."""
+        n, logits, gated = self._kept_count_inputs or self.kept_count_inputs()
+        threshold = float(self.retention_threshold_slider.value) if threshold is None else threshold
+        hidden = int(self.vedal.hidden_mask(logits, gated, threshold).sum())
+        if not self.vedal.finetuning_started:
+            why = f"none gated before fine-tuning (step {self.config.finetune_start_step:,})"
+        else:
+            why = f"{hidden:,} of the {int(gated.sum()):,} gated have p < {threshold:.2f}"
+        if self.vedal.pruned and self._hard_removal is not None:
+            step, before, after = self._hard_removal
+            why += f"; hard removal at step {step:,}: {before:,} -> {after:,}"
+        elif self.vedal.pruned:
+            why += "; the hard removal (gated, p < 0.5) already ran: checkpoints do not keep the count before it"
+        return f"{n - hidden:,} of {n:,} shown ({why})"
+
+    def update_kept_count_text(self, threshold: Optional[float] = None) -> None:
+        self.kept_count_text.content = f"**Gaussians shown**: {self.kept_count_description(threshold)}"
 
     def get_image_metrics_and_images(self, outputs, batch):
         metrics, images = super().get_image_metrics_and_images(outputs, batch)

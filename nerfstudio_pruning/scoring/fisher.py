@@ -12,8 +12,9 @@ Memory beyond `pair_stats` (measured as in its docstring): the M terms take 40 f
 on top of the statistics, ~0.75 KB per pair of a chunk in all (+1.1 GB for 1.5 M pairs in one chunk). Per
 Gaussian: the [N, 6, 6] float64 result (288 bytes) and the [N, 40] float64 M accumulator (320 bytes), plus the
 per-view projection (~300 bytes); the float64 forward-mode Jacobians are taken in slices of `gaussian_chunk`
-Gaussians (~4 KB each at SH degree 3, ~0.25 GB per slice). Measured end to end, one 32 x 32 view of 1 M
-Gaussians: +1.95 GB over the model, ~1.3 GB of it `find_pairs`' candidate buffers.
+Gaussians (~4 KB each at SH degree 3, ~0.25 GB per slice). Pair enumeration is bounded separately (its
+formula is in `render/pairs.py`); the 1.3 GB of candidate buffers once measured for one 32 x 32 view of 1 M
+Gaussians came from the unbatched enumeration it replaced.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def fisher_blocks(
     downscale: float = 1,
     tile_size: int = 16,
     progress: bool = True,
-    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+    chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS,
     gaussian_chunk: int = DEFAULT_GAUSSIAN_CHUNK,
 ) -> Tensor:
     """[N, 6, 6] float64 exact Fisher blocks over (mean, log-scale), summed over the views given.

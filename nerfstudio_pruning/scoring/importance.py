@@ -64,7 +64,7 @@ def leave_one_out_importance(
     loss: str = "l1",
     tile_size: int = 16,
     progress: bool = True,
-    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+    chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS,
 ) -> Tensor:
     """[N] float64 loss increase, summed over views and pixels, when each Gaussian alone is removed.
 

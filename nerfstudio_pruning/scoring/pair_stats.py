@@ -8,26 +8,37 @@ and never hold a pixels x Gaussians array. The derivations are in docs/methods.m
 
 Conventions (as `render/pairs.py`): pixel centres at (x + 0.5, y + 0.5); dx = mean2d_x - (x + 0.5); the conic
 (a, b, c) gives sigma = 0.5 (a dx^2 + c dy^2) + b dx dy; alpha = min(ALPHA_MAX, o exp(-sigma)); opacities are
-effective ones (antialiasing compensation included). Statistics are float64 whatever the model's dtype, so
-that sums over millions of pairs, and S / (1 - alpha) at the 0.999 clamp (a x1000 amplification), keep their
-precision.
+effective ones (antialiasing compensation included).
 
-Memory, for someone sizing a run (Q = `chunk_pairs`). Figures measured on CPU as growth of peak RSS, float32
-model, SH degree 3; per-pair chunk costs from one chunk holding a view's 1.5 M pairs against 2**16-pair chunks:
+Precision, per device. The reductions run in float64 everywhere: the segmented sums behind T and S (one global
+cumsum minus its value at each pixel's start, which in float32 would lose the running total's digits) and the
+per-Gaussian sums of `sum_over_pairs`. The per-pair values themselves (`PairStatistics`) are float64 on CPU and
+for float64 models, where it costs little, and float32 on CUDA for float32 models: consumer GPUs run float64 at
+1/32 to 1/64 of float32. Cast back to float32 only after its float64 reduction, S keeps float32's relative
+precision, and S / (1 - alpha) at the 0.999 clamp stays within ~1e-7 of T (S <= T (1 - alpha) max c).
+`statistics_dtype` overrides the choice (tests and benchmarks run the CUDA precision on CPU with it).
+
+Chunks are whole pixels of about `chunk_pairs` pairs (default: `default_chunk_pairs(device)`, 2^20 on CPU, 2^21
+on CUDA); a chunk holds at most chunk_pairs + 2345 pairs (a pixel composites at most 2345). Chunk boundaries are
+found for the whole list at once, so the loop over chunks makes no host round trip of its own.
+
+Memory, for someone sizing a run (Q = pairs of one chunk). Figures measured on CPU as growth of peak RSS, float32
+model, SH degree 3, float64 statistics; per-pair chunk costs from one chunk holding a view's 1.5 M pairs against
+2**16-pair chunks:
 - projection: ~300 bytes per Gaussian at its peak (gsplat's torch projection and SH temporaries), per view;
-- enumeration keeps the view's pair list, 16 bytes per pair (int64 pixel and row), but `find_pairs` peaks well
-  above that with its candidate buffers: ~0.5 GB for a 256 x 256 view with 1.5 M pairs (20 k Gaussians), and
-  ~1.3 GB for 1 M Gaussians all inside a 32 x 32 view (tile footprints make candidates scale with Gaussians);
+- enumeration keeps the view's pair list, 16 bytes per pair (int64 pixel and row); `find_pairs` bounds its
+  candidate buffers to one batch (its docstring states the formula);
 - one chunk of `PairStatistics` holds 21 float64 numbers, 3 int64 and a bool per pair (~195 bytes with 3
-  colour channels) and builds them through a few more; measured growth ~0.25 KB per pair of a chunk, i.e.
-  ~0.25 GB for the default Q = 2**20.
+  colour channels; ~110 in float32) and builds them through a few more; measured growth ~0.25 KB per pair of a
+  chunk, i.e. ~0.25 GB for Q = 2**20.
 Consumers add their own per-pair and per-Gaussian buffers; `fisher.py` and `importance.py` state theirs.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,8 +47,39 @@ from nerfstudio_pruning.render.pairs import Pairs, enumerate_pairs, pair_terms, 
 from nerfstudio_pruning.render.projection import ProjectedGaussians, project
 from nerfstudio_pruning.types import Gaussians, Views
 
-# ~0.25 GB of statistics per chunk, ~0.75 GB with the Fisher terms (docstrings): fits beside a training run.
-DEFAULT_CHUNK_PAIRS = 1 << 20
+# ~0.25 GB of statistics per chunk on CPU, ~0.75 GB with the Fisher terms (docstrings): fits beside a training
+# run. On CUDA the float32 statistics take about half as much per pair; twice the pairs, half the launches.
+CPU_CHUNK_PAIRS = 1 << 20
+CUDA_CHUNK_PAIRS = 1 << 21
+# None: `default_chunk_pairs` of the device the statistics are computed on.
+DEFAULT_CHUNK_PAIRS: Optional[int] = None
+
+_dtype_override: Optional[torch.dtype] = None
+
+
+def default_chunk_pairs(device: torch.device) -> int:
+    return CUDA_CHUNK_PAIRS if torch.device(device).type == "cuda" else CPU_CHUNK_PAIRS
+
+
+def pair_statistics_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-pair values: float64 on CPU and for float64 models, float32 for float32 models on CUDA
+    (module docstring), unless `statistics_dtype` overrides it."""
+    if _dtype_override is not None:
+        return _dtype_override
+    if model_dtype == torch.float64 or torch.device(device).type != "cuda":
+        return torch.float64
+    return torch.float32
+
+
+@contextlib.contextmanager
+def statistics_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Compute per-pair statistics in `dtype` inside the block, whatever the device (reductions stay float64)."""
+    global _dtype_override
+    previous, _dtype_override = _dtype_override, dtype
+    try:
+        yield
+    finally:
+        _dtype_override = previous
 
 
 def project_gaussians(gaussians: Gaussians, views: Views) -> ProjectedGaussians:
@@ -62,7 +104,8 @@ def project_and_enumerate(gaussians: Gaussians, views: Views, tile_size: int = 1
 
 @dataclass
 class PairStatistics:
-    """One chunk of pairs (whole pixels only) with everything the pruning scores need. All float64.
+    """One chunk of pairs (whole pixels only) with everything the pruning scores need, in the dtype of
+    `pair_statistics_dtype` (float64 on CPU, float32 on CUDA for a float32 model).
 
     Gradients are of the pixel value I (per channel) with respect to the pair's Gaussian's projected
     quantities in this view. Where alpha sits on the ALPHA_MAX clamp, alpha does not move with mean2d, conic
@@ -102,28 +145,37 @@ class PairStatistics:
         )
 
 
-def _chunk_bounds(pixel: Tensor, chunk_pairs: int) -> Iterator[tuple[int, int]]:
+def _chunk_bounds(pixel: Tensor, chunk_pairs: int) -> List[Tuple[int, int]]:
     """Split a pixel-sorted pair list into ranges of about `chunk_pairs` pairs that never split a pixel.
 
-    A pixel's T and S need all of its pairs; a single pixel longer than the budget gets a chunk of its own.
+    Cuts every `chunk_pairs` pairs, each moved back to the start of its pixel (forward to its end when that
+    pixel began before the previous cut: a pixel longer than the budget gets a chunk of its own). All cuts are
+    found on the device at once and fetched in one transfer.
     """
-    n = pixel.shape[0]
-    start = 0
-    while start < n:
-        end = min(start + chunk_pairs, n)
-        if end < n:
-            end = int(torch.searchsorted(pixel, pixel[end], right=False))
-            if end <= start:
-                end = int(torch.searchsorted(pixel, pixel[start], right=True))
-        yield start, end
-        start = end
+    n = int(pixel.shape[0])
+    if n <= chunk_pairs:
+        return [(0, n)] if n else []
+    cut_at = pixel[torch.arange(chunk_pairs, n, chunk_pairs, device=pixel.device)]
+    pixel_starts = torch.searchsorted(pixel, cut_at, right=False)
+    pixel_ends = torch.searchsorted(pixel, cut_at, right=True)
+    bounds, start = [], 0
+    for pixel_start, pixel_end in zip(*torch.stack([pixel_starts, pixel_ends]).tolist()):
+        end = pixel_start if pixel_start > start else pixel_end
+        if end > start:
+            bounds.append((start, end))
+            start = end
+    if start < n:
+        bounds.append((start, n))
+    return bounds
 
 
-def _background_per_pixel(backgrounds: Optional[Tensor], n_cameras: int, channels: int, like: Tensor) -> Tensor:
-    """[C, D] float64 background of each camera; black when none is given."""
+def _background_per_pixel(
+    backgrounds: Optional[Tensor], n_cameras: int, channels: int, like: Tensor, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """[C, D] background of each camera; black when none is given."""
     if backgrounds is None:
-        return torch.zeros(n_cameras, channels, dtype=torch.float64, device=like.device)
-    bg = backgrounds.detach().to(device=like.device, dtype=torch.float64)
+        return torch.zeros(n_cameras, channels, dtype=dtype, device=like.device)
+    bg = backgrounds.detach().to(device=like.device, dtype=dtype)
     if bg.dim() == 1:
         bg = bg[None].expand(n_cameras, -1)
     if bg.shape != (n_cameras, channels):
@@ -134,65 +186,73 @@ def _background_per_pixel(backgrounds: Optional[Tensor], n_cameras: int, channel
 
 
 def iter_pair_statistics(
-    proj: ProjectedGaussians, pairs: Pairs, views: Views, chunk_pairs: int = DEFAULT_CHUNK_PAIRS
+    proj: ProjectedGaussians, pairs: Pairs, views: Views, chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS
 ) -> Iterator[PairStatistics]:
     """Statistics of `pairs` (from `project_and_enumerate` on the same views), in chunks of whole pixels.
 
     Runs under `no_grad` on proj's device; backgrounds come from `views` (black if None).
     """
     n_cameras, width, height, backgrounds = len(views), views.width, views.height, views.backgrounds
+    device = proj.means2d.device
+    if chunk_pairs is None:
+        chunk_pairs = default_chunk_pairs(device)
+    dtype = pair_statistics_dtype(device, proj.means2d.dtype)
     with torch.no_grad():
-        # One float64 copy of the per-row quantities; per-pair values are then recomputed in float64, so the
-        # statistics carry the precision the Fisher and importance sums need even for a float32 model.
-        proj64 = ProjectedGaussians(
-            means2d=proj.means2d.detach().double(),
-            conics=proj.conics.detach().double(),
-            opacities=proj.opacities.detach().double(),
+        # One copy of the per-row quantities in the statistics' dtype; per-pair values are recomputed from it.
+        proj_work = ProjectedGaussians(
+            means2d=proj.means2d.detach().to(dtype),
+            conics=proj.conics.detach().to(dtype),
+            opacities=proj.opacities.detach().to(dtype),
             depths=proj.depths.detach(),
             radii=proj.radii,
-            colors=proj.colors.detach().double(),
+            colors=proj.colors.detach().to(dtype),
             camera_ids=proj.camera_ids,
             gaussian_ids=proj.gaussian_ids,
         )
-        channels = proj64.colors.shape[-1]
-        bg = _background_per_pixel(backgrounds, n_cameras, channels, proj64.colors)
+        channels = proj_work.colors.shape[-1]
+        # float64: it joins S in the float64 reduction.
+        bg = _background_per_pixel(backgrounds, n_cameras, channels, proj_work.colors)
         pixels_per_camera = width * height
         for start, end in _chunk_bounds(pairs.pixel, chunk_pairs):
             chunk = Pairs(pixel=pairs.pixel[start:end], row=pairs.row[start:end])
-            yield _chunk_statistics(proj64, chunk, width, height, bg, pixels_per_camera)
+            yield _chunk_statistics(proj_work, chunk, width, height, bg, pixels_per_camera)
 
 
 def _chunk_statistics(
-    proj64: ProjectedGaussians, pairs: Pairs, width: int, height: int, bg: Tensor, pixels_per_camera: int
+    proj_work: ProjectedGaussians, pairs: Pairs, width: int, height: int, bg: Tensor, pixels_per_camera: int
 ) -> PairStatistics:
-    terms = pair_terms(proj64, pairs, width, height)
+    terms = pair_terms(proj_work, pairs, width, height)
     alpha, transmittance, clamped, starts = terms.alpha, terms.transmittance, terms.clamped, terms.starts
+    dtype = alpha.dtype
     n = alpha.shape[0]
     rows = pairs.row
-    color = proj64.colors[rows]
+    color = proj_work.colors[rows]
     weight = transmittance * alpha
 
-    # Index of the last pair of each pair's pixel: the inclusive sums there are the pixel's totals.
+    # Index of the last pair of each pair's pixel (the inclusive sums there are the pixel's totals): the first
+    # pixel end at or after the pair, by a reversed running minimum (no host round trip, unlike nonzero).
+    index = torch.arange(n, device=alpha.device)
     is_last = torch.ones(n, dtype=torch.bool, device=alpha.device)
     if n > 1:
         is_last[:-1] = pairs.pixel[1:] != pairs.pixel[:-1]
-    last_positions = torch.nonzero(is_last).squeeze(1)
-    segment_of_pair = torch.cumsum(starts == torch.arange(n, device=alpha.device), 0) - 1
-    last_of_pair = last_positions[segment_of_pair]
+    last_of_pair = torch.flip(torch.cummin(torch.flip(torch.where(is_last, index, n), [0]), dim=0).values, [0])
+    del index, is_last
 
-    # segmented_cumsum's global cumsum loses about eps64 x (running total); the running total grows by at most
-    # max colour per pixel (the weights of a pixel sum to <= 1), so S keeps ~1e-16 x pixels-per-chunk absolute
-    # precision, ample even after S / (1 - alpha) multiplies it by 1000 at the clamp.
+    # The reductions, in float64 (segmented_cumsum returns float64): its global cumsum loses about eps64 x
+    # (running total); the running total grows by at most max colour per pixel (the weights of a pixel sum to
+    # <= 1), so S keeps ~1e-16 x pixels-per-chunk absolute precision before the cast to the statistics' dtype.
     composited_upto = segmented_cumsum(weight[:, None] * color, starts, exclusive=False)
     composited_total = composited_upto[last_of_pair]
     log_t_end = segmented_cumsum(torch.log1p(-alpha), starts, exclusive=False)[last_of_pair]
     background = torch.exp(log_t_end)[:, None] * bg[pairs.pixel // pixels_per_camera]
-    behind = composited_total - composited_upto + background
-    pixel_color = composited_total + background
+    del log_t_end, last_of_pair
+    behind = (composited_total - composited_upto + background).to(dtype)
+    pixel_color = (composited_total + background).to(dtype)
+    del composited_upto, composited_total, background
 
     dI_dalpha = transmittance[:, None] * color - behind / (1.0 - alpha[:, None])
 
-    conic = proj64.conics[rows]
+    conic = proj_work.conics[rows]
     a, b, c = conic[:, 0], conic[:, 1], conic[:, 2]
     dx, dy = terms.dx, terms.dy
     active = (~clamped).to(alpha.dtype)
@@ -206,7 +266,7 @@ def _chunk_statistics(
     return PairStatistics(
         pixel=pairs.pixel,
         row=rows,
-        gaussian=proj64.gaussian_ids[rows],
+        gaussian=proj_work.gaussian_ids[rows],
         alpha=alpha,
         transmittance=transmittance,
         clamped=clamped,
@@ -222,7 +282,7 @@ def _chunk_statistics(
 
 
 def view_pair_statistics(
-    gaussians: Gaussians, views: Views, tile_size: int = 16, chunk_pairs: int = DEFAULT_CHUNK_PAIRS
+    gaussians: Gaussians, views: Views, tile_size: int = 16, chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS
 ) -> Iterator[PairStatistics]:
     """Project, enumerate and yield statistics for the views given, in chunks of whole pixels.
 
@@ -239,11 +299,12 @@ def sum_over_pairs(
     views: Views,
     num_gaussians: int,
     per_pair: Callable[[PairStatistics], Tensor],
-    chunk_pairs: int = DEFAULT_CHUNK_PAIRS,
+    chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS,
 ) -> Tensor:
     """[N, ...] float64 sum, over the pairs of each Gaussian, of `per_pair(stats)` ([P, ...] per chunk).
 
-    The one accumulation every score shares: no pixels x Gaussians array is ever formed.
+    The one accumulation every score shares: no pixels x Gaussians array is ever formed. Per-pair values are
+    widened to float64 before they are added, whatever the statistics' dtype.
     """
     total: Optional[Tensor] = None
     for stats in iter_pair_statistics(proj, pairs, views, chunk_pairs):

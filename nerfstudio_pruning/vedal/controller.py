@@ -148,11 +148,20 @@ class VedalConfig:
 
 class ImportancePassWindow:
     """Importance of the last `slots` refreshes, one slot per refresh: per Gaussian, the sum over the slot's
-    views of each view's mean L1 change, and how many views that was."""
+    views of each view's mean L1 change, and how many views that was.
+
+    Stored in float32: [slots, N] with one slot per refresh of a pass (25 for 200 training views at 8 per
+    refresh) is 100 MB at a million Gaussians, in memory and in every checkpoint, against 200 MB in float64. A
+    slot holds one refresh's sum, already reduced in float64 by the scores, and the gate compares changes of its
+    EMA far above float32's 1e-7 relative precision; the mean over the slots is taken in float64. Windows saved
+    in float64 by earlier versions load cast to float32.
+    """
+
+    DTYPE = torch.float32
 
     def __init__(self, slots: int, num_gaussians: int, device: torch.device) -> None:
         self.slots = slots
-        self.sums = torch.zeros(slots, num_gaussians, dtype=torch.float64, device=device)
+        self.sums = torch.zeros(slots, num_gaussians, dtype=self.DTYPE, device=device)
         self.view_counts = [0] * slots
 
     @property
@@ -170,10 +179,19 @@ class ImportancePassWindow:
 
     def mean_per_view(self) -> Tensor:
         """[N] float32 mean L1 change of a view, averaged over every view in the window."""
-        return (self.sums.sum(dim=0) / max(sum(self.view_counts), 1)).float()
+        # Slot by slot into one float64 vector: no [slots, N] float64 copy.
+        total = self.sums[0].double()
+        for slot in range(1, self.slots):
+            total += self.sums[slot]
+        return (total / max(sum(self.view_counts), 1)).float()
 
     def select(self, keep: Tensor) -> None:
         self.sums = self.sums[:, keep.to(self.sums.device)]
+
+    def load_sums(self, sums: Tensor, view_counts: List[int]) -> None:
+        """Restore saved sums (float32, or float64 from checkpoints written before the window was float32)."""
+        self.sums = sums.to(device=self.sums.device, dtype=self.DTYPE)
+        self.view_counts = [int(c) for c in view_counts]
 
 
 MeasureImportance = Callable[[List[int]], Tensor]
@@ -384,7 +402,7 @@ class VedalController:
     def state_dict(self) -> Dict[str, Any]:
         """Plain tensors and numbers, so checkpoints load with torch.load(weights_only=True).
 
-        The importance window is saved too ([slots, N] float64, ~5 refreshes' worth of one number per Gaussian):
+        The importance window is saved too ([slots, N] float32, ~5 refreshes' worth of one number per Gaussian):
         without it a resumed gate would wait a whole pass for its next observation and open later than in the
         uninterrupted run."""
         frozen, window = self.frozen_logits, self.window
@@ -396,7 +414,8 @@ class VedalController:
             "refresh_count": int(self.refresh_count),
             "pruned": bool(self.pruned),
             "frozen_retention_logits": torch.zeros(0) if frozen is None else frozen.detach().cpu().clone(),
-            "importance_sums": torch.zeros(0, dtype=torch.float64) if window is None else window.sums.cpu().clone(),
+            "importance_sums": (torch.zeros(0, dtype=ImportancePassWindow.DTYPE) if window is None
+                                else window.sums.cpu().clone()),
             "importance_view_counts": [] if window is None else list(window.view_counts),
         }
 
@@ -416,5 +435,4 @@ class VedalController:
         sums, counts = state["importance_sums"], state["importance_view_counts"]
         if sums.numel():
             self.window = ImportancePassWindow(sums.shape[0], sums.shape[1], self.device)
-            self.window.sums = sums.to(self.device, torch.float64)
-            self.window.view_counts = [int(c) for c in counts]
+            self.window.load_sums(sums, counts)

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The GPU kit, on a machine with Python 3.12, torch + CUDA, nvcc and ninja, and no nerfstudio and no registry.
+# From the repository root:
+#
+#   bash benchmarks/gpu/run_all.sh                      # every stage: setup parity scores memory pairs
+#   bash benchmarks/gpu/run_all.sh setup quick          # or some of them, in the order given
+#
+# Before any stage, the carried wheels (benchmarks/gpu/wheels, made by fetch_wheels.sh) whose package is missing
+# are installed into benchmarks/gpu/cache/site (nothing outside the checkout changes).
+#   setup   the machine (GPU, driver, nvcc), then gsplat's CUDA extension: built once per machine (minutes) into
+#           benchmarks/gpu/cache, or loaded from benchmarks/gpu/cache/gsplat_cuda when a build for this torch,
+#           CUDA and GPU is there (every script also builds it on first use)
+#   quick   every script with --quick: a minute, that the kit works on this machine at all
+#   parity  (a) check_rasterizer_parity.py          scores  (b) check_scores.py
+#   memory  (c) bench_pair_memory.py, bench_scoring_memory.py
+#   pairs   (d) check_pairs_and_layers.py
+#
+# Results: $OUT/gpu_kit (else benchmarks/gpu/results): one JSON per script, a log per stage, summary.md, and
+# after a build gsplat_cuda/ (the extension and its stamp: copy it to benchmarks/gpu/cache/gsplat_cuda/ and carry
+# it next time to skip the build). A failing stage does not stop the next. Each script runs under
+# `timeout $STAGE_TIMEOUT` (default 540 s), so what it wrote comes back even if the command runs out of time.
+set -uo pipefail
+KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$KIT/../.." && pwd)"
+PY="${PYTHON:-python3}"
+CACHE="$KIT/cache"
+SITE="$CACHE/site"
+RESULTS="${OUT:-$KIT/results}/gpu_kit"
+STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
+mkdir -p "$SITE" "$RESULTS"
+export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_EXTENSIONS_DIR="$CACHE/torch_extensions"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONUNBUFFERED=1
+
+stages=("$@")
+[[ ${#stages[@]} -eq 0 ]] && stages=(setup parity scores memory pairs)
+
+install_wheels() {
+  shopt -s nullglob
+  local wheels=("$KIT"/wheels/*.whl)
+  if [[ ${#wheels[@]} -eq 0 ]]; then
+    echo "no wheels in $KIT/wheels: run benchmarks/gpu/fetch_wheels.sh where there is a registry, and carry the folder"
+  fi
+  for wheel in "${wheels[@]}"; do
+    local name check
+    name="$(basename "$wheel" | cut -d- -f1)"
+    case "$name" in
+      markdown_it_py) check="import markdown_it" ;;
+      # render/pairs.py is written against gsplat 1.4.0's kernels: another installed version does not count.
+      gsplat) check="import gsplat; assert gsplat.__version__ == '1.4.0'" ;;
+      *) check="import $name" ;;
+    esac
+    if ! "$PY" -c "$check" 2>/dev/null; then
+      if PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --no-index --no-deps --quiet --target "$SITE" "$wheel"; then
+        echo "installed $(basename "$wheel")"
+      else
+        echo "FAILED to install $(basename "$wheel")"
+      fi
+    fi
+  done
+}
+
+setup() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+  command -v nvcc >/dev/null && nvcc --version | tail -1
+  command -v ninja >/dev/null && echo "ninja $(ninja --version)"
+  "$PY" -c "import gsplat, numpy, tqdm, rich; print('gsplat', gsplat.__version__, 'numpy', numpy.__version__)"
+  "$PY" - "$KIT" <<'EOF'
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device: nothing to build")
+from kit_common import load_gsplat_cuda
+start = time.time()
+print("gsplat CUDA extension:", load_gsplat_cuda(), f"({time.time() - start:.0f} s)")
+EOF
+}
+
+run_script() {  # script [args...]
+  timeout "$STAGE_TIMEOUT" "$PY" "$KIT/$1.py" "${@:2}"
+}
+
+run_stage() {
+  local stage="$1" status=0
+  case "$stage" in
+    setup) setup || status=1 ;;
+    parity) run_script check_rasterizer_parity --out "$RESULTS" || status=1 ;;
+    scores) run_script check_scores --out "$RESULTS" || status=1 ;;
+    memory)
+      run_script bench_pair_memory --out "$RESULTS" || status=1
+      run_script bench_scoring_memory --out "$RESULTS" || status=1 ;;
+    pairs) run_script check_pairs_and_layers --out "$RESULTS" || status=1 ;;
+    quick)
+      for script in check_rasterizer_parity check_scores bench_pair_memory bench_scoring_memory check_pairs_and_layers; do
+        run_script "$script" --quick --out "$RESULTS/quick" || status=1
+      done ;;
+    *) echo "unknown stage $stage (setup quick parity scores memory pairs)"; status=2 ;;
+  esac
+  if [[ -f "$CACHE/gsplat_cuda/gsplat_cuda.so" && ! -d "$RESULTS/gsplat_cuda" ]]; then
+    mkdir -p "$RESULTS/gsplat_cuda" && cp "$CACHE/gsplat_cuda/"* "$RESULTS/gsplat_cuda/"
+  fi
+  return $status
+}
+
+cd "$REPO"
+install_wheels 2>&1 | tee "$RESULTS/install.log"
+overall=0
+for stage in "${stages[@]}"; do
+  echo "=== $stage ($(date +%T))"
+  start=$SECONDS
+  run_stage "$stage" > >(tee "$RESULTS/$stage.log") 2>&1
+  status=$?
+  echo "=== $stage: exit $status after $((SECONDS - start)) s" | tee -a "$RESULTS/$stage.log"
+  [[ $status -ne 0 ]] && overall=1
+done
+"$PY" "$KIT/summarize.py" "$RESULTS" > /dev/null && echo "summary: $RESULTS/summary.md"
+exit $overall

@@ -1,0 +1,356 @@
+"""The compiled CPU rasterizer: gsplat 1.4.0's `rasterization()` with numba kernels for compositing.
+
+`compiled_rasterization` has the signature, outputs and `meta` keys of `reference.torch_rasterization` (and so
+of `gsplat.rendering.rasterization`). Projection and spherical harmonics stay in torch (`projection.py`, shared
+with the reference); the tile binning, the front-to-back compositing and its backward pass run in the numba
+kernels of `compiled_kernels.py`, wrapped here as a `torch.autograd.Function`. `compiled_find_pairs` returns
+the same `Pairs` as `pairs.find_pairs`, enumerated from the same tile lists, for the scores.
+
+Threads: each call sets numba's thread count to `torch.get_num_threads()` (capped at numba's maximum), so one
+knob controls both libraries. numba runs on its workqueue threading layer (unless NUMBA_THREADING_LAYER says
+otherwise), because its OpenMP layer changes torch's thread count. Kernel calls are serialised by a lock:
+workqueue aborts the process on concurrent parallel launches, e.g. a viewer thread rendering while training.
+
+Bad input raises ValueError with one sentence: zero-size images, a tile size < 1, projected rows that reach the
+image with non-finite means2d/conics/opacities/depths, more than 2^31 - 1 tile-list entries, or (for
+`compiled_find_pairs`, which materialises them) more than 2^31 - 1 pairs. Memory is O(rows + tile-list entries
++ pixels) for rendering and O(pairs) more for `compiled_find_pairs`; never pixels x Gaussians.
+
+Precision: float32 per pair as gsplat, transmittance in float64 (see compiled_kernels.py); outputs are float32
+and are cast to the dtype of the inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from nerfstudio_pruning.render import compiled_kernels as kernels
+from nerfstudio_pruning.render.pairs import Pairs
+from nerfstudio_pruning.render.projection import ProjectedGaussians, append_depth_channel, pack, project
+
+# Tile-list entries are addressed with int32 in gsplat (flatten_ids, tile offsets); we keep its limit so that a
+# scene that would not render on the GPU fails the same way here, before allocating tens of GB.
+MAX_TILE_ENTRIES = 2**31 - 1
+# `compiled_find_pairs` materialises 16 bytes per pair; 2^31 pairs would be 32 GB.
+MAX_PAIRS = 2**31 - 1
+
+# numba's default OpenMP layer shares libgomp with torch, and a numba launch changes torch's thread count (torch
+# 2.13 + numba 0.68: after torch.set_num_threads(1), one parallel kernel and torch.get_num_threads() returns 2).
+# The workqueue layer runs its own threads and leaves torch's alone. It does not support concurrent launches,
+# which _KERNEL_LOCK rules out. NUMBA_THREADING_LAYER, when set, wins.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+_KERNEL_LOCK = threading.Lock()
+# Tiles differ a lot in work (the centre of a view holds most pairs): handing them out one at a time keeps all
+# threads busy where numba's default static split into equal ranges would leave one idle. Row kernels keep the
+# static split (even work per row; dynamic scheduling of single rows costs more than it balances).
+TILE_CHUNK = 1
+
+
+def numba_threads() -> int:
+    """The thread count the kernels use: torch's, capped at what numba was started with."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def _launch(kernel, *args, chunk: int = 0) -> None:
+    """Run a parallel kernel on `numba_threads()` threads; `chunk` > 0 hands out iterations dynamically."""
+    with _KERNEL_LOCK:
+        numba.set_num_threads(numba_threads())
+        with numba.parallel_chunksize(chunk):
+            kernel(*args)
+
+
+def _f32(t: Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+
+
+@dataclass
+class TileBins:
+    """Per (camera, tile) lists of projected rows, front to back, and the per-row tables the kernels read."""
+
+    gauss: np.ndarray  # [M, 8] float32: mean x, y, conic (3), opacity, 2 unused
+    rects: np.ndarray  # [M, 4] int64: candidate pixel rectangle x0, x1, y0, y1 (half-open)
+    tile_offsets: np.ndarray  # [C * tiles + 1] int64
+    tile_rows: np.ndarray  # [entries] int32
+    row_offsets: np.ndarray  # [M + 1] int64: row r's gradient slots (one per tile it touches) start here
+    n_cameras: int
+    width: int
+    height: int
+    tile_size: int
+    tile_w: int
+    tile_h: int
+
+    @property
+    def n_entries(self) -> int:
+        return int(self.tile_rows.shape[0])
+
+    def kernel_args(self) -> tuple:
+        """The leading arguments shared by `rasterize_tiles` and `backward_tiles`."""
+        return (self.rects, self.tile_offsets, self.tile_rows, self.width, self.height, self.tile_size,
+                self.tile_w, self.tile_h)
+
+
+def check_image_size(width: int, height: int, tile_size: int) -> None:
+    if int(width) < 1 or int(height) < 1:
+        raise ValueError(f"cannot rasterize a zero-size image ({width}x{height} pixels).")
+    if int(tile_size) < 1:
+        raise ValueError(f"tile_size must be a positive number of pixels, got {tile_size}.")
+
+
+def _refuse_rows(proj: ProjectedGaussians, not_finite: np.ndarray, camera_ids: np.ndarray, n_cameras: int) -> None:
+    """Refuse rows that reach the image (radius > 0) with values the kernels cannot composite."""
+    bad = np.flatnonzero(not_finite)
+    if bad.size:
+        n_visible = int((proj.radii > 0).sum())
+        raise ValueError(
+            f"{bad.size} of the {n_visible} projected Gaussians that reach the image have non-finite means2d, "
+            f"conics, opacities or depths (first: row {bad[0]}, Gaussian {int(proj.gaussian_ids[bad[0]])}), so the "
+            "image would be undefined."
+        )
+    if camera_ids.size and (camera_ids.min() < 0 or camera_ids.max() >= n_cameras):
+        raise ValueError(f"camera ids of projected Gaussians must lie in [0, {n_cameras}), got {camera_ids.max()}.")
+
+
+def bin_tiles(proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int) -> TileBins:
+    """Tile intersection and depth sort (isect_tiles.cu + its radix sort) for the projected rows."""
+    check_image_size(width, height, tile_size)
+    width, height, tile_size = int(width), int(height), int(tile_size)
+    tile_w = math.ceil(width / tile_size)
+    tile_h = math.ceil(height / tile_size)
+    n_rows = proj.means2d.shape[0]
+    gauss = np.empty((n_rows, kernels.GAUSS_COLUMNS), np.float32)
+    rects = np.empty((n_rows, 4), np.int64)
+    n_tiles = np.empty(n_rows, np.int64)
+    not_finite = np.empty(n_rows, np.uint8)
+    radii = proj.radii.detach().to(device="cpu", dtype=torch.int32).contiguous().numpy()
+    depths = _f32(proj.depths)
+    _launch(kernels.prepare_rows, _f32(proj.means2d), _f32(proj.conics), _f32(proj.opacities), depths, radii,
+            width, height, tile_size, tile_w, tile_h, gauss, rects, n_tiles, not_finite)
+    camera_ids = proj.camera_ids.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
+    _refuse_rows(proj, not_finite, camera_ids[n_tiles > 0], n_cameras)
+    n_entries = int(n_tiles.sum())
+    if n_entries > MAX_TILE_ENTRIES:
+        raise ValueError(
+            f"the view needs {n_entries:,} (Gaussian, tile) entries, more than the 2^31 - 1 the rasterizer "
+            "addresses; render fewer cameras at once or a smaller image."
+        )
+    tile_offsets = np.empty(n_cameras * tile_w * tile_h + 1, np.int64)
+    tile_rows = np.empty(n_entries, np.int32)
+    row_offsets = np.empty(n_rows + 1, np.int64)
+    with _KERNEL_LOCK:
+        kernels.bin_rows(rects, n_tiles, camera_ids, tile_size, tile_w, tile_h, n_cameras, tile_offsets, tile_rows,
+                         row_offsets)
+    _launch(kernels.sort_tiles, kernels.depth_sort_keys(depths), tile_offsets, tile_rows, chunk=TILE_CHUNK)
+    return TileBins(gauss, rects, tile_offsets, tile_rows, row_offsets, n_cameras, width, height, tile_size,
+                    tile_w, tile_h)
+
+
+@dataclass
+class ForwardResult:
+    color: np.ndarray  # [C, H, W, D] float32, background included
+    transmittance: np.ndarray  # [C, H, W] float64
+    last_ids: np.ndarray  # [C, H, W] int64, -1 where no pair
+    count: np.ndarray  # [C, H, W] int32
+
+
+def _no_background(n_cameras: int, channels: int) -> np.ndarray:
+    return np.zeros((n_cameras, channels), np.float32)
+
+
+def run_forward(bins: TileBins, colors: np.ndarray, backgrounds: Optional[np.ndarray],
+                pair_offsets: Optional[np.ndarray] = None, pair_pixel: Optional[np.ndarray] = None,
+                pair_row: Optional[np.ndarray] = None) -> ForwardResult:
+    c, h, w, d = bins.n_cameras, bins.height, bins.width, colors.shape[1]
+    out = ForwardResult(
+        color=np.empty((c, h, w, d), np.float32),
+        transmittance=np.empty((c, h, w), np.float64),
+        last_ids=np.empty((c, h, w), np.int64),
+        count=np.empty((c, h, w), np.int32),
+    )
+    emit = pair_offsets is not None
+    unused = np.zeros(1, np.int64)
+    _launch(
+        kernels.rasterize_tiles, bins.gauss, colors, *bins.kernel_args(),
+        backgrounds if backgrounds is not None else _no_background(c, d), backgrounds is not None,
+        emit, pair_offsets if emit else unused, pair_pixel if emit else unused, pair_row if emit else unused,
+        out.color, out.transmittance, out.last_ids, out.count, kernels.LANES, chunk=TILE_CHUNK,
+    )
+    return out
+
+
+class _CompositeTiles(torch.autograd.Function):
+    """Compositing of binned rows as an autograd node: inputs are the rows' means2d, conics, colours, opacities.
+
+    The kernels read the float32 copies made when binning (bins.gauss) and at forward time (colours); the
+    backward pass returns float32 gradients cast to each input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, means2d, conics, colors, opacities, backgrounds, bins, absgrad_target, info):
+        colors_np = _f32(colors)
+        bg_np = _f32(backgrounds) if backgrounds is not None else None
+        fwd = run_forward(bins, colors_np, bg_np)
+        info["n_pairs"] = int(fwd.count.sum(dtype=np.int64))
+        ctx.bins = bins
+        ctx.colors_np = colors_np
+        ctx.bg_np = bg_np
+        ctx.fwd = fwd
+        ctx.absgrad_target = absgrad_target
+        ctx.dtypes = (means2d.dtype, conics.dtype, colors.dtype, opacities.dtype,
+                      backgrounds.dtype if backgrounds is not None else None)
+        image = torch.from_numpy(fwd.color).to(colors.dtype)
+        alphas = torch.from_numpy(1.0 - fwd.transmittance).to(colors.dtype).unsqueeze(-1)
+        return image, alphas
+
+    @staticmethod
+    def backward(ctx, v_image, v_alphas):
+        bins: TileBins = ctx.bins
+        fwd: ForwardResult = ctx.fwd
+        n_chan = ctx.colors_np.shape[1]
+        n_cols = kernels.GRAD_COLORS + n_chan + 2
+        v_image_np = _f32(v_image)
+        v_alpha_np = _f32(v_alphas[..., 0])
+        entry_grads = np.empty((bins.n_entries, n_cols), np.float32)
+        bg = ctx.bg_np if ctx.bg_np is not None else _no_background(bins.n_cameras, n_chan)
+        _launch(kernels.backward_tiles, bins.gauss, ctx.colors_np, *bins.kernel_args(), bg, ctx.bg_np is not None,
+                fwd.transmittance, fwd.last_ids, v_image_np, v_alpha_np, bins.row_offsets, entry_grads,
+                kernels.LANES, chunk=TILE_CHUNK)
+        row_grads = np.empty((bins.gauss.shape[0], n_cols), np.float32)
+        _launch(kernels.reduce_rows, entry_grads, bins.row_offsets, row_grads)
+        g = torch.from_numpy(row_grads)
+        m_dtype, c_dtype, col_dtype, o_dtype, bg_dtype = ctx.dtypes
+        v_means2d = g[:, kernels.GRAD_MX:kernels.GRAD_MY + 1].to(m_dtype)
+        v_conics = g[:, kernels.GRAD_C0:kernels.GRAD_C2 + 1].to(c_dtype)
+        v_opacities = g[:, kernels.GRAD_OPACITY].to(o_dtype)
+        v_colors = g[:, kernels.GRAD_COLORS:kernels.GRAD_COLORS + n_chan].to(col_dtype)
+        if ctx.absgrad_target is not None and ctx.needs_input_grad[0]:
+            absgrad = g[:, kernels.GRAD_COLORS + n_chan:].to(m_dtype)
+            ctx.absgrad_target.absgrad = absgrad.view_as(ctx.absgrad_target)
+        v_backgrounds = None
+        if ctx.needs_input_grad[4]:
+            # d image / d background = T_final per pixel (gsplat computes this in torch too).
+            t_final = torch.from_numpy(fwd.transmittance).to(v_image.dtype)
+            v_backgrounds = (v_image * t_final[..., None]).sum(dim=(1, 2)).to(bg_dtype)
+        return v_means2d, v_conics, v_colors, v_opacities, v_backgrounds, None, None, None
+
+
+def compiled_composite(
+    proj: ProjectedGaussians,
+    n_cameras: int,
+    width: int,
+    height: int,
+    tile_size: int = 16,
+    backgrounds: Optional[Tensor] = None,
+    absgrad_target: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, int]:
+    """Colours [C, H, W, D], alphas [C, H, W, 1] and the number of pairs composited; as `reference.composite`."""
+    bins = bin_tiles(proj, n_cameras, width, height, tile_size)
+    info: Dict[str, int] = {}
+    image, alphas = _CompositeTiles.apply(
+        proj.means2d, proj.conics, proj.colors, proj.opacities, backgrounds, bins, absgrad_target, info
+    )
+    return image, alphas, info["n_pairs"]
+
+
+@torch.no_grad()
+def compiled_find_pairs(
+    proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int = 16
+) -> Pairs:
+    """`pairs.find_pairs` from the compiled tile lists: the same pairs, sorted by pixel and front to back.
+
+    Two runs of the forward kernel: one counts the pairs per pixel, the second writes them at their offsets.
+    """
+    bins = bin_tiles(proj, n_cameras, width, height, tile_size)
+    no_colors = np.empty((bins.gauss.shape[0], 0), np.float32)
+    counted = run_forward(bins, no_colors, None)
+    pair_offsets = np.zeros(counted.count.size + 1, np.int64)
+    np.cumsum(counted.count.reshape(-1), out=pair_offsets[1:])
+    n_pairs = int(pair_offsets[-1])
+    if n_pairs > MAX_PAIRS:
+        raise ValueError(
+            f"the view composites {n_pairs:,} pairs, more than the 2^31 - 1 a pair list may hold; "
+            "enumerate fewer cameras at once or a smaller image."
+        )
+    pixel = np.empty(n_pairs, np.int64)
+    row = np.empty(n_pairs, np.int64)
+    run_forward(bins, no_colors, None, pair_offsets, pixel, row)
+    device = proj.means2d.device
+    return Pairs(pixel=torch.from_numpy(pixel).to(device), row=torch.from_numpy(row).to(device))
+
+
+def compiled_rasterization(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmats: Tensor,
+    Ks: Tensor,
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    radius_clip: float = 0.0,
+    eps2d: float = 0.3,
+    sh_degree: Optional[int] = None,
+    packed: bool = True,
+    tile_size: int = 16,
+    backgrounds: Optional[Tensor] = None,
+    render_mode: str = "RGB",
+    sparse_grad: bool = False,
+    absgrad: bool = False,
+    rasterize_mode: str = "classic",
+    channel_chunk: int = 32,
+    distributed: bool = False,
+    camera_model: str = "pinhole",
+    covars: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Dict]:
+    """`gsplat.rendering.rasterization` with compiled compositing: same arguments, outputs and `meta` keys."""
+    if distributed:
+        raise NotImplementedError("distributed rendering needs gsplat's CUDA backend")
+    if render_mode not in ("RGB", "D", "ED", "RGB+D", "RGB+ED"):
+        raise ValueError(f"unknown render_mode {render_mode!r}")
+    check_image_size(width, height, tile_size)
+    n_cams = viewmats.shape[0]
+    proj, unpacked = project(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
+        radius_clip, eps2d, sh_degree, rasterize_mode, camera_model, covars,
+    )
+    proj = append_depth_channel(proj, render_mode)
+    if backgrounds is not None and render_mode in ("RGB+D", "RGB+ED"):
+        backgrounds = torch.cat([backgrounds, torch.zeros_like(backgrounds[..., :1])], dim=-1)
+    elif backgrounds is not None and render_mode in ("D", "ED"):
+        backgrounds = torch.zeros_like(backgrounds[..., :1])
+
+    meta: Dict = {"camera_ids": None, "gaussian_ids": None}
+    if packed:
+        proj = pack(proj)
+        meta.update(
+            camera_ids=proj.camera_ids, gaussian_ids=proj.gaussian_ids, radii=proj.radii, means2d=proj.means2d,
+            depths=proj.depths, conics=proj.conics, opacities=proj.opacities,
+        )
+    else:
+        meta.update(unpacked)
+    if backgrounds is not None:
+        backgrounds = backgrounds.reshape(n_cams, proj.colors.shape[-1])
+    render_colors, render_alphas, n_pairs = compiled_composite(
+        proj, n_cams, width, height, tile_size, backgrounds, absgrad_target=meta["means2d"] if absgrad else None
+    )
+    if render_mode in ("ED", "RGB+ED"):
+        render_colors = torch.cat(
+            [render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], dim=-1
+        )
+    meta.update(
+        width=width, height=height, tile_size=tile_size, n_cameras=n_cams,
+        tile_width=math.ceil(width / tile_size), tile_height=math.ceil(height / tile_size), n_pairs=n_pairs,
+    )
+    return render_colors, render_alphas, meta
