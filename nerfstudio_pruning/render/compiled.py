@@ -35,7 +35,8 @@ from torch import Tensor
 
 from nerfstudio_pruning.render import compiled_kernels as kernels
 from nerfstudio_pruning.render.pairs import Pairs
-from nerfstudio_pruning.render.projection import ProjectedGaussians, append_depth_channel, pack, project
+from nerfstudio_pruning.render.projection import ProjectedGaussians
+from nerfstudio_pruning.render.reference import rasterize_with
 
 # Tile-list entries are addressed with int32 in gsplat (flatten_ids, tile offsets); we keep its limit so that a
 # scene that would not render on the GPU fails the same way here, before allocating tens of GB.
@@ -287,70 +288,17 @@ def compiled_find_pairs(
     return Pairs(pixel=torch.from_numpy(pixel).to(device), row=torch.from_numpy(row).to(device))
 
 
-def compiled_rasterization(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    opacities: Tensor,
-    colors: Tensor,
-    viewmats: Tensor,
-    Ks: Tensor,
-    width: int,
-    height: int,
-    near_plane: float = 0.01,
-    far_plane: float = 1e10,
-    radius_clip: float = 0.0,
-    eps2d: float = 0.3,
-    sh_degree: Optional[int] = None,
-    packed: bool = True,
-    tile_size: int = 16,
-    backgrounds: Optional[Tensor] = None,
-    render_mode: str = "RGB",
-    sparse_grad: bool = False,
-    absgrad: bool = False,
-    rasterize_mode: str = "classic",
-    channel_chunk: int = 32,
-    distributed: bool = False,
-    camera_model: str = "pinhole",
-    covars: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Dict]:
-    """`gsplat.rendering.rasterization` with compiled compositing: same arguments, outputs and `meta` keys."""
-    if distributed:
-        raise NotImplementedError("distributed rendering needs gsplat's CUDA backend")
-    if render_mode not in ("RGB", "D", "ED", "RGB+D", "RGB+ED"):
-        raise ValueError(f"unknown render_mode {render_mode!r}")
+def compiled_compositor(
+    proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int,
+    backgrounds: Optional[Tensor], absgrad_target: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, int]:
+    """`compiled_composite` in the form `reference.rasterize_with` takes."""
     check_image_size(width, height, tile_size)
-    n_cams = viewmats.shape[0]
-    proj, unpacked = project(
-        means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
-        radius_clip, eps2d, sh_degree, rasterize_mode, camera_model, covars,
-    )
-    proj = append_depth_channel(proj, render_mode)
-    if backgrounds is not None and render_mode in ("RGB+D", "RGB+ED"):
-        backgrounds = torch.cat([backgrounds, torch.zeros_like(backgrounds[..., :1])], dim=-1)
-    elif backgrounds is not None and render_mode in ("D", "ED"):
-        backgrounds = torch.zeros_like(backgrounds[..., :1])
-
-    meta: Dict = {"camera_ids": None, "gaussian_ids": None}
-    if packed:
-        proj = pack(proj)
-        meta.update(
-            camera_ids=proj.camera_ids, gaussian_ids=proj.gaussian_ids, radii=proj.radii, means2d=proj.means2d,
-            depths=proj.depths, conics=proj.conics, opacities=proj.opacities,
-        )
-    else:
-        meta.update(unpacked)
     if backgrounds is not None:
-        backgrounds = backgrounds.reshape(n_cams, proj.colors.shape[-1])
-    render_colors, render_alphas, n_pairs = compiled_composite(
-        proj, n_cams, width, height, tile_size, backgrounds, absgrad_target=meta["means2d"] if absgrad else None
-    )
-    if render_mode in ("ED", "RGB+ED"):
-        render_colors = torch.cat(
-            [render_colors[..., :-1], render_colors[..., -1:] / render_alphas.clamp(min=1e-10)], dim=-1
-        )
-    meta.update(
-        width=width, height=height, tile_size=tile_size, n_cameras=n_cams,
-        tile_width=math.ceil(width / tile_size), tile_height=math.ceil(height / tile_size), n_pairs=n_pairs,
-    )
-    return render_colors, render_alphas, meta
+        backgrounds = backgrounds.reshape(n_cameras, proj.colors.shape[-1])
+    return compiled_composite(proj, n_cameras, width, height, tile_size, backgrounds, absgrad_target=absgrad_target)
+
+
+def compiled_rasterization(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:
+    """`gsplat.rendering.rasterization` with compiled compositing: same arguments, outputs and `meta` keys."""
+    return rasterize_with(compiled_compositor, *args, **kwargs)

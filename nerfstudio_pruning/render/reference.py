@@ -9,7 +9,7 @@ tested against (select it with NSP_CPU_RASTERIZER=torch).
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -17,6 +17,13 @@ from torch import Tensor
 from nerfstudio_pruning.render.pairs import Pairs, find_pairs, pair_terms
 from nerfstudio_pruning.render.projection import ProjectedGaussians, append_depth_channel, pack, project
 
+
+
+# (projected rows, cameras, width, height, tile size, backgrounds [C, D] or None, absgrad target or None)
+#   -> colours [C, H, W, D], alphas [C, H, W, 1], number of composited pairs
+Compositor = Callable[
+    [ProjectedGaussians, int, int, int, int, Optional[Tensor], Optional[Tensor]], Tuple[Tensor, Tensor, int]
+]
 
 
 def composite(
@@ -60,7 +67,8 @@ def composite(
 
 
 
-def torch_rasterization(
+def rasterize_with(
+    compositor: "Compositor",
     means: Tensor,
     quats: Tensor,
     scales: Tensor,
@@ -87,7 +95,11 @@ def torch_rasterization(
     camera_model: str = "pinhole",
     covars: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Dict]:
-    """`gsplat.rendering.rasterization` in pure torch: same arguments, outputs and `meta` keys."""
+    """`gsplat.rendering.rasterization`'s arguments, outputs and `meta` keys around a CPU `compositor`.
+
+    Everything but compositing is shared by the CPU backends: argument checks, projection and SH, the depth
+    channel of the D/ED modes, packing, `meta`, and the expected-depth division.
+    """
     if distributed:
         raise NotImplementedError("distributed rendering needs gsplat's CUDA backend")
     if render_mode not in ("RGB", "D", "ED", "RGB+D", "RGB+ED"):
@@ -112,9 +124,8 @@ def torch_rasterization(
         )
     else:
         meta.update(unpacked)
-    pairs = find_pairs(proj, n_cams, width, height, tile_size)
-    render_colors, render_alphas = composite(
-        proj, pairs, n_cams, width, height, backgrounds, absgrad_target=meta["means2d"] if absgrad else None
+    render_colors, render_alphas, n_pairs = compositor(
+        proj, n_cams, width, height, tile_size, backgrounds, meta["means2d"] if absgrad else None
     )
     if render_mode in ("ED", "RGB+ED"):
         render_colors = torch.cat(
@@ -122,6 +133,21 @@ def torch_rasterization(
         )
     meta.update(
         width=width, height=height, tile_size=tile_size, n_cameras=n_cams,
-        tile_width=math.ceil(width / tile_size), tile_height=math.ceil(height / tile_size), n_pairs=len(pairs),
+        tile_width=math.ceil(width / tile_size), tile_height=math.ceil(height / tile_size), n_pairs=n_pairs,
     )
     return render_colors, render_alphas, meta
+
+
+def torch_composite(
+    proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int,
+    backgrounds: Optional[Tensor], absgrad_target: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, int]:
+    """The reference compositor: the pair list, then `composite`."""
+    pairs = find_pairs(proj, n_cameras, width, height, tile_size)
+    colors, alphas = composite(proj, pairs, n_cameras, width, height, backgrounds, absgrad_target=absgrad_target)
+    return colors, alphas, len(pairs)
+
+
+def torch_rasterization(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:
+    """`gsplat.rendering.rasterization` in pure torch: same arguments, outputs and `meta` keys."""
+    return rasterize_with(torch_composite, *args, **kwargs)
