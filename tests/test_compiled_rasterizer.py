@@ -36,11 +36,11 @@ import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci, _spherical_harmonics
 
 from nerfstudio_pruning.render import compiled, compiled_kernels
-from nerfstudio_pruning.render.compiled import compiled_find_pairs, compiled_rasterization
+from nerfstudio_pruning.render.compiled import compiled_compositor, compiled_find_pairs, compiled_rasterization
 from nerfstudio_pruning.render.pairs import ALPHA_MAX, enumerate_pairs, find_pairs
 from nerfstudio_pruning.render.projection import pack, project
 from nerfstudio_pruning.render.rasterize import rasterization
-from nerfstudio_pruning.render.reference import torch_rasterization
+from nerfstudio_pruning.render.reference import rasterize_with, torch_rasterization
 
 try:
     from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
@@ -172,12 +172,17 @@ def test_matches_brute_force(antialiased):
     _assert_grads_close(grads, ref_grads, LEAF_NAMES)
 
 
+def compiled_compositing(*args, **kwargs):
+    """The compiled compositor behind the torch projection: compositing compared on identical projected rows."""
+    return rasterize_with(compiled_compositor, *args, **kwargs)
+
+
 def _compare_with_reference(g, viewmats, Ks, width, height, tile_size, packed, render_mode, antialiased, bg):
     extra = [bg] if bg is not None else []
     kwargs = dict(width=width, height=height, sh_degree=2, tile_size=tile_size, packed=packed, absgrad=True,
                   render_mode=render_mode, rasterize_mode="antialiased" if antialiased else "classic",
                   backgrounds=bg)
-    out = _render_and_grads(compiled_rasterization, g, viewmats, Ks, extra_leaves=extra, **kwargs)
+    out = _render_and_grads(compiled_compositing, g, viewmats, Ks, extra_leaves=extra, **kwargs)
     ref = _render_and_grads(torch_rasterization, g, viewmats, Ks, extra_leaves=extra, **kwargs)
     (img, alpha, meta, grads), (ref_img, ref_alpha, ref_meta, ref_grads) = out, ref
     assert img.shape == ref_img.shape and alpha.shape == ref_alpha.shape

@@ -11,6 +11,9 @@ leaves no pixel, a dataset without seed points, a checkpoint that holds no Gauss
 trained on another scene. An `InputError` raised during training (a pruning schedule the model cannot satisfy,
 NaN scores) first saves a checkpoint of the model as it was, so no training is lost.
 
+After every checkpoint, and when training ends, it writes the model's `pruning_report()` (pup-gs's rounds, vedal-gs's
+importance time, gate and removal) to `pruning.json` in the run's folder, beside config.yml, for `ns-prune-compare`.
+
 It also makes nerfstudio's terminal progress ("step (percent)" and ETA) count the steps of this run: nerfstudio
 computes both as if every run started at step 0, so a post-hoc or resumed run showed e.g. "30500 (305.00%)"
 and a meaningless ETA.
@@ -37,7 +40,7 @@ from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.models.base_model import ModelConfig
-from nerfstudio.utils import writer
+from nerfstudio.utils import comms, writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
@@ -46,6 +49,8 @@ from nerfstudio_pruning.methods.checkpoints import numpy_scalars_allowed
 from nerfstudio_pruning.methods.pipeline import PruningPipelineConfig
 from nerfstudio_pruning.pup.schedule import PupScheduleConfig
 from nerfstudio_pruning.vedal.controller import VedalConfig
+
+PRUNING_REPORT = "pruning.json"
 
 
 @dataclass
@@ -65,6 +70,25 @@ class PruningTrainer(Trainer):
     def train(self) -> None:
         with _reported_in_one_line(on_error=self._save_before_exit):
             super().train()
+        self.write_pruning_report()
+
+    def save_checkpoint(self, step: int) -> None:
+        super().save_checkpoint(step)
+        self.write_pruning_report()
+
+    def write_pruning_report(self) -> Optional[Path]:
+        """Write the model's `pruning_report()` to pruning.json in the run's folder; its path, or None for a model
+        without one (splatfacto) and on processes other than the main one."""
+        report = getattr(self.pipeline.model, "pruning_report", None)
+        if report is None or not comms.is_main_process():
+            return None
+        path = Path(self.base_dir) / PRUNING_REPORT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Replaced in one step, so a reader never sees half a file while a run saves.
+        partial = path.with_name(f".{PRUNING_REPORT}.partial")
+        partial.write_text(json.dumps(report(), indent=2) + "\n")
+        os.replace(partial, path)
+        return path
 
     def _stop_viewer(self) -> None:
         # The viewer's server thread would otherwise keep the process alive after the error.
@@ -258,6 +282,25 @@ def default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass
+class PortableAdamOptimizerConfig(AdamOptimizerConfig):
+    """splatfacto's Adam, run by torch's fused kernel when the parameters are on the CPU.
+
+    torch's default CPU Adam makes about ten passes over every parameter tensor per step; the fused kernel makes
+    one, ~10x faster at splatfacto's sizes (188k Gaussians: 67 ms against 6 ms per step on one core), which is
+    a large share of a CPU training step. The update is the same up to float rounding. On CUDA nothing changes.
+    """
+
+    def setup(self, params) -> torch.optim.Optimizer:
+        params = list(params)
+        kwargs = vars(self).copy()
+        kwargs.pop("_target")
+        kwargs.pop("max_norm")
+        if params and all(p.device.type == "cpu" and p.is_floating_point() for p in params):
+            kwargs["fused"] = True
+        return self._target(params, **kwargs)
+
+
 def splatfacto_optimizers(max_steps: int) -> dict:
     """splatfacto 1.1.5's optimizer table, with the schedules stretched over `max_steps`.
 
@@ -267,7 +310,7 @@ def splatfacto_optimizers(max_steps: int) -> dict:
     """
 
     def adam(lr: float) -> AdamOptimizerConfig:
-        return AdamOptimizerConfig(lr=lr, eps=1e-15)
+        return PortableAdamOptimizerConfig(lr=lr, eps=1e-15)
 
     return {
         "means": {"optimizer": adam(1.6e-4), "scheduler": ExponentialDecaySchedulerConfig(lr_final=1.6e-6, max_steps=max_steps)},

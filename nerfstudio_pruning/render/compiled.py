@@ -1,9 +1,11 @@
-"""The compiled CPU rasterizer: gsplat 1.4.0's `rasterization()` with numba kernels for compositing.
+"""The compiled CPU rasterizer: gsplat 1.4.0's `rasterization()` with numba kernels for projection and compositing.
 
 `compiled_rasterization` has the signature, outputs and `meta` keys of `reference.torch_rasterization` (and so
-of `gsplat.rendering.rasterization`). Projection and spherical harmonics stay in torch (`projection.py`, shared
-with the reference); the tile binning, the front-to-back compositing and its backward pass run in the numba
-kernels of `compiled_kernels.py`, wrapped here as a `torch.autograd.Function`. `compiled_find_pairs` returns
+of `gsplat.rendering.rasterization`). Projection and spherical harmonics run in the numba kernels of
+`projection_kernels.py` (`compiled_project`, the same results as `projection.project`, which it falls back to
+for what the kernels do not cover: explicit covariances, camera gradients, per-camera SH); the tile binning, the
+front-to-back compositing and its backward pass run in those of `compiled_kernels.py`; both are wrapped here as
+`torch.autograd.Function`s. `compiled_find_pairs` returns
 the same `Pairs` as `pairs.find_pairs`, enumerated from the same tile lists, for the scores.
 
 Threads: each call sets numba's thread count to `torch.get_num_threads()` (capped at numba's maximum), so one
@@ -34,8 +36,9 @@ import torch
 from torch import Tensor
 
 from nerfstudio_pruning.render import compiled_kernels as kernels
+from nerfstudio_pruning.render import projection_kernels
 from nerfstudio_pruning.render.pairs import Pairs
-from nerfstudio_pruning.render.projection import ProjectedGaussians
+from nerfstudio_pruning.render.projection import ProjectedGaussians, project
 from nerfstudio_pruning.render.reference import rasterize_with
 
 # Tile-list entries are addressed with int32 in gsplat (flatten_ids, tile offsets); we keep its limit so that a
@@ -71,7 +74,11 @@ def _launch(kernel, *args, chunk: int = 0) -> None:
 
 
 def _f32(t: Tensor) -> np.ndarray:
-    return t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    return _as_numpy(t, torch.float32)
+
+
+def _as_numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
 
 
 @dataclass
@@ -299,6 +306,99 @@ def compiled_compositor(
     return compiled_composite(proj, n_cameras, width, height, tile_size, backgrounds, absgrad_target=absgrad_target)
 
 
+class _ProjectGaussians(torch.autograd.Function):
+    """`projection_kernels.project_forward`/`project_backward` as an autograd node.
+
+    Inputs: means [N, 3], quats [N, 4], scales [N, 3], opacities [N], SH coefficients [N, K, 3] (K = 0: colours
+    are not evaluated here), viewmats [C, 4, 4] and Ks [C, 3, 3] (no gradient), and the settings tuple.
+    Outputs [C, N, ...]: means2d, conics, depths, opacities (compensation applied), colours, radii.
+    """
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, sh, viewmats, Ks, settings):
+        width, height, eps2d, near_plane, far_plane, radius_clip, sh_degree, antialiased = settings
+        n, c = means.shape[0], viewmats.shape[0]
+        # float32 as gsplat; float64 stays float64 (the exactness tests compare with autograd in float64).
+        dtype = torch.float64 if means.dtype == torch.float64 else torch.float32
+        ctx.dtype = dtype
+        arrays = [_as_numpy(t, dtype) for t in (means, quats, scales, opacities, sh, viewmats, Ks)]
+        campos = _as_numpy(torch.linalg.inv(viewmats.detach().to(dtype))[:, :3, 3], dtype)
+        fdt = arrays[0].dtype
+        means2d = np.empty((c, n, 2), fdt)
+        conics = np.empty((c, n, 3), fdt)
+        depths = np.empty((c, n), fdt)
+        radii = np.empty((c, n), np.int32)
+        opac = np.empty((c, n), fdt)
+        colors = np.empty((c, n, 3 if sh.shape[1] > 0 else 0), fdt)
+        compensations = np.empty((c, n), fdt)
+        _launch(projection_kernels.project_forward, *arrays[:5], sh_degree, campos, *arrays[5:], width, height,
+                eps2d, near_plane, far_plane, radius_clip, antialiased, means2d, conics, depths, radii, opac,
+                colors, compensations)
+        ctx.arrays = arrays
+        ctx.campos = campos
+        ctx.radii = radii
+        ctx.settings = settings
+        ctx.dtypes = [t.dtype for t in (means, quats, scales, opacities, sh)]
+        radii_t = torch.from_numpy(radii)
+        ctx.mark_non_differentiable(radii_t)
+        return (torch.from_numpy(means2d), torch.from_numpy(conics), torch.from_numpy(depths),
+                torch.from_numpy(opac), torch.from_numpy(colors), radii_t)
+
+    @staticmethod
+    def backward(ctx, v_means2d, v_conics, v_depths, v_opac, v_colors, _v_radii):
+        width, height, eps2d, _, _, _, sh_degree, antialiased = ctx.settings
+        means, quats, scales, opacities, sh, viewmats, ks = ctx.arrays
+        grads = [np.empty(a.shape, a.dtype) for a in (means, quats, scales, opacities, sh)]
+        if v_colors.shape[-1] == 0:
+            v_colors = torch.zeros(v_depths.shape + (3,), dtype=ctx.dtype)
+        _launch(projection_kernels.project_backward, means, quats, scales, opacities, sh, sh_degree, ctx.campos,
+                viewmats, ks, width, height, eps2d, antialiased, ctx.radii,
+                *(_as_numpy(v, ctx.dtype) for v in (v_means2d, v_conics, v_depths, v_opac, v_colors)), *grads)
+        out = [torch.from_numpy(g).to(dtype) if ctx.needs_input_grad[i] else None
+               for i, (g, dtype) in enumerate(zip(grads, ctx.dtypes))]
+        return (*out, None, None, None)
+
+
+def compiled_project(
+    means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor, colors: Tensor,
+    viewmats: Tensor, Ks: Tensor, width: int, height: int, near_plane: float = 0.01, far_plane: float = 1e10,
+    radius_clip: float = 0.0, eps2d: float = 0.3, sh_degree: Optional[int] = None, rasterize_mode: str = "classic",
+    camera_model: str = "pinhole", covars: Optional[Tensor] = None,
+) -> Tuple[ProjectedGaussians, Dict[str, Tensor]]:
+    """`projection.project` with the compiled kernels: same arguments and results.
+
+    Falls back to `project` for explicit covariances, non-pinhole cameras, cameras that need gradients,
+    per-camera colours with SH and more than degree 3.
+    """
+    per_gaussian_sh = sh_degree is not None and colors.dim() == 3 and sh_degree <= 3
+    per_gaussian_colors = sh_degree is None and colors.dim() == 2
+    if (covars is not None or camera_model != "pinhole" or viewmats.requires_grad or Ks.requires_grad
+            or not (per_gaussian_sh or per_gaussian_colors) or rasterize_mode not in ("classic", "antialiased")):
+        return project(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
+                       radius_clip, eps2d, sh_degree, rasterize_mode, camera_model, covars)
+    n, c = means.shape[0], viewmats.shape[0]
+    sh = colors if per_gaussian_sh else colors.new_zeros(n, 0, 3)
+    settings = (int(width), int(height), float(eps2d), float(near_plane), float(far_plane), float(radius_clip),
+                int(sh_degree or 0), rasterize_mode == "antialiased")
+    means2d, conics, depths, opac, cols, radii = _ProjectGaussians.apply(
+        means, quats, scales, opacities, sh, viewmats, Ks, settings
+    )
+    if not per_gaussian_sh:
+        cols = colors[None].expand(c, -1, -1)
+    proj = ProjectedGaussians(
+        means2d=means2d.reshape(c * n, 2),
+        conics=conics.reshape(c * n, 3),
+        opacities=opac.reshape(c * n),
+        depths=depths.reshape(c * n),
+        radii=radii.reshape(c * n),
+        colors=cols.reshape(c * n, cols.shape[-1]),
+        camera_ids=torch.arange(c).repeat_interleave(n),
+        gaussian_ids=torch.arange(n).repeat(c),
+    )
+    unpacked = {"radii": radii, "means2d": means2d, "depths": depths, "conics": conics, "opacities": opac}
+    return proj, unpacked
+
+
 def compiled_rasterization(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:
-    """`gsplat.rendering.rasterization` with compiled compositing: same arguments, outputs and `meta` keys."""
-    return rasterize_with(compiled_compositor, *args, **kwargs)
+    """`gsplat.rendering.rasterization` with compiled projection and compositing: same arguments and results."""
+    return rasterize_with(compiled_compositor, *args, projector=compiled_project, **kwargs)

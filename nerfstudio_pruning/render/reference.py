@@ -94,18 +94,21 @@ def rasterize_with(
     distributed: bool = False,
     camera_model: str = "pinhole",
     covars: Optional[Tensor] = None,
+    *,
+    projector: Callable[..., Tuple[ProjectedGaussians, Dict[str, Tensor]]] = project,
 ) -> Tuple[Tensor, Tensor, Dict]:
     """`gsplat.rendering.rasterization`'s arguments, outputs and `meta` keys around a CPU `compositor`.
 
-    Everything but compositing is shared by the CPU backends: argument checks, projection and SH, the depth
-    channel of the D/ED modes, packing, `meta`, and the expected-depth division.
+    Everything but compositing and projection is shared by the CPU backends: argument checks, the depth channel
+    of the D/ED modes, packing, `meta`, and the expected-depth division. `projector` has `project`'s signature
+    and results (the compiled backend passes its own).
     """
     if distributed:
         raise NotImplementedError("distributed rendering needs gsplat's CUDA backend")
     if render_mode not in ("RGB", "D", "ED", "RGB+D", "RGB+ED"):
         raise ValueError(f"unknown render_mode {render_mode!r}")
     n_cams = viewmats.shape[0]
-    proj, unpacked = project(
+    proj, unpacked = projector(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
         radius_clip, eps2d, sh_degree, rasterize_mode, camera_model, covars,
     )
