@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -36,6 +37,30 @@ def test_full_schedule_prunes_80_then_50_percent(e2e_root, pup_run):
     assert state["_model.sensitivity"].shape[0] == left2
     results = ns_eval(run / "config.yml", cwd=e2e_root)
     assert results["num_gaussians"] == left2 and math.isfinite(results["psnr"])
+
+
+def test_the_run_writes_what_each_round_did_to_pruning_json(pup_run):
+    proc, run = pup_run
+    report = json.loads((run / "pruning.json").read_text())
+    assert report.keys() == {"method", "rounds", "final_gaussians"} and report["method"] == "pup-gs"
+    rounds = report["rounds"]
+    assert [r["step"] for r in rounds] == [80, 100], rounds
+    keys = {"step", "score", "gaussians_before", "gaussians_after", "scoring_seconds"}
+    assert all(r.keys() == keys and r["score"] == "fisher" for r in rounds)
+    removed_and_left = [(r["gaussians_before"] - r["gaussians_after"], r["gaussians_after"]) for r in rounds]
+    assert removed_and_left == _rounds(proc.stdout)
+    assert rounds[1]["gaussians_before"] == rounds[0]["gaussians_after"]
+    assert all(r["gaussians_after"] < r["gaussians_before"] and r["scoring_seconds"] > 0 for r in rounds)
+    # The console line reports the same time, to its two decimals.
+    printed = [float(t) for t in re.findall(r"scored \d+ Gaussians in ([0-9.]+) s", proc.stdout)]
+    assert printed == [round(r["scoring_seconds"], 2) for r in rounds]
+
+    final = _final_state(run)
+    assert report["final_gaussians"] == final["_model.gauss_params.means"].shape[0] == rounds[1]["gaussians_after"]
+    # The rounds live in the checkpoints (loaded with weights_only=True), so a resumed run reports them all.
+    assert final["_model._extra_state"]["pup"]["rounds"] == rounds
+    between = torch.load(run / "nerfstudio_models" / "step-000000080.ckpt", map_location="cpu", weights_only=True)
+    assert between["pipeline"]["_model._extra_state"]["pup"]["rounds"] == rounds[:1]
 
 
 def test_post_hoc_pruning_of_a_splatfacto_checkpoint_with_numpy_scalars(e2e_root, default_scene, splatfacto_run, tmp_path):

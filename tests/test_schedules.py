@@ -24,7 +24,7 @@ def test_pup_rounds_fall_on_their_steps_and_state_round_trips():
 
     restored = PupSchedule(schedule.config)
     restored.load_state_dict(schedule.state_dict())
-    assert restored.state_dict() == {"rounds_done": 2, "first_round_step": 100}
+    assert restored.state_dict() == {"rounds_done": 2, "first_round_step": 100, "rounds": []}
 
 
 def test_pup_post_hoc_start_and_refusal_before_scoring():

@@ -3,6 +3,7 @@ ns-export on the built-in scene."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -372,6 +373,31 @@ def test_schedule_gates_and_removes_then_export_matches_the_model(vedal_run, e2e
     results = ns_eval(run / "config.yml", cwd=e2e_root)
     assert results["num_gaussians"] == remain and results["retained_gaussians"] == remain
     assert math.isfinite(results["psnr"])
+
+
+def test_the_run_writes_its_importance_time_gate_and_removal_to_pruning_json(vedal_run):
+    _, run = vedal_run
+    report = json.loads((run / "pruning.json").read_text())
+    assert report.keys() == {"method", "importance_seconds", "importance_passes", "gate", "hard_prune",
+                             "final_gaussians"} and report["method"] == "vedal-gs"
+    final = _checkpoint(run, STEPS - 1)
+    vedal = final["_model._extra_state"]["vedal"]
+    remain = final["_model.gauss_params.means"].shape[0]
+    # One leave-one-out measurement per refresh: every 10 steps from step 80 until the removal.
+    assert report["importance_passes"] == vedal["refresh_count"] == len(range(80, STEPS - 1, 10))
+    assert report["importance_seconds"] > 0
+    gate = report["gate"]
+    assert gate.keys() == {"eligible_fraction", "grants", "reversals"}
+    assert 0 < gate["eligible_fraction"] <= 1 and gate["grants"] > 0 and 0 <= gate["reversals"] <= gate["grants"]
+    assert (gate["grants"], gate["reversals"]) == (vedal["gate"]["grant_count"], vedal["gate"]["reversal_count"])
+    before = _checkpoint(run, SAVE_BEFORE_REMOVAL)["_model.gauss_params.means"].shape[0]
+    assert report["hard_prune"] == {"step": STEPS - 1, "gaussians_before": before, "gaussians_after": remain}
+    assert remain < before and report["final_gaussians"] == remain
+    # Kept in the checkpoint (loaded with weights_only=True), so a resumed run goes on counting.
+    assert vedal["hard_prune"] == report["hard_prune"] and vedal["importance_passes"] == report["importance_passes"]
+    assert final["_model._extra_state"]["vedal_importance_seconds"] == report["importance_seconds"]
+    before_removal = _checkpoint(run, SAVE_BEFORE_REMOVAL)["_model._extra_state"]["vedal"]
+    assert before_removal["hard_prune"] == {} and 0 < before_removal["importance_passes"] < report["importance_passes"]
 
 
 def test_export_before_the_hard_removal_writes_only_retained_gaussians(vedal_run, e2e_root):

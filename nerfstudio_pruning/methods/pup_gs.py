@@ -44,9 +44,11 @@ class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
 
     _target: Type = field(default_factory=lambda: PupGSModel)
     score: ScoreKind = "fisher"
-    """Pruning score: exact Fisher log-det (PUP), its probe estimate, or the baselines lightgaussian, opacity, random."""
+    """Pruning score: exact Fisher log-det (PUP), its probe estimate, Speedy-Splat's squared footprint gradient
+    (speedy), or the baselines lightgaussian, opacity, random."""
     fisher_downscale: int = 4
-    """Score at 1/fisher_downscale of the training resolution (the official pipeline's --fisher_resolution 4)."""
+    """Score at 1/fisher_downscale of the training resolution (the official pipeline's --fisher_resolution 4), for
+    every score; Speedy-Splat's own code scores at the training resolution (1)."""
     n_probes: int = 1
     """Probes per view for score=fisher-probe."""
     score_seed: int = 0
@@ -103,7 +105,7 @@ class PupGSModel(PortableSplatfactoModel):
                          min_remaining=self.config.min_gaussians)
         reset_optimizer_state(self.optimizers, GAUSSIAN_PARAMS)
         self.sensitivity = scores[~prune.to(scores.device)].to(self.sensitivity)
-        schedule.round_done()
+        schedule.round_done(schedule.round_record(step, self.config.score, n_before, self.num_points, seconds))
         unseen = int((~torch.isfinite(scores)).sum())
         CONSOLE.print(f"pup-gs: removed {int(prune.sum())}, {self.num_points} Gaussians remain "
                       f"({unseen} never seen by a training view)")
@@ -124,6 +126,11 @@ class PupGSModel(PortableSplatfactoModel):
             self.config.score, self.gaussians(sh_degree=self.config.sh_degree), views,
             downscale=self.config.fisher_downscale, n_probes=self.config.n_probes, seed=self.config.score_seed,
         )
+
+    def pruning_report(self) -> Dict[str, Any]:
+        """What the run has pruned so far, as the trainer writes it to `pruning.json` in the run's folder."""
+        return {"method": "pup-gs", "rounds": [dict(record) for record in self.schedule.rounds],
+                "final_gaussians": int(self.num_points)}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def update_to_step(self, step: int) -> None:

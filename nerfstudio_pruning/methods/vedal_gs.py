@@ -80,7 +80,7 @@ class VedalGSModel(PortableSplatfactoModel):
         # What the viewer counts from, replaced as a whole by the thread that holds the model (training or
         # rendering) and read by the slider's thread: (number of Gaussians, retention logits, gated mask).
         self._kept_count_inputs: Optional[Tuple[int, Tensor, Tensor]] = None
-        # (step, Gaussians before, after) of a hard removal made in this process; checkpoints do not record it.
+        # (step, Gaussians before, after) of the hard removal, once made (or read from a checkpoint that records it).
         self._hard_removal: Optional[Tuple[int, int, int]] = None
 
     # -- retention probabilities and masks -----------------------------------------------------------------------
@@ -175,7 +175,7 @@ class VedalGSModel(PortableSplatfactoModel):
             CONSOLE.print(f"[yellow]vedal-gs: hard removal refused ({err}); the model is kept unpruned")
             self.vedal.removal_refused = True  # once per run, not again at every remaining step
             return 0
-        self.vedal.finish(logits[~prune])
+        self.vedal.finish(logits[~prune], step=step, gaussians_before=n_before)
         CONSOLE.print(
             f"[bold]vedal-gs[/bold]: hard removal at step {step}: removed {removed} of {n_before} Gaussians, "
             f"{self.num_points} remain (gated fraction was {float(gated.float().mean()):.3f}, "
@@ -290,9 +290,16 @@ class VedalGSModel(PortableSplatfactoModel):
         metrics["retained_gaussians"] = float(self.num_points - int(self.hidden_mask().sum()))
         return metrics, images
 
+    def pruning_report(self) -> Dict[str, Any]:
+        """What the run has pruned so far, as the trainer writes it to `pruning.json` in the run's folder."""
+        return {"method": "vedal-gs", **self.vedal.report(), "final_gaussians": int(self.num_points)}
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
-        return {**super().get_extra_state(), "vedal": self.vedal.state_dict()}
+        # The importance time sits beside VEDAL's state, not in it: a resumed run must repeat that state exactly,
+        # and wall-clock time never repeats.
+        return {**super().get_extra_state(), "vedal": self.vedal.state_dict(),
+                "vedal_importance_seconds": float(self.vedal.importance_seconds)}
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         super().set_extra_state(state)
@@ -304,6 +311,10 @@ class VedalGSModel(PortableSplatfactoModel):
             self.vedal.load_state_dict(state["vedal"])
         except ValueError as err:
             raise InputError(str(err)) from None
+        self.vedal.importance_seconds = float(state.get("vedal_importance_seconds", 0.0))
+        removal = self.vedal.hard_prune_record
+        if removal is not None:
+            self._hard_removal = (removal["step"], removal["gaussians_before"], removal["gaussians_after"])
 
     def with_method_state(self, state: Dict[str, Any]) -> Dict[str, Any]:
         extra = state.get("_extra_state") or {}

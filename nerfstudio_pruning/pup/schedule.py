@@ -3,7 +3,8 @@
 A small strategy object in the spirit of gsplat's `gsplat/strategy/`: it holds the schedule and its progress as
 plain numbers, answers the model's questions at each step, and saves and restores itself with a state dict.
 It never touches the Gaussians: the model scores them (`scoring.scores.score_gaussians`) and removes what
-`prune_mask` selects through `removal.remove_gaussians`, then calls `round_done`.
+`prune_mask` selects through `removal.remove_gaussians`, then calls `round_done` with what the round did. Those
+records (`rounds`) travel in the state dict, so a resumed run still reports every round of the schedule.
 
 The paper's schedule: from a trained model (splatfacto's 30k steps) prune 80%, refine 5k steps with
 densification and opacity reset off and fresh Adam state, prune 50% of the rest, refine 5k more: 10% kept.
@@ -12,7 +13,7 @@ densification and opacity reset off and fresh Adam state, prune 50% of the rest,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from torch import Tensor
 
@@ -58,6 +59,8 @@ class PupSchedule:
         self.config = config
         self.rounds_done = 0
         self.first_round_step = config.prune_start_step
+        # One plain dict per round done (`round_record`): checkpoints load with torch.load(weights_only=True).
+        self.rounds: List[Dict[str, Any]] = []
 
     @property
     def n_rounds(self) -> int:
@@ -71,6 +74,7 @@ class PupSchedule:
         """Post-hoc pruning of a model trained elsewhere: the first round runs right after `step`."""
         self.first_round_step = step + 1
         self.rounds_done = 0
+        self.rounds = []
 
     def round_step(self, k: int) -> int:
         return int(self.first_round_step) + sum(self.config.refine_steps[:k])
@@ -104,12 +108,25 @@ class PupSchedule:
         """[N] bool: the Gaussians this round removes (the lowest-scored fraction)."""
         return lowest_fraction_mask(scores, self.config.prune_fractions[self.rounds_done])
 
-    def round_done(self) -> None:
+    def round_done(self, record: Optional[Dict[str, Any]] = None) -> None:
+        """Count the round; `record` (from `round_record`) is kept in `rounds`."""
         self.rounds_done += 1
+        if record is not None:
+            self.rounds.append(dict(record))
+
+    @staticmethod
+    def round_record(step: int, score: str, gaussians_before: int, gaussians_after: int,
+                     scoring_seconds: float) -> Dict[str, Any]:
+        """What one round did, as plain numbers (the rounds of `pruning.json`)."""
+        return {"step": int(step), "score": str(score), "gaussians_before": int(gaussians_before),
+                "gaussians_after": int(gaussians_after), "scoring_seconds": float(scoring_seconds)}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"rounds_done": int(self.rounds_done), "first_round_step": int(self.first_round_step)}
+        return {"rounds_done": int(self.rounds_done), "first_round_step": int(self.first_round_step),
+                "rounds": [dict(record) for record in self.rounds]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.rounds_done = int(state["rounds_done"])
         self.first_round_step = int(state["first_round_step"])
+        # Checkpoints written before rounds were recorded have none.
+        self.rounds = [dict(record) for record in state.get("rounds", [])]

@@ -2,6 +2,7 @@
 
 - `fisher`: PUP 3D-GS, log det of the exact 6x6 Fisher block over (mean, log-scale) (`fisher.py`);
 - `fisher-probe`: the same from the +-1 probe estimator (cheaper, noisy);
+- `speedy`: Speedy-Splat's squared per-pixel gradient of the image in each Gaussian's footprint (`speedy.py`);
 - `lightgaussian`, `opacity`, `random`: the baselines (`baselines.py`).
 """
 
@@ -14,10 +15,11 @@ from torch import Tensor
 
 from nerfstudio_pruning.scoring.baselines import lightgaussian_significance, opacity_scores, random_scores
 from nerfstudio_pruning.scoring.fisher import fisher_blocks, fisher_scores, probe_fisher_blocks
+from nerfstudio_pruning.scoring.speedy import speedy_scores
 from nerfstudio_pruning.types import Gaussians, Views
 
-ScoreKind = Literal["fisher", "fisher-probe", "lightgaussian", "opacity", "random"]
-SCORE_KINDS = ("fisher", "fisher-probe", "lightgaussian", "opacity", "random")
+ScoreKind = Literal["fisher", "fisher-probe", "speedy", "lightgaussian", "opacity", "random"]
+SCORE_KINDS = ("fisher", "fisher-probe", "speedy", "lightgaussian", "opacity", "random")
 
 
 def score_gaussians(
@@ -45,6 +47,8 @@ def score_gaussians(
             gaussians, views, downscale=downscale, n_probes=n_probes, generator=generator, progress=progress
         )
         return fisher_scores(blocks)
+    if kind == "speedy":
+        return speedy_scores(gaussians, views, downscale=downscale, progress=progress)
     if kind == "lightgaussian":
         return lightgaussian_significance(gaussians, views, downscale=downscale, progress=progress)
     raise ValueError(f"unknown score {kind!r}; choose one of {', '.join(SCORE_KINDS)}")

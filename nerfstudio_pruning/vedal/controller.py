@@ -38,6 +38,7 @@ taking view indices) and removes what `hard_prune_mask` selects through `removal
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -223,6 +224,11 @@ class VedalController:
         self.frozen_logits: Optional[Tensor] = None
         self.window: Optional[ImportancePassWindow] = None
         self.importance_summary: Dict[str, float] = {}
+        # What the run has done, for its pruning.json (`report`). The counts are in the state dict; the seconds,
+        # which no resumed run repeats bit for bit, are saved by the model beside it.
+        self.importance_seconds = 0.0
+        self.importance_passes = 0
+        self.hard_prune_record: Optional[Dict[str, int]] = None
 
     # -- phases --------------------------------------------------------------------------------------------------
     @property
@@ -262,7 +268,11 @@ class VedalController:
             if window is None or window.num_gaussians != n or window.slots != slots:
                 window = self.window = ImportancePassWindow(slots, n, self.device)
             views = self.refresh_views(self.refresh_count, n_views)
-            window.add(self.refresh_count, measure(views), len(views))
+            started = time.perf_counter()
+            importance_sums = measure(views)
+            self.importance_seconds += time.perf_counter() - started
+            self.importance_passes += 1
+            window.add(self.refresh_count, importance_sums, len(views))
             if window.full:
                 importance = self.loss_weight * window.mean_per_view()
                 self.gate.update(importance, step)
@@ -369,10 +379,14 @@ class VedalController:
         """The per-Gaussian state a removal must shrink with the Gaussians (see `removal.remove_gaussians`)."""
         return [s for s in (self.gate, self.window) if s is not None and s.num_gaussians == num_gaussians]
 
-    def finish(self, kept_logits: Tensor) -> None:
-        """After the hard removal: p of the survivors is frozen and VEDAL is over."""
+    def finish(self, kept_logits: Tensor, step: Optional[int] = None, gaussians_before: Optional[int] = None) -> None:
+        """After the hard removal: p of the survivors is frozen and VEDAL is over. With the removal's step and the
+        count before it, the removal is recorded for `report`."""
         self.frozen_logits = kept_logits.detach()
         self.pruned = True
+        if step is not None and gaussians_before is not None:
+            self.hard_prune_record = {"step": int(step), "gaussians_before": int(gaussians_before),
+                                      "gaussians_after": int(kept_logits.numel())}
 
     # -- logging ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -398,6 +412,20 @@ class VedalController:
         scalars.update(self.importance_summary)
         return scalars
 
+    def report(self) -> Dict[str, Any]:
+        """What VEDAL has done in the run so far, as plain numbers (the body of the run's pruning.json).
+
+        importance_passes counts leave-one-out measurements, one per refresh (importance_views views each), and
+        importance_seconds the time spent in them; the gate's counts are of the Gaussians present now."""
+        gate = self.gate
+        return {
+            "importance_seconds": float(self.importance_seconds),
+            "importance_passes": int(self.importance_passes),
+            "gate": {"eligible_fraction": float(gate.eligible_fraction), "grants": int(gate.grant_count),
+                     "reversals": int(gate.reversal_count)},
+            "hard_prune": None if self.hard_prune_record is None else dict(self.hard_prune_record),
+        }
+
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Plain tensors and numbers, so checkpoints load with torch.load(weights_only=True).
@@ -417,6 +445,9 @@ class VedalController:
             "importance_sums": (torch.zeros(0, dtype=ImportancePassWindow.DTYPE) if window is None
                                 else window.sums.cpu().clone()),
             "importance_view_counts": [] if window is None else list(window.view_counts),
+            "importance_passes": int(self.importance_passes),
+            # {} rather than None for "no removal yet": the state stays within weights_only's plain types.
+            "hard_prune": {} if self.hard_prune_record is None else dict(self.hard_prune_record),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -436,3 +467,7 @@ class VedalController:
         if sums.numel():
             self.window = ImportancePassWindow(sums.shape[0], sums.shape[1], self.device)
             self.window.load_sums(sums, counts)
+        # States saved before the run's record was kept lack these two: it then counts from the resume.
+        self.importance_passes = int(state.get("importance_passes", 0))
+        removal = state.get("hard_prune")
+        self.hard_prune_record = {key: int(value) for key, value in removal.items()} if removal else None
