@@ -27,11 +27,13 @@ def checkpoint(run: Path, step: int) -> dict:
     return torch.load(run / "nerfstudio_models" / f"step-{step:09d}.ckpt", map_location="cpu", weights_only=True)
 
 
-def resume(method: str, run: Path, step: int, steps: int, name: str, extra_args, e2e_root: Path) -> Path:
-    """Continue `run` from its checkpoint at `step` for `steps` steps with the run's own settings."""
+def resume(method: str, run: Path, step: int, steps: int, name: str, extra_args, e2e_root: Path,
+           save_every: int = PUP_SAVE_EVERY) -> Path:
+    """Continue `run` from its checkpoint at `step` for `steps` steps with the run's own settings, saving every
+    `save_every` steps and at the last."""
     outputs = e2e_root / "outputs"
     config = yaml.load((run / "config.yml").read_text(), Loader=yaml.Loader)
-    args = [*quick_train_args(name, steps, outputs), "--steps-per-save", str(PUP_SAVE_EVERY),
+    args = [*quick_train_args(name, steps, outputs), "--steps-per-save", str(save_every),
             "--save-only-latest-checkpoint", "False", *extra_args,
             "--load-dir", str(run / "nerfstudio_models"), "--load-step", str(step),
             "nsp-default-scene", "--data", str(config.pipeline.datamanager.dataparser.data)]
@@ -134,19 +136,93 @@ def vedal_args(run: Path):
             "--pipeline.model.kl-weight", str(config.kl_weight)]
 
 
-def test_vedal_gs_resumed_mid_gate_ends_identical_to_the_uninterrupted_run(vedal_run, e2e_root):
+def vedal_state(checkpoint_: dict) -> dict:
+    return checkpoint_["pipeline"]["_model._extra_state"]["vedal"]
+
+
+def assert_same_vedal_run(a: dict, b: dict) -> None:
+    """Model, optimizers, retention head and every part of the VEDAL state are equal, except wall-clock times
+    (`*_seconds`, e.g. the time spent measuring importance, which no two runs repeat)."""
+    assert_same_model(a, b)
+    pa, pb = a["pipeline"], b["pipeline"]
+    for key in (k for k in pa if k.startswith("_model.retention_head.")):
+        assert torch.equal(pa[key], pb[key]), key
+    va, vb = vedal_state(a), vedal_state(b)
+    for state_a, state_b in ((va, vb), (va["gate"], vb["gate"])):
+        keys = {key for key in state_a if not key.endswith("seconds")}
+        assert keys == {key for key in state_b if not key.endswith("seconds")}
+        for key in keys:
+            value = state_a[key]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, state_b[key]), f"vedal state {key} differs"
+            elif key != "gate":
+                assert value == state_b[key], f"vedal state {key}: {value} != {state_b[key]}"
+
+
+# The phases of the vedal_run fixture (conftest.py): fine-tuning starts at step 80; importance is measured every 10
+# steps on 14 of the 42 views, so the window of one pass fills at steps 80, 90 and 100 and the gate gets its first
+# update at 100; with min_refreshes 3 and window 2 its first grants come at 120; the hard removal is at step 239,
+# the last. The fixture saves at 60, 120, 180 and 239 only, and it never densifies (splatfacto's warmup_length 500
+# is past its end), so "before fine-tuning" here is ordinary training without densification.
+VEDAL_BEFORE_FINETUNING = 60
+VEDAL_WINDOW_FILLING = 90  # saved by the run resumed from step 60
+VEDAL_GATE_OPEN = 120
+VEDAL_AFTER_REMOVAL = VEDAL_LAST + 1  # saved by the run resumed from the removal's checkpoint
+VEDAL_STEPS_AFTER_REMOVAL = 10
+
+
+@pytest.fixture(scope="module")
+def vedal_resumed_before_finetuning(vedal_run, e2e_root):
+    """vedal_run resumed from step 60 up to step 120, when the gate has just opened, saving at 90 and 120."""
     _, run = vedal_run
-    mid = checkpoint(run, VEDAL_MID_GATE)["pipeline"]["_model._extra_state"]["vedal"]
-    assert mid["gate"]["eligible"].any() and not mid["pruned"], "step 180 is not mid-gate: the test would not test it"
-    resumed = resume("vedal-gs", run, VEDAL_MID_GATE, VEDAL_LAST - VEDAL_MID_GATE, "vedal-resume-mid", vedal_args(run), e2e_root)
-    final, resumed_final = checkpoint(run, VEDAL_LAST), checkpoint(resumed, VEDAL_LAST)
-    assert_same_model(final, resumed_final)
-    a, b = final["pipeline"], resumed_final["pipeline"]
-    for key in (k for k in a if k.startswith("_model.retention_head.")):
-        assert torch.equal(a[key], b[key]), key
-    gate_a, gate_b = a["_model._extra_state"]["vedal"]["gate"], b["_model._extra_state"]["vedal"]["gate"]
-    assert torch.equal(gate_a["ema"], gate_b["ema"]) and torch.equal(gate_a["eligible"], gate_b["eligible"])
-    assert b["_model._extra_state"]["vedal"]["pruned"]
+    before = vedal_state(checkpoint(run, VEDAL_BEFORE_FINETUNING))
+    assert before["finetune_started_at"] == -1 and not before["importance_view_counts"], "step 60 is not before fine-tuning"
+    steps = VEDAL_GATE_OPEN - VEDAL_BEFORE_FINETUNING
+    return resume("vedal-gs", run, VEDAL_BEFORE_FINETUNING, steps, "vedal-resume-before", vedal_args(run), e2e_root,
+                  save_every=VEDAL_WINDOW_FILLING - VEDAL_BEFORE_FINETUNING)
+
+
+@pytest.fixture(scope="module")
+def vedal_resumed_after_removal(vedal_run, e2e_root):
+    """vedal_run resumed from its last checkpoint (right after the hard removal) for 10 more steps, saving at 240."""
+    _, run = vedal_run
+    return resume("vedal-gs", run, VEDAL_LAST, VEDAL_STEPS_AFTER_REMOVAL, "vedal-resume-end", vedal_args(run), e2e_root)
+
+
+def test_vedal_gs_resumed_before_finetuning_ends_identical_to_the_uninterrupted_run(vedal_run, vedal_resumed_before_finetuning):
+    """From step 60 through the start of fine-tuning, the importance window and the gate's first grants to step 120,
+    the uninterrupted run's checkpoint there. (Steps 90 to the end are the window-filling test's resume.)"""
+    _, run = vedal_run
+    final = checkpoint(run, VEDAL_GATE_OPEN)
+    assert vedal_state(final)["gate"]["eligible"].any(), "no grants by step 120: the resumed run would not reach them"
+    assert_same_vedal_run(final, checkpoint(vedal_resumed_before_finetuning, VEDAL_GATE_OPEN))
+
+
+@pytest.mark.parametrize("phase, step", [("window filling", VEDAL_WINDOW_FILLING), ("mid-gate", VEDAL_MID_GATE),
+                                         ("after the removal", VEDAL_AFTER_REMOVAL)])
+def test_vedal_gs_resumed_in_each_phase_ends_identical_to_the_uninterrupted_run(vedal_run, request, e2e_root, phase, step):
+    """Resumed from a checkpoint in the phase, the run ends as the one that wrote the checkpoint (and went on without
+    stopping) ended. The window-filling checkpoint is the run resumed from step 60's: a resume of a resume, so its
+    end is compared with vedal_run's own."""
+    _, run = vedal_run
+    source, reference, last = {
+        "window filling": (request.getfixturevalue("vedal_resumed_before_finetuning"), run, VEDAL_LAST),
+        "mid-gate": (run, run, VEDAL_LAST),
+        "after the removal": (request.getfixturevalue("vedal_resumed_after_removal"),) * 2 + (VEDAL_LAST + VEDAL_STEPS_AFTER_REMOVAL,),
+    }[phase]
+    state = vedal_state(checkpoint(source, step))
+    gate = state["gate"]
+    in_phase = {
+        "window filling": state["finetune_started_at"] >= 0 and 0 in state["importance_view_counts"]
+                          and not gate["history"] and not gate["eligible"].any(),
+        "mid-gate": bool(gate["eligible"].any()) and not state["pruned"],
+        "after the removal": state["pruned"],
+    }[phase]
+    assert in_phase, f"step {step} is not in the phase '{phase}': the test would not test it"
+    resumed = resume("vedal-gs", source, step, last - step, f"vedal-resume-{step}", vedal_args(run), e2e_root)
+    final, resumed_final = checkpoint(reference, last), checkpoint(resumed, last)
+    assert_same_vedal_run(final, resumed_final)
+    assert vedal_state(resumed_final)["pruned"]
 
 
 def test_vedal_gs_mid_gate_restores_gate_head_window_and_optimizers(vedal_run, tmp_path):
@@ -170,10 +246,10 @@ def test_vedal_gs_mid_gate_restores_gate_head_window_and_optimizers(vedal_run, t
     assert len(head_optimizer.state) == len(saved["optimizers"]["retention_head"]["state"]) > 0
 
 
-def test_vedal_gs_resumed_after_the_removal_keeps_training_the_survivors(vedal_run, e2e_root):
+def test_vedal_gs_resumed_after_the_removal_keeps_training_the_survivors(vedal_run, vedal_resumed_after_removal):
     _, run = vedal_run
-    resumed = resume("vedal-gs", run, VEDAL_LAST, 10, "vedal-resume-end", vedal_args(run), e2e_root)
-    before, after = checkpoint(run, VEDAL_LAST)["pipeline"], checkpoint(resumed, VEDAL_LAST + 10)["pipeline"]
+    last = VEDAL_LAST + VEDAL_STEPS_AFTER_REMOVAL
+    before, after = checkpoint(run, VEDAL_LAST)["pipeline"], checkpoint(vedal_resumed_after_removal, last)["pipeline"]
     assert after["_model.gauss_params.means"].shape == before["_model.gauss_params.means"].shape
     assert after["_model._extra_state"]["vedal"]["pruned"]
     moved = (after["_model.gauss_params.means"] - before["_model.gauss_params.means"]).norm(dim=1) > 0

@@ -1,0 +1,53 @@
+"""benchmarks/plot_gate_history.py: on a vedal-gs run it prints the gate's history and reversal rate and writes a PNG;
+on anything else it says why in one `error:` line and exits with status 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_gate_history.py"
+
+
+def plot_gate_history(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_prints_the_reversal_rate_and_writes_the_plot_of_a_vedal_run(vedal_run, tmp_path):
+    _, run = vedal_run
+    latest = sorted((run / "nerfstudio_models").glob("step-*.ckpt"))[-1]
+    gate = torch.load(latest, map_location="cpu", weights_only=True)["pipeline"]["_model._extra_state"]["vedal"]["gate"]
+    grants, reversals = int(gate["grant_count"]), int(gate["reversal_count"])
+    assert grants > 0 and gate["history"], "the fixture's gate granted nothing: the plot would be empty"
+    out = tmp_path / "plots" / "gate.png"
+    proc = plot_gate_history(run, out, "--rows", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert f"grants: {grants}  reversals: {reversals}  reversal rate: {reversals / grants:.4f} per grant" in lines
+    # --rows 0: one table row per gate update, "step | eligible fraction | reversals so far".
+    rows = lines[lines.index("step | eligible fraction | reversals so far") + 1:-1]
+    assert rows == [f"{s} | {f:.3f} | {r}" for s, f, r in gate["history"]]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+
+
+def test_a_run_without_gate_state_or_checkpoints_is_one_error_line(splatfacto_run, tmp_path):
+    proc = plot_gate_history(splatfacto_run, tmp_path / "gate.png", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and "holds no vedal-gs gate state" in proc.stderr
+    assert not (tmp_path / "gate.png").exists()
+
+    proc = plot_gate_history(tmp_path, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: {tmp_path} has no checkpoints (no nerfstudio_models/step-*.ckpt): pass a vedal-gs run folder\n"
+
+
+def test_usage(tmp_path):
+    proc = plot_gate_history(cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: plot_gate_history.py")
+    proc = plot_gate_history("--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "reversal rate" in proc.stdout
