@@ -3,39 +3,66 @@
 # with CUDA, nvcc and ninja, and no registry). Into benchmarks/gpu/wheels/ (ignored by git: carry it to the GPU
 # machine, e.g. with the device tool's carry=["benchmarks/gpu/wheels"]).
 #
-#   bash benchmarks/gpu/fetch_wheels.sh               # gsplat 1.4.0 (6.5 MB, CUDA sources inside), the pure-Python
-#                                                     # packages it and the scoring code import (1.8 MB), numpy
-#                                                     # (18 MB, installed only where missing): 25 MB in all
-#   bash benchmarks/gpu/fetch_wheels.sh --with-numba  # also numba + llvmlite for the compiled CPU kernel (more than
-#                                                     # the device tool's 64 MiB carry limit with the rest: check)
+#   bash benchmarks/gpu/fetch_wheels.sh               # cp312 manylinux x86_64 + pure-Python wheels: 25 wheels, 40.5 MiB
+#   bash benchmarks/gpu/fetch_wheels.sh --python 3.11 # the same versions for cp311, into cache/wheels-cp311/
+#                                                     # (this machine's python: the CPU dry run and the test)
+#   bash benchmarks/gpu/fetch_wheels.sh --with-numba  # also numba + llvmlite for the compiled CPU kernel (over
+#                                                     # the device tool's 64 MiB carry limit with the rest)
+#
+# What the kit runs: its scripts (gsplat, numpy, tqdm, rich) and, for the `methods` stage, ns-train pup-gs /
+# vedal-gs (and splatfacto-portable), ns-eval and ns-export gaussian-splat of this plugin on the built-in scene.
+# The set below is what those import, found by installing exactly these into a clean venv next to a CPU torch
+# (`pip install --no-index --no-deps`) and importing until nothing failed (see README.md). Packages nerfstudio
+# imports at module level only for features the kit does not use (viewer, mesh export, NeRF ray marching, ...)
+# are not carried: benchmarks/gpu/shims/ stands in for them (shims/README.md says what and why).
 #
 # --no-deps: only what is listed, never torch or CUDA packages. run_all.sh installs each wheel only if its
-# package is not importable there already.
+# package is not importable there already. Versions: those of this project's CPU environment (.venv, pip freeze),
+# which work together.
 set -euo pipefail
 cd "$(dirname "$0")"
+PY_VERSION=3.12
 WHEELS=wheels
+NUMBA=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --python) PY_VERSION="$2"; shift 2 ;;
+    --with-numba) NUMBA=1; shift ;;
+    *) echo "usage: $0 [--python 3.12|3.11] [--with-numba]" >&2; exit 2 ;;
+  esac
+done
+TAG="cp${PY_VERSION/./}"
+[[ "$PY_VERSION" != 3.12 ]] && WHEELS="cache/wheels-$TAG"
 mkdir -p "$WHEELS"
 PIP="${PIP:-python3 -m pip}"
 
-# gsplat 1.4.0 imports numpy and typing_extensions at import, rich when it loads its CUDA extension; the
-# scoring loop imports tqdm. jaxtyping and ninja (gsplat's declared dependencies) are not imported; the GPU
-# machine has the ninja binary, and typing_extensions comes with torch.
-# Versions: those of this project's CPU environment (.venv), which work together.
 PACKAGES=(
-  "gsplat==1.4.0"
+  # The kit's scripts: gsplat 1.4.0 imports numpy and typing_extensions (from torch) at import, rich when it
+  # loads its CUDA extension; the scoring loop imports tqdm. numpy is installed only where missing.
+  "gsplat==1.4.0"            # 6.2 MiB, pure Python with its CUDA sources (built on the machine)
+  "numpy==1.26.4"            # 17.1 MiB
   "tqdm==4.70.1"
-  "rich==15.0.0"
-  "markdown-it-py==4.3.0"
-  "mdurl==0.1.2"
-  "pygments==2.21.0"
-  "numpy==1.26.4"
+  "rich==15.0.0" "markdown-it-py==4.3.0" "mdurl==0.1.2" "pygments==2.21.0"
+  # nerfstudio itself (its ~45 declared dependencies are not installed) and its CLI
+  "nerfstudio==1.1.5"
+  "tyro==1.0.17" "docstring-parser==0.18.0" "typeguard==4.6.1"
+  # imported on the path of ns-train / ns-eval / ns-export gaussian-splat with splatfacto:
+  "jaxtyping==0.3.11" "wadler-lindig==0.1.8"   # type annotations everywhere
+  "pillow==13.0.0"           # 6.8 MiB: images of every dataparser (and the built-in scene's generator)
+  "plyfile==1.1.3"           # the built-in scene's seed points.ply
+  "pyyaml==6.0.4"            # config.yml
+  "tensorboard==2.20.0" "protobuf==3.20.3" "absl-py==2.5.1"  # 5.6 MiB: --vis tensorboard (nerfstudio's writer)
+  "torchmetrics==1.9.0" "lightning-utilities==0.15.3" "packaging==26.4"  # splatfacto's PSNR
+  "pytorch-msssim==1.0.0"    # splatfacto's SSIM (loss and metric)
+  "imageio==2.38.1"          # blender/dycheck dataparsers (imported with every dataparser)
+  "appdirs==1.4.4"           # colmap_utils (imported with the colmap dataparser)
 )
-if [[ "${1:-}" == "--with-numba" ]]; then
+if [[ $NUMBA == 1 ]]; then
   PACKAGES+=("numba==0.68.1" "llvmlite==0.50.0")
 fi
 
-$PIP download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
-  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
-  --dest "$WHEELS" "${PACKAGES[@]}"
+$PIP download --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp --abi "$TAG" \
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+  --platform manylinux_2_27_x86_64 --platform any --dest "$WHEELS" "${PACKAGES[@]}"
 ls -l "$WHEELS"
 du -sh "$WHEELS"

@@ -2,18 +2,25 @@
 # The GPU kit, on a machine with Python 3.12, torch + CUDA, nvcc and ninja, and no nerfstudio and no registry.
 # From the repository root:
 #
-#   bash benchmarks/gpu/run_all.sh                      # every stage: setup parity scores memory pairs
+#   bash benchmarks/gpu/run_all.sh                      # every stage: setup parity scores memory pairs methods
 #   bash benchmarks/gpu/run_all.sh setup quick          # or some of them, in the order given
 #
-# Before any stage, the carried wheels (benchmarks/gpu/wheels, made by fetch_wheels.sh) whose package is missing
-# are installed into benchmarks/gpu/cache/site (nothing outside the checkout changes).
-#   setup   the machine (GPU, driver, nvcc), then gsplat's CUDA extension: built once per machine (minutes) into
-#           benchmarks/gpu/cache, or loaded from benchmarks/gpu/cache/gsplat_cuda when a build for this torch,
-#           CUDA and GPU is there (every script also builds it on first use)
-#   quick   every script with --quick: a minute, that the kit works on this machine at all
+# Before any stage, the carried wheels (benchmarks/gpu/wheels, made by fetch_wheels.sh; KIT_WHEELS=DIR for another
+# folder) whose package is missing are installed into benchmarks/gpu/cache/site-pyX.Y (nothing outside the
+# checkout changes).
+#   setup   the machine (GPU, driver, nvcc), that nerfstudio and the plugin import (ns_kit.py imports), then
+#           gsplat's CUDA extension: built once per machine (minutes) into benchmarks/gpu/cache, or loaded from
+#           benchmarks/gpu/cache/gsplat_cuda when a build for this torch, CUDA and GPU is there (every script
+#           also builds it on first use)
+#   quick   every script with --quick, and run_methods.py --quick (30 steps each): that the kit works here at all
 #   parity  (a) check_rasterizer_parity.py          scores  (b) check_scores.py
 #   memory  (c) bench_pair_memory.py, bench_scoring_memory.py
 #   pairs   (d) check_pairs_and_layers.py
+#   methods (e) run_methods.py: ns-train pup-gs and vedal-gs on the built-in scene (ns-prune-compare's schedule
+#           scaled by METHODS_SCALE, default 0.01: 300 steps), ns-eval and ns-export gaussian-splat of each
+#
+# KIT_DEVICE=cpu runs every script on CPU (a dry run where there is no GPU, e.g. with PYTHON=a clean venv's python
+# and KIT_WHEELS=benchmarks/gpu/cache/wheels-cp311 from `fetch_wheels.sh --python 3.11`).
 #
 # Results: $OUT/gpu_kit (else benchmarks/gpu/results): one JSON per script, a log per stage, summary.md, and
 # after a build gsplat_cuda/ (the extension and its stamp: copy it to benchmarks/gpu/cache/gsplat_cuda/ and carry
@@ -24,7 +31,8 @@ KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$KIT/../.." && pwd)"
 PY="${PYTHON:-python3}"
 CACHE="$KIT/cache"
-SITE="$CACHE/site"
+KIT_WHEELS="${KIT_WHEELS:-$KIT/wheels}"
+SITE="$CACHE/site-py$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 RESULTS="${OUT:-$KIT/results}/gpu_kit"
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
 mkdir -p "$SITE" "$RESULTS"
@@ -32,27 +40,36 @@ export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR="$CACHE/torch_extensions"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export PYTHONUNBUFFERED=1
+DEVICE_ARGS=()
+[[ -n "${KIT_DEVICE:-}" ]] && DEVICE_ARGS=(--device "$KIT_DEVICE")
 
 stages=("$@")
-[[ ${#stages[@]} -eq 0 ]] && stages=(setup parity scores memory pairs)
+[[ ${#stages[@]} -eq 0 ]] && stages=(setup parity scores memory pairs methods)
 
 install_wheels() {
   shopt -s nullglob
-  local wheels=("$KIT"/wheels/*.whl)
+  local wheels=("$KIT_WHEELS"/*.whl)
   if [[ ${#wheels[@]} -eq 0 ]]; then
-    echo "no wheels in $KIT/wheels: run benchmarks/gpu/fetch_wheels.sh where there is a registry, and carry the folder"
+    echo "no wheels in $KIT_WHEELS: run benchmarks/gpu/fetch_wheels.sh where there is a registry, and carry the folder"
   fi
   for wheel in "${wheels[@]}"; do
     local name check
     name="$(basename "$wheel" | cut -d- -f1)"
     case "$name" in
       markdown_it_py) check="import markdown_it" ;;
+      pillow) check="import PIL" ;;
+      pyyaml) check="import yaml" ;;
+      absl_py) check="import absl" ;;
+      protobuf) check="import google.protobuf" ;;
       # render/pairs.py is written against gsplat 1.4.0's kernels: another installed version does not count.
       gsplat) check="import gsplat; assert gsplat.__version__ == '1.4.0'" ;;
+      nerfstudio) check="from importlib.metadata import version; assert version('nerfstudio') == '1.1.5'" ;;
       *) check="import $name" ;;
     esac
     if ! "$PY" -c "$check" 2>/dev/null; then
-      if PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --no-index --no-deps --quiet --target "$SITE" "$wheel"; then
+      # (pip warns when a wheel's bin/ or __pycache__/ is already there from another: harmless, not shown)
+      if PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install --no-index --no-deps --quiet --target "$SITE" "$wheel" \
+          2> >(grep -v "^WARNING: Target directory" >&2); then
         echo "installed $(basename "$wheel")"
       else
         echo "FAILED to install $(basename "$wheel")"
@@ -67,6 +84,8 @@ setup() {
   command -v nvcc >/dev/null && nvcc --version | tail -1
   command -v ninja >/dev/null && echo "ninja $(ninja --version)"
   "$PY" -c "import gsplat, numpy, tqdm, rich; print('gsplat', gsplat.__version__, 'numpy', numpy.__version__)"
+  "$PY" "$KIT/ns_kit.py" imports || return 1
+  [[ "${KIT_DEVICE:-}" == cpu ]] && return 0  # a CPU dry run builds nothing
   "$PY" - "$KIT" <<'EOF'
 import sys, time
 sys.path.insert(0, sys.argv[1])
@@ -80,7 +99,7 @@ EOF
 }
 
 run_script() {  # script [args...]
-  timeout "$STAGE_TIMEOUT" "$PY" "$KIT/$1.py" "${@:2}"
+  timeout "$STAGE_TIMEOUT" "$PY" "$KIT/$1.py" "${DEVICE_ARGS[@]}" "${@:2}"
 }
 
 run_stage() {
@@ -93,11 +112,12 @@ run_stage() {
       run_script bench_pair_memory --out "$RESULTS" || status=1
       run_script bench_scoring_memory --out "$RESULTS" || status=1 ;;
     pairs) run_script check_pairs_and_layers --out "$RESULTS" || status=1 ;;
+    methods) run_script run_methods --out "$RESULTS" ${METHODS_SCALE:+--scale "$METHODS_SCALE"} || status=1 ;;
     quick)
-      for script in check_rasterizer_parity check_scores bench_pair_memory bench_scoring_memory check_pairs_and_layers; do
+      for script in check_rasterizer_parity check_scores bench_pair_memory bench_scoring_memory check_pairs_and_layers run_methods; do
         run_script "$script" --quick --out "$RESULTS/quick" || status=1
       done ;;
-    *) echo "unknown stage $stage (setup quick parity scores memory pairs)"; status=2 ;;
+    *) echo "unknown stage $stage (setup quick parity scores memory pairs methods)"; status=2 ;;
   esac
   if [[ -f "$CACHE/gsplat_cuda/gsplat_cuda.so" && ! -d "$RESULTS/gsplat_cuda" ]]; then
     mkdir -p "$RESULTS/gsplat_cuda" && cp "$CACHE/gsplat_cuda/"* "$RESULTS/gsplat_cuda/"

@@ -16,8 +16,17 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _is_result(path: Path) -> bool:
+    """A kit script's <name>.json (the run_methods stage also leaves nerfstudio's eval.json and pruning.json)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"script", "environment", "checks"} <= data.keys()
+
+
 def summarize(folder: Path) -> str:
-    files = sorted(folder.rglob("*.json"))
+    files = [path for path in sorted(folder.rglob("*.json")) if _is_result(path)]  # not eval.json and the like
     lines = [f"# GPU kit results ({folder})", ""]
     if not files:
         return "\n".join(lines + ["No results found."]) + "\n"

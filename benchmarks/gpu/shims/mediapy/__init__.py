@@ -1,0 +1,6 @@
+"""GPU-kit shim for mediapy. nerfstudio's exporter/texture_utils.py (imported by nerfstudio.scripts.exporter) imports it at module level to write mesh textures; ns-export gaussian-splat writes no images. Any call raises."""
+
+from _kit_shim import missing_module_getattr
+
+__version__ = "0.0.0+gpu-kit-shim"
+__getattr__ = missing_module_getattr("mediapy", "mesh texturing (ns-export poisson/tsdf/marching-cubes) is not available in the kit")

@@ -1,0 +1,5 @@
+"""GPU-kit shim for torchvision.transforms (see torchvision/__init__.py)."""
+
+from _kit_shim import missing_module_getattr
+
+__getattr__ = missing_module_getattr("torchvision.transforms", "the viewer is not used by the kit")
