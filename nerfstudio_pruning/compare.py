@@ -2,9 +2,19 @@
 
 For one dataset it trains (or takes existing runs of) splatfacto-portable, pup-gs (post-hoc, from the splatfacto
 run's checkpoint, as the paper prunes a trained model) and vedal-gs, all through `ns-train` with the same split
-and seed, then evaluates every run on the same held-out views and reports PSNR, SSIM, LPIPS (when its weights are
+and seeds, then evaluates every run on the same held-out views and reports PSNR, SSIM, LPIPS (when its weights are
 available), Gaussian count, exported PLY size, render time per frame and FPS (median over the eval views after a
 warm-up, on the device used), training time and scoring time. Writes results.json, results.md and compare.png.
+
+Every pruned run is read against an unpruned run of the same budget and seed:
+
+- "splatfacto (30k)" and "splatfacto (40k)" are one splatfacto-portable run of 40k steps that keeps its 30k
+  checkpoint. pup-gs starts from that checkpoint and refines 5k + 5k steps, so it is read against the 40k row; the
+  30k row is what it started from.
+- "splatfacto (densify to 7k)" is splatfacto-portable for 30k steps with densification, culling and opacity resets
+  stopped where vedal-gs stops them (its fine-tuning start, 7k): vedal-gs is read against it.
+
+`--seeds` repeats every run per seed; each cell is then the mean ± half the range over seeds.
 
 `--schedule-scale` multiplies every step count of every method together (densification intervals, pruning
 rounds, VEDAL's fine-tuning phase, learning-rate schedules), so the whole comparison fits in minutes on a CPU; it
@@ -17,15 +27,17 @@ import json
 import math
 import re
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import torch
 import tyro
+
+from nerfstudio_pruning.compare_data import Scene, SceneError, resolve_scene
+from nerfstudio_pruning.compare_progress import RunProgress
 
 # flag: (steps in the full schedule, floor when scaled). Densifying every few steps compounds splits before
 # the new Gaussians have moved (hundreds of thousands within a hundred steps), so the interval keeps a floor.
@@ -44,13 +56,26 @@ VEDAL_STEP_FIELDS = {"pipeline.model.finetune-start-step": (7000, 1), "pipeline.
 METHODS = ("splatfacto-portable", "pup-gs", "vedal-gs")
 SCORED_LINE = re.compile(r"scored \d+ Gaussians in ([0-9.]+) s")
 
+ROW_30K = "splatfacto (30k)"
+ROW_40K = "splatfacto (40k)"
+ROW_DENSIFY = "splatfacto (densify to 7k)"
+# --runs keys: the three methods, and the densify-to-7k baseline.
+RUN_KEYS = METHODS + ("splatfacto-densify",)
+SPREAD = "half the range over seeds, (max - min) / 2"
+
+
+class CompareError(Exception):
+    """Input ns-prune-compare refuses before it trains or writes anything; printed as one `error:` line."""
+
 
 @dataclass
 class CompareConfig:
-    """Train or load splatfacto, pup-gs and vedal-gs on one dataset and compare them."""
+    """Train or load splatfacto, pup-gs and vedal-gs on one dataset and compare them at equal budgets."""
 
     scene: str = "default"
-    """'default' for the built-in scene, or a nerfstudio-format dataset folder."""
+    """'default' for the built-in scene, or a dataset folder (nerfstudio-data, colmap or blender-data)."""
+    dataparser: Literal["auto", "nerfstudio-data", "colmap", "blender-data"] = "auto"
+    """How to read --scene: auto picks nerfstudio-data for transforms.json, colmap for sparse/0 or colmap/sparse/0, blender-data for transforms_train.json. Datasets without seed points train from random initialisation."""
     downscale_factor: Optional[int] = None
     """Image downscale for a dataset folder (downscaled copies are cached, the data is never written)."""
     output_dir: Path = Path("outputs/compare")
@@ -58,17 +83,19 @@ class CompareConfig:
     schedule_scale: Optional[float] = None
     """Multiply every step count by this (default: 1 on a GPU, 1/60 on a CPU)."""
     methods: Tuple[str, ...] = METHODS
-    """Methods to compare (splatfacto-portable is the reference and pup-gs's starting point)."""
+    """Methods to compare. pup-gs brings its baselines splatfacto (30k) and (40k), vedal-gs brings splatfacto (densify to 7k); splatfacto-portable alone gives the 30k and 40k rows."""
     runs: Tuple[str, ...] = ()
-    """Existing runs to use instead of training, as METHOD=path/to/config.yml."""
+    """Existing runs to use instead of training, as KEY=path/to/config.yml, or KEY/sSEED=... with several seeds. KEY: splatfacto-portable (a 40k run that kept its 30k checkpoint, or a 30k run, which is then continued to 40k), pup-gs, vedal-gs, splatfacto-densify."""
     kl_weights: Tuple[float, ...] = ()
     """Extra vedal-gs runs, one per KL weight, drawn as a rate-distortion curve."""
     gate_ablation: bool = False
     """Also run vedal-gs with the gate disabled (synchronous variational pruning, the paper's ablation)."""
     pup_scores: Tuple[str, ...] = ("fisher",)
     """pup-gs runs, one per score (fisher, fisher-probe, lightgaussian, opacity, random), same rounds."""
-    seed: int = 42
-    """Same seed for every run."""
+    seeds: Tuple[int, ...] = (42,)
+    """Every run is repeated with each seed; the table shows mean ± half the range over seeds."""
+    seed: Optional[int] = None
+    """One seed (the same as --seeds SEED; kept for older command lines)."""
     eval_warmup: int = 1
     """Renders per eval view discarded before timing."""
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
@@ -78,83 +105,201 @@ class CompareConfig:
     def scale(self) -> float:
         if self.schedule_scale is not None:
             if not 0 < self.schedule_scale <= 1:
-                raise ValueError(f"--schedule-scale must be in (0, 1], got {self.schedule_scale}")
+                raise CompareError(f"--schedule-scale must be in (0, 1], got {self.schedule_scale}")
             return self.schedule_scale
         return 1.0 if self.device == "cuda" else 1.0 / 60.0
+
+    def seed_list(self) -> Tuple[int, ...]:
+        if self.seed is not None:
+            if self.seeds not in ((42,), (self.seed,)):
+                raise CompareError("give either --seed or --seeds, not both")
+            return (self.seed,)
+        if not self.seeds:
+            raise CompareError("--seeds needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise CompareError(f"--seeds repeats a seed: {' '.join(map(str, self.seeds))}")
+        return tuple(self.seeds)
 
 
 def scaled(steps: int, scale: float, minimum: int = 1) -> int:
     return max(minimum, int(round(steps * scale)))
 
 
-def dataparser_args(cfg: CompareConfig, output_dir: Path) -> List[str]:
-    if cfg.scene == "default":
-        return ["nsp-default-scene", "--data", str(output_dir / "scene")]
-    data = Path(cfg.scene)
-    if not (data / "transforms.json").is_file():
-        raise FileNotFoundError(f"{data} is not a nerfstudio-format dataset (no transforms.json)")
-    args = ["nerfstudio-data-cached", "--data", str(data.resolve())]
-    if cfg.downscale_factor:
-        args += ["--downscale-factor", str(cfg.downscale_factor)]
-    return args
+@dataclass
+class Schedule:
+    """Step counts of one comparison, all scaled together."""
+
+    scale: float
+    steps_30k: int
+    refine: Tuple[int, ...]
+    densify_stop: int
+
+    @classmethod
+    def of(cls, scale: float) -> "Schedule":
+        floor = VEDAL_STEP_FIELDS["pipeline.model.finetune-start-step"][1]
+        return cls(scale, scaled(FULL_TRAINING_STEPS, scale, minimum=10), tuple(scaled(s, scale) for s in PUP_REFINE_STEPS),
+                   scaled(7000, scale, minimum=floor))
+
+    @property
+    def steps_40k(self) -> int:
+        return self.steps_30k + sum(self.refine)
+
+    def vedal_args(self) -> List[str]:
+        args = [a for flag, (v, floor) in VEDAL_STEP_FIELDS.items() for a in (f"--{flag}", str(scaled(v, self.scale, minimum=floor)))]
+        return args + ["--pipeline.model.hard-prune-step", str(self.steps_30k - 1)]
 
 
-def common_train_args(cfg: CompareConfig, name: str, max_steps: int, output_dir: Path) -> List[str]:
+def common_train_args(cfg: CompareConfig, name: str, max_steps: int, output_dir: Path, seed: int,
+                      overrides: Optional[Dict[str, str]] = None, steps_per_save: Optional[int] = None) -> List[str]:
     s = cfg.scale()
     args = [
         "--vis", "tensorboard", "--output-dir", str(output_dir / "runs"), "--experiment-name", cfg.experiment_name,
-        "--timestamp", name, "--machine.seed", str(cfg.seed), "--machine.device-type", cfg.device,
-        "--max-num-iterations", str(max_steps), "--steps-per-save", str(max(max_steps, 1)),
+        "--timestamp", name, "--machine.seed", str(seed), "--machine.device-type", cfg.device,
+        "--max-num-iterations", str(max_steps), "--steps-per-save", str(max(steps_per_save or max_steps, 1)),
         "--steps-per-eval-image", "1000000000", "--steps-per-eval-all-images", "1000000000",
         "--optimizers.means.scheduler.max-steps", str(scaled(FULL_TRAINING_STEPS, s)),
     ]
-    for flag, (steps, floor) in SPLATFACTO_STEP_FIELDS.items():
-        args += [f"--{flag}", str(scaled(steps, s, minimum=floor))]
+    fields = {flag: str(scaled(steps, s, minimum=floor)) for flag, (steps, floor) in SPLATFACTO_STEP_FIELDS.items()}
+    fields.update(overrides or {})
+    for flag, value in fields.items():
+        args += [f"--{flag}", value]
     return args
+
+
+@dataclass
+class Job:
+    """One ns-train run to make."""
+
+    label: str
+    method: str
+    seed: int
+    dirname: str
+    max_steps: int
+    extra: List[str] = field(default_factory=list)
+    overrides: Dict[str, str] = field(default_factory=dict)
+    first_step: int = 0
+    steps_per_save: Optional[int] = None
+    keep_all_checkpoints: bool = False
+    seconds: Optional[float] = None
+    started_wall: Optional[float] = None
+    log: Optional[Path] = None
+
+    def config(self, cfg: CompareConfig, output_dir: Path) -> Path:
+        return output_dir / "runs" / cfg.experiment_name / self.method / self.dirname / "config.yml"
 
 
 @dataclass
 class RunRecord:
     label: str
+    row: str
     method: str
+    seed: int
     config: Path
+    step: Optional[int] = None
+    """The checkpoint evaluated (nerfstudio's step index: steps trained - 1); None: the run's latest."""
+    baseline: Optional[str] = None
+    """The row this run is read against ('x fewer' is relative to it, same seed)."""
+    job: Optional[str] = None
     train_seconds: Optional[float] = None
     scoring_seconds: Optional[float] = None
+    scoring_source: Optional[str] = None
     kl_weight: Optional[float] = None
+    gate: Optional[dict] = None
+    pruning: Optional[dict] = None
+    eval_config: Optional[Path] = None
     metrics: Dict[str, float] = field(default_factory=dict)
 
+    def to_json(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "job"}
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in out.items()}
 
-def train(cfg: CompareConfig, label: str, method: str, extra: List[str], max_steps: int, output_dir: Path) -> RunRecord:
-    log = output_dir / "logs" / f"{label}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    command = [str(Path(sys.executable).parent / "ns-train"), method,
-               *common_train_args(cfg, label, max_steps, output_dir), *extra, *dataparser_args(cfg, output_dir)]
-    print(f"[compare] training {label} ({max_steps} steps); log: {log}", flush=True)
-    started = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, cwd=Path.cwd())
-    seconds = time.perf_counter() - started
-    text = log.read_text(errors="replace")
-    if proc.returncode != 0:
-        raise RuntimeError(f"ns-train {method} failed (exit {proc.returncode}); last lines of {log}:\n{text[-2500:]}")
-    config = output_dir / "runs" / cfg.experiment_name / method / label / "config.yml"
-    if not config.is_file():
-        raise RuntimeError(f"ns-train {method} finished but wrote no {config}; see {log}")
-    scoring = [float(x) for x in SCORED_LINE.findall(text)]
-    return RunRecord(label, method, config, train_seconds=seconds, scoring_seconds=sum(scoring) if scoring else None)
+
+def checkpoint_steps(config: Path) -> List[int]:
+    folder = config.parent / "nerfstudio_models"
+    steps = []
+    for path in folder.glob("step-*.ckpt"):
+        try:
+            steps.append(int(path.stem.split("-", 1)[1]))
+        except ValueError:
+            pass
+    return sorted(steps)
+
+
+def checkpoint_path(config: Path, step: int) -> Path:
+    return config.parent / "nerfstudio_models" / f"step-{step:09d}.ckpt"
 
 
 def last_checkpoint(config: Path) -> Path:
-    ckpts = sorted((config.parent / "nerfstudio_models").glob("step-*.ckpt"))
-    if not ckpts:
+    steps = checkpoint_steps(config)
+    if not steps:
         raise FileNotFoundError(f"no checkpoint next to {config}")
-    return ckpts[-1]
+    return checkpoint_path(config, steps[-1])
+
+
+def read_pruning_file(config: Path) -> Optional[dict]:
+    """The pruning.json pup-gs and vedal-gs write next to config.yml, or None (older runs, or unreadable)."""
+    path = config.parent / "pruning.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def scoring_from_pruning_file(data: dict) -> Optional[float]:
+    try:
+        if data.get("method") == "pup-gs" or "rounds" in data:
+            return float(sum(float(r["scoring_seconds"]) for r in data["rounds"]))
+        if data.get("method") == "vedal-gs" or "importance_seconds" in data:
+            return float(data["importance_seconds"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def attach_scoring(record: RunRecord, log: Optional[Path]) -> None:
+    """Scoring time (and vedal-gs's gate counts) from the run's pruning.json, or from its log for older runs."""
+    if record.method not in ("pup-gs", "vedal-gs"):
+        return
+    data = read_pruning_file(record.config)
+    if data is not None:
+        record.pruning = data
+        seconds = scoring_from_pruning_file(data)
+        if seconds is not None:
+            record.scoring_seconds, record.scoring_source = seconds, "pruning.json"
+        gate = data.get("gate")
+        if isinstance(gate, dict):
+            record.gate = {k: gate[k] for k in ("eligible_fraction", "grants", "reversals") if k in gate}
+        if seconds is not None:
+            return
+    if log is not None and log.is_file():
+        scoring = [float(x) for x in SCORED_LINE.findall(log.read_text(errors="replace"))]
+        if scoring:
+            record.scoring_seconds, record.scoring_source = sum(scoring), "log"
+
+
+def config_at_step(config: Path, step: int, out: Path) -> Path:
+    """A copy of a run's config.yml that makes eval_setup (ns-eval, ns-export) load checkpoint `step` instead of the
+    latest; the checkpoint folder it names is still the run's own."""
+    import yaml
+
+    from nerfstudio.engine.trainer import TrainerConfig  # noqa: F401  (the classes the yaml names)
+
+    loaded = yaml.load(config.read_text(), Loader=yaml.Loader)
+    loaded.load_step = step
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.dump(loaded))
+    return out
 
 
 def export_size_mb(record: RunRecord, output_dir: Path) -> float:
-    out = output_dir / "exports" / record.label
-    subprocess.run([str(Path(sys.executable).parent / "ns-export"), "gaussian-splat", "--load-config", str(record.config),
-                    "--output-dir", str(out)], check=True, capture_output=True)
+    import subprocess
+
+    out = output_dir / "exports" / record.label.replace("/", "-").replace(" ", "_")
+    subprocess.run([str(Path(sys.executable).parent / "ns-export"), "gaussian-splat", "--load-config",
+                    str(record.eval_config or record.config), "--output-dir", str(out)], check=True, capture_output=True)
     return (out / "splat.ply").stat().st_size / 1e6
 
 
@@ -164,7 +309,8 @@ def evaluate(record: RunRecord, cfg: CompareConfig) -> Tuple[Dict[str, float], t
 
     from nerfstudio_pruning.methods.base import PortableSplatfactoModel
 
-    _, pipeline, _, _ = eval_setup(record.config, test_mode="test")
+    _, pipeline, checkpoint, step = eval_setup(record.eval_config or record.config, test_mode="test")
+    record.step = int(step)
     model = pipeline.model
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     per_view: List[Dict[str, float]] = []
@@ -195,25 +341,71 @@ def evaluate(record: RunRecord, cfg: CompareConfig) -> Tuple[Dict[str, float], t
     return summary, first_image, first_gt
 
 
-def markdown_table(records: List[RunRecord], reference: Optional[RunRecord], scale: float, device: str) -> str:
-    has_lpips = all("lpips" in r.metrics for r in records)
-    head = ["run", "PSNR", "SSIM"] + (["LPIPS"] if has_lpips else []) + [
-        "Gaussians", "x fewer", "PLY MB", "render ms", "FPS", "train s", "scoring s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+# -- table ---------------------------------------------------------------------------------------------------------
+# (key, header, format); the value of a key is a metric, or a record attribute, or x_fewer.
+COLUMNS = [("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", ".3f"),
+           ("num_gaussians", "Gaussians", ".0f"), ("x_fewer", "x fewer", ".2f"), ("ply_mb", "PLY MB", ".2f"),
+           ("render_ms", "render ms", ".1f"), ("fps", "FPS", ".1f"), ("train_seconds", "train s", ".0f"),
+           ("scoring_seconds", "scoring s", ".1f")]
+
+
+def record_value(record: RunRecord, key: str) -> Optional[float]:
+    if key in ("train_seconds", "scoring_seconds"):
+        return getattr(record, key)
+    return record.metrics.get(key)
+
+
+def rows_of(records: List[RunRecord]) -> Dict[str, List[RunRecord]]:
+    rows: Dict[str, List[RunRecord]] = {}
     for r in records:
-        m = r.metrics
-        fewer = reference.metrics["num_gaussians"] / m["num_gaussians"] if reference else float("nan")
-        row = [r.label, f"{m['psnr']:.2f}", f"{m['ssim']:.3f}"] + ([f"{m['lpips']:.3f}"] if has_lpips else []) + [
-            f"{int(m['num_gaussians'])}", f"{fewer:.2f}", f"{m['ply_mb']:.2f}", f"{m['render_ms']:.1f}",
-            f"{m['fps']:.1f}", "-" if r.train_seconds is None else f"{r.train_seconds:.0f}",
-            "-" if r.scoring_seconds is None else f"{r.scoring_seconds:.1f}"]
-        lines.append("| " + " | ".join(row) + " |")
-    notes = [f"Schedule scale {scale:.4g} (every step count x{scale:.4g}); device {device}; render time is the median "
-             "over the eval views after warm-up."]
+        rows.setdefault(r.row, []).append(r)
+    return rows
+
+
+def add_x_fewer(records: List[RunRecord]) -> None:
+    """x fewer = the baseline row's Gaussian count over this run's, for the same seed."""
+    by_row_seed = {(r.row, r.seed): r for r in records}
+    for r in records:
+        base = by_row_seed.get((r.baseline, r.seed)) if r.baseline else None
+        if base is not None and r.metrics.get("num_gaussians"):
+            r.metrics["x_fewer"] = base.metrics["num_gaussians"] / r.metrics["num_gaussians"]
+
+
+def aggregate(values: List[Optional[float]]) -> Optional[dict]:
+    present = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not present:
+        return None
+    return {"mean": statistics.fmean(present), "spread": (max(present) - min(present)) / 2, "n": len(present),
+            "values": present}
+
+
+def aggregates(records: List[RunRecord]) -> Dict[str, dict]:
+    out = {}
+    for row, recs in rows_of(records).items():
+        out[row] = {"baseline": recs[0].baseline, "method": recs[0].method, "seeds": [r.seed for r in recs],
+                    "metrics": {key: aggregate([record_value(r, key) for r in recs]) for key, _, _ in COLUMNS}}
+    return out
+
+
+def cell(agg: Optional[dict], fmt: str) -> str:
+    if agg is None:
+        return "-"
+    if agg["n"] == 1:
+        return format(agg["mean"], fmt)
+    return f"{format(agg['mean'], fmt)} ± {format(agg['spread'], fmt)}"
+
+
+def markdown_table(records: List[RunRecord], notes: List[str]) -> str:
+    has_lpips = all("lpips" in r.metrics for r in records)
+    columns = [c for c in COLUMNS if has_lpips or c[0] != "lpips"]
+    head = ["run"] + [h for _, h, _ in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row, agg in aggregates(records).items():
+        lines.append("| " + " | ".join([row] + [cell(agg["metrics"][k], fmt) for k, _, fmt in columns]) + " |")
+    notes = list(notes)
     if not has_lpips:
         notes.append("LPIPS omitted: its pretrained weights could not be loaded offline.")
-    notes.append("pup-gs starts from the splatfacto run's checkpoint; its train time is the pruning and refinement only.")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
 def draw(records: List[RunRecord], images: Dict[str, torch.Tensor], path: Path, scale: float) -> None:
@@ -227,15 +419,23 @@ def draw(records: List[RunRecord], images: Dict[str, torch.Tensor], path: Path, 
     fig = plt.figure(figsize=(5.0 + 2.8 * columns, max(4.2, 2.2 * rows)))
     grid = fig.add_gridspec(rows, 1 + columns, width_ratios=[1.8] + [1] * columns)
     ax = fig.add_subplot(grid[:, 0])
-    sweep = sorted((r for r in records if r.kl_weight is not None), key=lambda r: r.metrics["num_gaussians"])
+    agg = aggregates(records)
+
+    def point(row: str) -> Tuple[float, float, float, float]:
+        n, p = agg[row]["metrics"]["num_gaussians"], agg[row]["metrics"]["psnr"]
+        return n["mean"], p["mean"], n["spread"], p["spread"]
+
+    kl = {r.row: r.kl_weight for r in records if r.kl_weight is not None}
+    sweep = sorted(kl, key=lambda row: point(row)[0])
     if len(sweep) > 1:
-        ax.plot([r.metrics["num_gaussians"] for r in sweep], [r.metrics["psnr"] for r in sweep], "-o", color="tab:green",
-                alpha=0.6, label="vedal-gs KL sweep")
-        for r in sweep:
-            ax.annotate(f"{r.kl_weight:g}", (r.metrics["num_gaussians"], r.metrics["psnr"]), fontsize=7)
-    for r in records:
-        if r.kl_weight is None or len(sweep) <= 1:
-            ax.scatter(r.metrics["num_gaussians"], r.metrics["psnr"], s=50, label=r.label, zorder=3)
+        ax.plot([point(r)[0] for r in sweep], [point(r)[1] for r in sweep], "-o", color="tab:green", alpha=0.6,
+                label="vedal-gs KL sweep")
+        for row in sweep:
+            ax.annotate(f"{kl[row]:g}", point(row)[:2], fontsize=7)
+    for row in agg:
+        if row not in kl or len(sweep) <= 1:
+            x, y, dx, dy = point(row)
+            ax.errorbar(x, y, xerr=dx or None, yerr=dy or None, fmt="o", markersize=7, label=row, zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel("Gaussians (log)")
     ax.set_ylabel("eval PSNR (dB)")
@@ -252,54 +452,246 @@ def draw(records: List[RunRecord], images: Dict[str, torch.Tensor], path: Path, 
     plt.close(fig)
 
 
+# -- plan --------------------------------------------------------------------------------------------------------
+def parse_runs(cfg: CompareConfig, seeds: Tuple[int, ...]) -> Dict[Tuple[str, int], Path]:
+    given: Dict[Tuple[str, int], Path] = {}
+    for item in cfg.runs:
+        key, sep, path = item.partition("=")
+        key, _, seed_part = key.partition("/")
+        if not sep or key not in RUN_KEYS or not Path(path).is_file():
+            raise CompareError(f"--runs expects KEY=path/to/config.yml (KEY: {', '.join(RUN_KEYS)}) with an existing "
+                               f"file, got {item!r}")
+        if seed_part:
+            if not re.fullmatch(r"s-?\d+", seed_part) or int(seed_part[1:]) not in seeds:
+                raise CompareError(f"--runs {item!r}: expected KEY/sSEED with SEED one of --seeds {' '.join(map(str, seeds))}")
+            seed = int(seed_part[1:])
+        elif len(seeds) == 1:
+            seed = seeds[0]
+        else:
+            raise CompareError(f"--runs {item!r}: with several seeds, name the seed (KEY/sSEED=path)")
+        if (key, seed) in given:
+            raise CompareError(f"--runs names {key} for seed {seed} twice")
+        config = Path(path).resolve()
+        if not checkpoint_steps(config):
+            raise CompareError(f"--runs {item!r}: no checkpoint in {config.parent / 'nerfstudio_models'}")
+        given[(key, seed)] = config
+    return given
+
+
+@dataclass
+class Plan:
+    jobs: List[Job] = field(default_factory=list)
+    records: List[RunRecord] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    step_views: List[Tuple[RunRecord, Path, int]] = field(default_factory=list)
+    """Records evaluated at an earlier checkpoint of their run: (record, config to write, step)."""
+
+
+def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given: Dict[Tuple[str, int], Path],
+              output_dir: Path, random_init: bool) -> Plan:
+    plan = Plan()
+    extra_init = ["--pipeline.model.random-init", "True"] if random_init else []
+    s30, s40 = sched.steps_30k, sched.steps_40k
+    refine_total = sum(sched.refine)
+    want_base = "splatfacto-portable" in cfg.methods or "pup-gs" in cfg.methods
+    for seed in seeds:
+        tag = f"s{seed}"
+
+        def job(label: str, method: str, dirname: str, max_steps: int, **kw) -> Job:
+            j = Job(f"{label}/{tag}", method, seed, f"{dirname}-{tag}", max_steps, **kw)
+            j.extra = extra_init + j.extra
+            plan.jobs.append(j)
+            return j
+
+        def record(row: str, method: str, config: Path, job: Optional[Job] = None, **kw) -> RunRecord:
+            r = RunRecord(f"{row}/{tag}", row, method, seed, config, job=job.label if job else None, **kw)
+            plan.records.append(r)
+            return r
+
+        start_30k: Optional[Path] = None  # the checkpoint pup-gs starts from
+        if want_base:
+            base = given.get(("splatfacto-portable", seed))
+            if base is None:
+                j40 = job("splatfacto (40k)", "splatfacto-portable", "splatfacto-40k", s40,
+                          steps_per_save=max(s30 - 1, 1), keep_all_checkpoints=True)
+                config = j40.config(cfg, output_dir)
+                r30 = record(ROW_30K, "splatfacto-portable", config, j40)
+                plan.step_views.append((r30, output_dir / "step_configs" / f"splatfacto-30k-{tag}" / "config.yml", s30 - 1))
+                record(ROW_40K, "splatfacto-portable", config, j40)
+                start_30k = checkpoint_path(config, s30 - 1)
+            else:
+                steps = checkpoint_steps(base)
+                if s30 - 1 in steps and steps[-1] > s30 - 1:
+                    # A 40k run that kept its 30k checkpoint.
+                    r30 = record(ROW_30K, "splatfacto-portable", base)
+                    plan.step_views.append((r30, output_dir / "step_configs" / f"splatfacto-30k-{tag}" / "config.yml", s30 - 1))
+                    record(ROW_40K, "splatfacto-portable", base)
+                    start_30k = checkpoint_path(base, s30 - 1)
+                    if steps[-1] != s40 - 1:
+                        plan.notes.append(f"The given splatfacto run {base} ends at step {steps[-1] + 1}, not {s40}.")
+                else:
+                    # A finished run: it is the 30k row, and continuing it gives the 40k row.
+                    last = steps[-1]
+                    start_30k = checkpoint_path(base, last)
+                    record(ROW_30K, "splatfacto-portable", base)
+                    j40 = job("splatfacto (40k)", "splatfacto-portable", "splatfacto-40k-continued", refine_total,
+                              extra=["--load-checkpoint", str(start_30k)], first_step=last + 1)
+                    record(ROW_40K, "splatfacto-portable", j40.config(cfg, output_dir), j40)
+                    if last != s30 - 1:
+                        plan.notes.append(f"The given splatfacto run ({base}) ends at step {last + 1}, not at this "
+                                          f"schedule's {s30}: its '30k' row has {last + 1} steps, the '40k' row "
+                                          f"{last + 1 + refine_total}, and pup-gs starts from its step {last + 1}.")
+        if "pup-gs" in cfg.methods:
+            for score in cfg.pup_scores:
+                label = "pup-gs" if score == "fisher" else f"pup-gs-{score}"
+                pup = given.get(("pup-gs", seed)) if score == "fisher" else None
+                if pup is not None:
+                    record(label, "pup-gs", pup, baseline=ROW_40K)
+                    continue
+                first = int(start_30k.stem.split("-", 1)[1]) + 1
+                j = job(label, "pup-gs", label, refine_total, first_step=first,
+                        extra=["--load-checkpoint", str(start_30k), "--pipeline.model.refine-steps", *map(str, sched.refine),
+                               "--pipeline.model.score", score])
+                record(label, "pup-gs", j.config(cfg, output_dir), j, baseline=ROW_40K)
+        if "vedal-gs" in cfg.methods:
+            dens = given.get(("splatfacto-densify", seed))
+            if dens is None:
+                j = job("splatfacto (densify to 7k)", "splatfacto-portable", "splatfacto-densify-7k", s30,
+                        overrides={"pipeline.model.stop-split-at": str(sched.densify_stop)})
+                dens = j.config(cfg, output_dir)
+                record(ROW_DENSIFY, "splatfacto-portable", dens, j)
+            else:
+                record(ROW_DENSIFY, "splatfacto-portable", dens)
+            vedal_extra = sched.vedal_args()
+            vedal = given.get(("vedal-gs", seed))
+            if vedal is not None:
+                record("vedal-gs", "vedal-gs", vedal, baseline=ROW_DENSIFY)
+            else:
+                j = job("vedal-gs", "vedal-gs", "vedal-gs", s30, extra=list(vedal_extra))
+                record("vedal-gs", "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
+            if cfg.gate_ablation:
+                j = job("vedal-gs-no-gate", "vedal-gs", "vedal-gs-no-gate", s30,
+                        extra=vedal_extra + ["--pipeline.model.use-gate", "False"])
+                record("vedal-gs-no-gate", "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
+            for w in cfg.kl_weights:
+                label = f"vedal-gs-kl{w:g}"
+                j = job(label, "vedal-gs", label, s30, extra=vedal_extra + ["--pipeline.model.kl-weight", str(w)])
+                record(label, "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY, kl_weight=w)
+    return plan
+
+
+def train(cfg: CompareConfig, job: Job, scene: Scene, output_dir: Path, progress: RunProgress) -> None:
+    job.log = output_dir / "logs" / f"{job.dirname}.log"
+    args = common_train_args(cfg, job.dirname, job.max_steps, output_dir, job.seed, job.overrides, job.steps_per_save)
+    if job.keep_all_checkpoints:
+        args += ["--save-only-latest-checkpoint", "False"]
+    command = [str(Path(sys.executable).parent / "ns-train"), job.method, *args, *job.extra, *scene.args]
+    # A run of the same name from an earlier comparison in this output folder: its checkpoints would otherwise stay
+    # beside this run's (nerfstudio only clears them when it keeps the latest checkpoint alone), and be taken for its.
+    for stale in (job.config(cfg, output_dir).parent / "nerfstudio_models").glob("step-*.ckpt"):
+        stale.unlink()
+    job.started_wall = time.time()
+    started = time.perf_counter()
+    proc = progress.run(command, job.log, job.label, job.first_step, job.max_steps)
+    job.seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        text = job.log.read_text(errors="replace")
+        raise RuntimeError(f"ns-train {job.method} failed (exit {proc.returncode}); last lines of {job.log}:\n{text[-2500:]}")
+    config = job.config(cfg, output_dir)
+    if not config.is_file():
+        raise RuntimeError(f"ns-train {job.method} finished but wrote no {config}; see {job.log}")
+
+
+def table_notes(cfg: CompareConfig, sched: Schedule, scene: Scene, seeds: Tuple[int, ...], records: List[RunRecord],
+                plan_notes: List[str], jobs: Dict[str, Job]) -> List[str]:
+    rows = {r.row for r in records}
+    continued = any(r.row == ROW_40K and r.job and jobs[r.job].first_step > 0 for r in records)
+    s = sched.scale
+    notes = [f"Schedule scale {s:.4g} (every step count x{s:.4g}): '30k' is {sched.steps_30k} steps, '40k' "
+             f"{sched.steps_40k}, '7k' {sched.densify_stop}; device {cfg.device}; render time is the median over the "
+             "eval views after warm-up."]
+    if len(seeds) > 1:
+        notes.append(f"Seeds {', '.join(map(str, seeds))}: each cell is the mean ± {SPREAD}; results.json keeps every run.")
+    else:
+        notes.append(f"Seed {seeds[0]}.")
+    if ROW_30K in rows and continued:
+        notes.append(f"{ROW_30K} is the given splatfacto-portable run (pup-gs's starting point); {ROW_40K} is that run "
+                     f"continued for {sum(sched.refine)} steps, its train s those steps only.")
+    elif ROW_30K in rows:
+        notes.append(f"{ROW_30K} and {ROW_40K} are one splatfacto-portable run of {sched.steps_40k} steps, evaluated "
+                     f"after its first {sched.steps_30k} steps (the checkpoint pup-gs starts from) and at its end; the "
+                     "30k row's train s is the time until that checkpoint was written.")
+    if any(r.method == "pup-gs" for r in records):
+        notes.append(f"Read pup-gs against {ROW_40K}: both train {sched.steps_40k} steps in all ({sched.steps_30k} "
+                     f"splatfacto + {' + '.join(map(str, sched.refine))} refinement); its train s is the pruning and "
+                     "refinement only.")
+    if ROW_DENSIFY in rows:
+        notes.append(f"Read vedal-gs against {ROW_DENSIFY}: both train {sched.steps_30k} steps with densification, "
+                     f"culling and opacity resets stopped at step {sched.densify_stop} (vedal-gs's fine-tuning start), "
+                     "so the two differ by the pruning alone.")
+    if any(r.baseline for r in records):
+        notes.append("'x fewer' is the Gaussian count of the row a run is read against (same seed) over the run's.")
+    sources = {r.scoring_source for r in records if r.method in ("pup-gs", "vedal-gs")}
+    if sources:
+        methods = {r.method for r in records}
+        parts = (["pup-gs's scoring summed over its rounds"] if "pup-gs" in methods else []) + (
+            ["vedal-gs's leave-one-out importance passes"] if "vedal-gs" in methods else [])
+        text = "Scoring s: " + ", ".join(parts)
+        if "pruning.json" in sources:
+            text += ", read from each run's pruning.json"
+        missing = sorted({r.row for r in records if r.method in ("pup-gs", "vedal-gs") and r.scoring_source != "pruning.json"})
+        if missing:
+            text += (f"; no pruning.json for {', '.join(missing)} (older runs): taken from the training log where it "
+                     "prints it (pup-gs's 'scored ... in ... s' lines), '-' where it does not")
+        notes.append(text + ".")
+    given = list(dict.fromkeys(r.row for r in records if r.job is None))
+    if given:
+        notes.append(f"Taken from --runs, not trained here (their schedules are their own): {', '.join(given)}.")
+    scene_name = "the built-in scene" if scene.name == "default" else f"{scene.name} ({scene.dataparser})"
+    notes.append(f"Scene: {scene_name}" + (", random init (no seed points)" if scene.random_init else "") + ".")
+    notes += scene.notes + plan_notes
+    return notes
+
+
 def run(cfg: CompareConfig) -> List[RunRecord]:
+    # Everything that can be refused is checked before anything is trained or written.
     for method in cfg.methods:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            raise CompareError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if not cfg.methods:
+        raise CompareError("--methods is empty")
     scale = cfg.scale()
+    sched = Schedule.of(scale)
+    seeds = cfg.seed_list()
     output_dir = cfg.output_dir.resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    given = {}
-    for item in cfg.runs:
-        method, _, path = item.partition("=")
-        if method not in METHODS or not Path(path).is_file():
-            raise ValueError(f"--runs expects METHOD=path/to/config.yml with an existing file, got {item!r}")
-        given[method] = RunRecord(method, method, Path(path).resolve())
-    print(f"[compare] schedule scale {scale:.4g}, device {cfg.device}, outputs in {output_dir}", flush=True)
+    given = parse_runs(cfg, seeds)
+    try:
+        scene = resolve_scene(cfg.scene, cfg.dataparser, cfg.downscale_factor, default_scene_dir=output_dir / "scene")
+    except SceneError as err:
+        raise CompareError(str(err)) from None
+    plan = make_plan(cfg, sched, seeds, given, output_dir, scene.random_init)
 
-    records: List[RunRecord] = []
-    steps = scaled(FULL_TRAINING_STEPS, scale, minimum=10)
-    base = given.get("splatfacto-portable")
-    if base is None and ("splatfacto-portable" in cfg.methods or "pup-gs" in cfg.methods):
-        base = train(cfg, "splatfacto-portable", "splatfacto-portable", [], steps, output_dir)
-    if base is not None and "splatfacto-portable" in cfg.methods:
-        records.append(base)
-    if "pup-gs" in cfg.methods:
-        refine = [scaled(s, scale) for s in PUP_REFINE_STEPS]
-        for score in cfg.pup_scores:
-            label = "pup-gs" if score == "fisher" else f"pup-gs-{score}"
-            pup = given.get("pup-gs") if score == "fisher" else None
-            if pup is None:
-                pup = train(cfg, label, "pup-gs", ["--load-checkpoint", str(last_checkpoint(base.config)),
-                                                   "--pipeline.model.refine-steps", *map(str, refine),
-                                                   "--pipeline.model.score", score], sum(refine), output_dir)
-            pup.label = label
-            records.append(pup)
-    if "vedal-gs" in cfg.methods:
-        vedal_extra = [a for flag, (v, floor) in VEDAL_STEP_FIELDS.items()
-                       for a in (f"--{flag}", str(scaled(v, scale, minimum=floor)))]
-        vedal_extra += ["--pipeline.model.hard-prune-step", str(steps - 1)]
-        vedal = given.get("vedal-gs") or train(cfg, "vedal-gs", "vedal-gs", vedal_extra, steps, output_dir)
-        records.append(vedal)
-        if cfg.gate_ablation:
-            ablation = train(cfg, "vedal-gs-no-gate", "vedal-gs", vedal_extra + ["--pipeline.model.use-gate", "False"],
-                             steps, output_dir)
-            records.append(ablation)
-        for w in cfg.kl_weights:
-            label = f"vedal-gs-kl{w:g}"
-            rec = train(cfg, label, "vedal-gs", vedal_extra + ["--pipeline.model.kl-weight", str(w)], steps, output_dir)
-            rec.kl_weight = w
-            records.append(rec)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[compare] schedule scale {scale:.4g} ({sched.steps_30k}/{sched.steps_40k} steps), device {cfg.device}, "
+          f"seeds {' '.join(map(str, seeds))}, {len(plan.jobs)} runs to train, outputs in {output_dir}", flush=True)
+    jobs = {j.label: j for j in plan.jobs}
+    with RunProgress(len(plan.jobs)) as progress:
+        for job in plan.jobs:
+            train(cfg, job, scene, output_dir, progress)
+
+    records = plan.records
+    for r in records:
+        j = jobs.get(r.job) if r.job else None
+        if j is not None:
+            r.train_seconds = j.seconds
+        attach_scoring(r, j.log if j else None)
+    for r, out, step in plan.step_views:
+        checkpoint = checkpoint_path(r.config, step)
+        if not checkpoint.is_file():
+            raise RuntimeError(f"{r.config.parent.name} did not keep its step-{step} checkpoint ({checkpoint})")
+        r.eval_config = config_at_step(r.config, step, out)
+        j = jobs.get(r.job) if r.job else None
+        r.train_seconds = checkpoint.stat().st_mtime - j.started_wall if j and j.started_wall else None
 
     images: Dict[str, torch.Tensor] = {}
     for r in records:
@@ -308,12 +700,18 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
         r.metrics["ply_mb"] = export_size_mb(r, output_dir)
         images.setdefault("ground truth", gt)
         if r.kl_weight is None:
-            images[r.label] = image
-    reference = next((r for r in records if r.method == "splatfacto-portable"), None)
-    table = markdown_table(records, reference, scale, cfg.device)
+            images.setdefault(r.row, image)
+    add_x_fewer(records)
+    notes = table_notes(cfg, sched, scene, seeds, records, plan.notes, jobs)
+    table = markdown_table(records, notes)
     (output_dir / "results.md").write_text(f"# Pruning comparison on {cfg.scene}\n\n{table}")
-    payload = {"scene": cfg.scene, "schedule_scale": scale, "device": cfg.device, "seed": cfg.seed,
-               "runs": [{**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(r).items()}} for r in records]}
+    payload = {
+        "scene": cfg.scene, "dataparser": scene.dataparser, "random_init": scene.random_init, "schedule_scale": scale,
+        "schedule": {"steps_30k": sched.steps_30k, "steps_40k": sched.steps_40k, "pup_refine": list(sched.refine),
+                     "densify_stop": sched.densify_stop},
+        "device": cfg.device, "seeds": list(seeds), "seed": seeds[0], "spread": SPREAD,
+        "runs": [r.to_json() for r in records], "rows": aggregates(records), "notes": notes,
+    }
     (output_dir / "results.json").write_text(json.dumps(payload, indent=2))
     draw(records, images, output_dir / "compare.png", scale)
     print("\n" + table)
@@ -324,7 +722,12 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
 
 def entrypoint() -> None:
     tyro.extras.set_accent_color("bright_yellow")
-    run(tyro.cli(CompareConfig))
+    cfg = tyro.cli(CompareConfig)
+    try:
+        run(cfg)
+    except CompareError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -1,13 +1,40 @@
-"""ns-prune-compare end to end on tiny runs: it trains pup-gs from the splatfacto run, evaluates, exports, reports."""
+"""ns-prune-compare end to end on tiny runs: equal budgets, seeds, pruning.json, any dataset, refused scenes."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
+import subprocess
 
+import pytest
+import yaml
 from PIL import Image
 
-from e2e import ns
+from e2e import BIN, ns
+
+# 1/1000 of the papers' schedules: splatfacto '30k' = 30 steps, '40k' = 40, pup-gs refines 5 + 5 steps.
+TINY = "0.001"
+
+
+def rows_of(results: dict) -> dict:
+    rows: dict = {}
+    for r in results["runs"]:
+        rows.setdefault(r["row"], []).append(r)
+    return rows
+
+
+def load_config(path) -> dict:
+    """A run's config.yml as plain data (no nerfstudio objects): the keys this test reads."""
+    text = open(path).read()
+    return yaml.load(text, Loader=yaml.Loader)
+
+
+def ckpt_steps(config_path) -> list:
+    from pathlib import Path
+
+    folder = Path(config_path).parent / "nerfstudio_models"
+    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("step-*.ckpt"))
 
 
 def test_compare_writes_table_json_and_plot(e2e_root, splatfacto_run, vedal_run, tmp_path):
@@ -21,22 +48,205 @@ def test_compare_writes_table_json_and_plot(e2e_root, splatfacto_run, vedal_run,
 
     results = json.loads((out / "results.json").read_text())
     assert results["schedule_scale"] == 0.002 and results["device"] == "cpu"
-    runs = {r["label"]: r for r in results["runs"]}
-    assert set(runs) == {"splatfacto-portable", "pup-gs", "vedal-gs"}
+    runs = {r["row"]: r for r in results["runs"]}
+    assert set(runs) == {"splatfacto (30k)", "splatfacto (40k)", "pup-gs", "splatfacto (densify to 7k)", "vedal-gs"}
     for r in runs.values():
         m = r["metrics"]
         for key in ("psnr", "ssim", "num_gaussians", "ply_mb", "render_ms", "fps"):
             assert math.isfinite(m[key]) and m[key] > 0, (r["label"], key, m[key])
         assert 5 < m["psnr"] < 60 and 0 < m["ssim"] <= 1
-    base = runs["splatfacto-portable"]["metrics"]
+    # The given 150-step run is the starting point (its '30k' row), as before.
+    base = runs["splatfacto (30k)"]["metrics"]
     for pruned in ("pup-gs", "vedal-gs"):
         assert runs[pruned]["metrics"]["num_gaussians"] < base["num_gaussians"]
         assert runs[pruned]["metrics"]["ply_mb"] < base["ply_mb"]
     assert runs["pup-gs"]["train_seconds"] > 0 and runs["pup-gs"]["scoring_seconds"] > 0
     # 80% then 50% of the splatfacto run's Gaussians
     assert abs(runs["pup-gs"]["metrics"]["num_gaussians"] - 0.1 * base["num_gaussians"]) <= 2
+    # pup-gs and the 40k row both continue the given run (last step 149) for 10 + 10 steps.
+    assert runs["splatfacto (30k)"]["step"] == 149
+    assert runs["splatfacto (40k)"]["step"] == runs["pup-gs"]["step"] == 169
+    assert runs["pup-gs"]["baseline"] == "splatfacto (40k)"
+    assert runs["vedal-gs"]["baseline"] == "splatfacto (densify to 7k)"
+    x = runs["pup-gs"]["metrics"]["x_fewer"]
+    assert x == pytest.approx(runs["splatfacto (40k)"]["metrics"]["num_gaussians"] / runs["pup-gs"]["metrics"]["num_gaussians"])
+    # The densify-to-7k baseline: 60 steps ('30k' x 0.002), densification stopped at vedal-gs's fine-tuning start.
+    dens = load_config(runs["splatfacto (densify to 7k)"]["config"])
+    assert dens.max_num_iterations == 60 and dens.pipeline.model.stop_split_at == 14
+    assert ckpt_steps(runs["splatfacto (densify to 7k)"]["config"])[-1] == 59
 
     table = (out / "results.md").read_text()
-    assert "Schedule scale 0.002" in table and table.count("\n| ") >= 4
+    assert "Schedule scale 0.002" in table and table.count("\n| ") >= 6
+    assert "Read pup-gs against splatfacto (40k)" in table and "Read vedal-gs against splatfacto (densify to 7k)" in table
     with Image.open(out / "compare.png") as im:
         assert im.width > 600 and im.height > 200
+
+
+@pytest.fixture(scope="module")
+def two_seeds(e2e_root, default_scene, tmp_path_factory):
+    """splatfacto (one 40-step run per seed, keeping step 29) and pup-gs (opacity score) from its step-29 checkpoint,
+    seeds 0 and 1."""
+    out = tmp_path_factory.mktemp("compare-seeds")
+    proc = ns("ns-prune-compare", [
+        "--scene", "default", "--output-dir", str(out), "--schedule-scale", TINY, "--seeds", "0", "1",
+        # The opacity score: pup-gs's rounds and budgets without Fisher scoring's minutes on a shared CPU.
+        "--methods", "splatfacto-portable", "pup-gs", "--pup-scores", "opacity",
+    ], cwd=e2e_root)
+    return proc, out
+
+
+def test_equal_budgets_and_seeds(two_seeds):
+    proc, out = two_seeds
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1] and results["schedule"]["steps_30k"] == 30 and results["schedule"]["steps_40k"] == 40
+    rows = rows_of(results)
+    assert list(rows) == ["splatfacto (30k)", "splatfacto (40k)", "pup-gs-opacity"]
+    for row, recs in rows.items():
+        assert sorted(r["seed"] for r in recs) == [0, 1], row
+        assert sorted(r["label"] for r in recs) == [f"{row}/s0", f"{row}/s1"]
+        agg = results["rows"][row]["metrics"]["psnr"]
+        values = [r["metrics"]["psnr"] for r in recs]
+        assert agg["n"] == 2 and agg["mean"] == pytest.approx(sum(values) / 2)
+        assert agg["spread"] == pytest.approx(abs(values[0] - values[1]) / 2)
+
+    for seed in (0, 1):
+        r30, r40 = (next(r for r in rows[row] if r["seed"] == seed) for row in ("splatfacto (30k)", "splatfacto (40k)"))
+        pup = next(r for r in rows["pup-gs-opacity"] if r["seed"] == seed)
+        # One 40-step run that kept its step-29 checkpoint: the 30k row is evaluated there, the 40k row at its end.
+        assert r30["config"] == r40["config"] and r30["step"] == 29 and r40["step"] == 39
+        assert {29, 39} <= set(ckpt_steps(r40["config"]))
+        run = load_config(r40["config"])
+        assert run.max_num_iterations == 40 and run.machine.seed == seed
+        assert run.optimizers["means"]["scheduler"].max_steps == 30  # the 30k schedule, as in a 30k run
+        # pup-gs: 10 steps from that checkpoint, 40 in all.
+        assert pup["step"] == 39 and ckpt_steps(pup["config"])[-1] == 39
+        pup_config = load_config(pup["config"])
+        assert str(pup_config.load_checkpoint).endswith(f"splatfacto-40k-s{seed}/nerfstudio_models/step-000000029.ckpt")
+        assert pup_config.max_num_iterations == 10 and pup_config.machine.seed == seed
+        assert pup["scoring_seconds"] >= 0 and pup["scoring_source"] in ("pruning.json", "log")
+        assert abs(pup["metrics"]["num_gaussians"] - 0.1 * r30["metrics"]["num_gaussians"]) <= 2
+        assert pup["metrics"]["x_fewer"] == pytest.approx(r40["metrics"]["num_gaussians"] / pup["metrics"]["num_gaussians"])
+
+    table = (out / "results.md").read_text()
+    pup_line = next(line for line in table.splitlines() if line.startswith("| pup-gs-opacity |"))
+    assert pup_line.count(" ± ") >= 8  # PSNR, SSIM, Gaussians, x fewer, PLY MB, render ms, FPS, train s, scoring s
+    assert "half the range" in table and "Seeds 0, 1" in table
+    assert "[compare] training [4/4] pup-gs-opacity/s1" in proc.stdout  # plain progress lines when not on a terminal
+
+
+def _copy_run(config, dest):
+    """A run folder holding a copy of config.yml (and a link to the original checkpoints), for a fake pruning.json."""
+    dest.mkdir(parents=True)
+    shutil.copy(config, dest / "config.yml")
+    (dest / "nerfstudio_models").symlink_to(config.parent / "nerfstudio_models")
+    return dest / "config.yml"
+
+
+def test_pruning_json_is_used(e2e_root, two_seeds, splatfacto_run, vedal_run, tmp_path):
+    _, seeds_out = two_seeds
+    results = json.loads((seeds_out / "results.json").read_text())
+    rows = rows_of(results)
+    from pathlib import Path
+
+    base40 = next(r for r in rows["splatfacto (40k)"] if r["seed"] == 0)["config"]
+    pup = _copy_run(Path(next(r for r in rows["pup-gs-opacity"] if r["seed"] == 0)["config"]), tmp_path / "pup")
+    vedal = _copy_run(vedal_run[1] / "config.yml", tmp_path / "vedal")
+    (pup.parent / "pruning.json").write_text(json.dumps({
+        "method": "pup-gs", "final_gaussians": 1,
+        "rounds": [{"step": 30, "score": "fisher", "gaussians_before": 10, "gaussians_after": 2, "scoring_seconds": 40.0},
+                   {"step": 35, "score": "fisher", "gaussians_before": 2, "gaussians_after": 1, "scoring_seconds": 3.0}]}))
+    (vedal.parent / "pruning.json").write_text(json.dumps({
+        "method": "vedal-gs", "importance_seconds": 7.5, "importance_passes": 9,
+        "gate": {"eligible_fraction": 0.5, "grants": 123, "reversals": 4}, "hard_prune": None, "final_gaussians": 1}))
+    out = tmp_path / "compare"
+    ns("ns-prune-compare", [
+        "--scene", "default", "--output-dir", str(out), "--schedule-scale", TINY, "--seeds", "0",
+        "--runs", f"splatfacto-portable={base40}", f"pup-gs={pup}", f"vedal-gs={vedal}",
+        f"splatfacto-densify={splatfacto_run / 'config.yml'}",
+    ], cwd=e2e_root)
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["row"]: r for r in results["runs"]}
+    assert all(r["train_seconds"] is None for r in runs.values())  # nothing was trained
+    assert runs["pup-gs"]["scoring_seconds"] == 43.0 and runs["pup-gs"]["scoring_source"] == "pruning.json"
+    assert runs["vedal-gs"]["scoring_seconds"] == 7.5 and runs["vedal-gs"]["gate"] == {
+        "eligible_fraction": 0.5, "grants": 123, "reversals": 4}
+    table = (out / "results.md").read_text()
+    lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert lines["pup-gs"].rstrip(" |").endswith("| 43.0") and lines["vedal-gs"].rstrip(" |").endswith("| 7.5")
+    assert "read from each run's pruning.json" in table and "no pruning.json" not in table
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no-images", "file", "missing-images"])
+def test_bad_scene_is_refused_in_one_line(case, tmp_path):
+    scene = tmp_path / "scene"
+    if case == "empty":
+        scene.mkdir()
+    elif case == "no-images":
+        (scene / "sparse" / "0").mkdir(parents=True)
+        for name in ("cameras.bin", "images.bin"):
+            (scene / "sparse" / "0" / name).write_bytes(b"")
+    elif case == "file":
+        scene.write_text("not a folder")
+    elif case == "missing-images":
+        scene.mkdir()
+        (scene / "transforms.json").write_text(json.dumps({"frames": [{"file_path": "images/a.png"}]}))
+    out = tmp_path / "out"
+    proc = subprocess.run([str(BIN / "ns-prune-compare"), "--scene", str(scene), "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def blender_scene(default_scene, dest):
+    """The built-in scene rewritten as a blender-data dataset (transforms_{train,val,test}.json, no seed points)."""
+    meta = json.loads((default_scene / "transforms.json").read_text())
+    shutil.copytree(default_scene / "images", dest / "images")
+    frames = {f["file_path"]: f["transform_matrix"] for f in meta["frames"]}
+    scale = max(abs(m[i][3]) for m in frames.values() for i in range(3))
+    angle = 2 * math.atan(meta["w"] / (2 * meta["fl_x"]))
+    for split in ("train", "val", "test"):
+        names = meta[f"{split}_filenames"]
+        out = [{"file_path": name[: -len(".png")],
+                "transform_matrix": [row[:3] + [row[3] / scale if i < 3 else row[3]] for i, row in enumerate(frames[name])]}
+               for name in names]
+        (dest / f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": out}))
+    return dest
+
+
+def test_blender_dataset_is_accepted(e2e_root, default_scene, tmp_path):
+    scene = blender_scene(default_scene, tmp_path / "blender")
+    out = tmp_path / "compare"
+    proc = ns("ns-prune-compare", ["--scene", str(scene), "--output-dir", str(out), "--schedule-scale", TINY,
+                                   "--methods", "splatfacto-portable"], cwd=e2e_root)
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataparser"] == "blender-data" and results["random_init"] is True
+    runs = {r["row"]: r for r in results["runs"]}
+    assert set(runs) == {"splatfacto (30k)", "splatfacto (40k)"}
+    config = load_config(runs["splatfacto (40k)"]["config"])
+    assert type(config.pipeline.datamanager.dataparser).__name__ == "BlenderDataParserConfig"
+    assert config.pipeline.model.random_init is True
+    assert runs["splatfacto (40k)"]["metrics"]["psnr"] > 5
+    assert "random init" in (out / "results.md").read_text() and "| splatfacto (40k) |" in proc.stdout
+
+
+def test_30k_row_is_a_30k_run(e2e_root, two_seeds, tmp_path):
+    """The 40-step run's step-29 checkpoint (the '30k' row, pup-gs's start) is what a 30-step run ends with."""
+    import torch
+
+    from nerfstudio_pruning.compare import CompareConfig, common_train_args
+
+    _, out = two_seeds
+    cfg = CompareConfig(output_dir=tmp_path, schedule_scale=float(TINY), device="cpu")
+    ns("ns-train", ["splatfacto-portable", *common_train_args(cfg, "only-30k", 30, tmp_path, seed=0),
+                    "nsp-default-scene", "--data", str(out / "scene")], cwd=e2e_root)
+    ckpt = "nerfstudio_models/step-000000029.ckpt"
+    alone = torch.load(tmp_path / "runs" / "compare" / "splatfacto-portable" / "only-30k" / ckpt, weights_only=False)
+    within = torch.load(out / "runs" / "compare" / "splatfacto-portable" / "splatfacto-40k-s0" / ckpt, weights_only=False)
+    assert alone["step"] == within["step"] == 29
+    a, b = alone["pipeline"], within["pipeline"]
+    assert a.keys() == b.keys()
+    for key in a:
+        if torch.is_tensor(a[key]):
+            assert torch.equal(a[key], b[key]), key
