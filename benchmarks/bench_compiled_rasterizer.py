@@ -7,7 +7,7 @@ bench_cpu_rasterizer.py: centres in [-0.8, 0.8]^3, scale 0.06 * (1000/N)^(1/3)):
   warm-up, and peak memory (the child's ru_maxrss minus its resident size just before the first render);
 - first-call cost of the kernels: compiling into an empty numba cache, then loading from it in a new process;
 - scoring enumeration of one view: `compiled_find_pairs` against `find_pairs` (and that they agree);
-- where the compiled path's time goes at 50k Gaussians 256x256 (torch projection + SH, then each kernel).
+- where the compiled path's time goes at 50k Gaussians 256x256 (projection + SH, then each kernel).
 `--exp-check` instead compares the kernels' exp with float32(exp(float64)) on all 1.09e9 float32 in [0, 6].
 
 Every measurement runs in a fresh subprocess (ru_maxrss only grows within a process). The machine may be
@@ -202,7 +202,8 @@ def child_score(args: argparse.Namespace) -> dict:
 
 
 def child_breakdown(args: argparse.Namespace) -> dict:
-    """Where one compiled forward+backward spends its time: projection and SH in torch, then each kernel."""
+    """Where one compiled forward+backward spends its time: projection and SH (compiled; torch's for comparison),
+    then each compositing kernel."""
     import numpy as np
     import torch
 
@@ -214,11 +215,13 @@ def child_breakdown(args: argparse.Namespace) -> dict:
     gs.requires_grad_()
     weights = torch.rand(1, args.res, args.res, 3, generator=torch.Generator().manual_seed(args.seed + 1))
 
-    def projection() -> None:  # what compiled_rasterization does before compositing, and its backward
-        proj, _ = project(**gs.render_args(), viewmats=viewmats, Ks=Ks, width=args.res, height=args.res,
-                          sh_degree=SH_DEGREE)
-        proj = pack(proj)
-        (proj.means2d.sum() + proj.conics.sum() + proj.opacities.sum() + proj.colors.sum()).backward()
+    def projection_with(project_fn):
+        def run() -> None:  # what the rasterizer does before compositing, and its backward
+            proj, _ = project_fn(**gs.render_args(), viewmats=viewmats, Ks=Ks, width=args.res, height=args.res,
+                                 sh_degree=SH_DEGREE)
+            proj = pack(proj)
+            (proj.means2d.sum() + proj.conics.sum() + proj.opacities.sum() + proj.colors.sum()).backward()
+        return run
 
     with torch.no_grad():
         proj, _ = project(**gs.render_args(), viewmats=viewmats, Ks=Ks, width=args.res, height=args.res,
@@ -242,7 +245,8 @@ def child_breakdown(args: argparse.Namespace) -> dict:
         compiled._launch(compiled_kernels.reduce_rows, grads, bins.row_offsets, rows)
 
     out = {"entries": bins.n_entries}
-    for name, fn in (("projection fwd+bwd (torch)", projection),
+    for name, fn in (("projection fwd+bwd (compiled)", projection_with(compiled.compiled_project)),
+                     ("projection fwd+bwd (torch, the reference's)", projection_with(project)),
                      ("bin_tiles", lambda: compiled.bin_tiles(proj, 1, args.res, args.res, 16)),
                      ("forward kernel", lambda: compiled.run_forward(bins, colors, None)),
                      ("backward kernel", backward), ("reduce_rows", reduce)):

@@ -68,6 +68,8 @@ def test_the_copied_optimizer_table_still_equals_splatfacto_s():
 
 
 def test_cpu_parameters_get_the_fused_adam_and_the_same_update():
+    import copy
+
     import torch
 
     from nerfstudio_pruning.methods.trainer import PortableAdamOptimizerConfig
@@ -82,4 +84,13 @@ def test_cpu_parameters_get_the_fused_adam_and_the_same_update():
         params[0].grad, reference[0].grad = grad.clone(), grad.clone()
         fused.step()
         plain.step()
+    torch.testing.assert_close(params[0], reference[0], rtol=1e-6, atol=1e-7)
+    # A checkpoint of the unfused optimizer (stock splatfacto) must not switch the fused kernel off.
+    fused.load_state_dict(copy.deepcopy(plain.state_dict()))  # a copy: as from a file, no shared moments
+    assert plain.state_dict()["param_groups"][0]["fused"] in (None, False)
+    assert all(group["fused"] is True for group in fused.param_groups)
+    grad = torch.randn(50, 3, generator=torch.Generator().manual_seed(9))
+    params[0].grad, reference[0].grad = grad.clone(), grad.clone()
+    fused.step()
+    plain.step()
     torch.testing.assert_close(params[0], reference[0], rtol=1e-6, atol=1e-7)

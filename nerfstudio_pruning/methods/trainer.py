@@ -297,8 +297,23 @@ class PortableAdamOptimizerConfig(AdamOptimizerConfig):
         kwargs.pop("_target")
         kwargs.pop("max_norm")
         if params and all(p.device.type == "cpu" and p.is_floating_point() for p in params):
-            kwargs["fused"] = True
+            return FusedOnCpuAdam(params, fused=True, **kwargs)
         return self._target(params, **kwargs)
+
+
+class FusedOnCpuAdam(torch.optim.Adam):
+    """torch's Adam that stays fused when a checkpoint is loaded.
+
+    `load_state_dict` copies every hyperparameter of the saved groups, `fused` included, so a checkpoint written
+    by the unfused optimizer (stock splatfacto, or this plugin before it fused) would switch the kernel off for
+    the rest of the run. The flag only chooses the kernel, never the update, so keeping ours is safe.
+    """
+
+    def load_state_dict(self, state_dict) -> None:
+        fused = [group.get("fused") for group in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, flag in zip(self.param_groups, fused):
+            group["fused"] = flag
 
 
 def splatfacto_optimizers(max_steps: int) -> dict:
