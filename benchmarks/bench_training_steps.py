@@ -30,18 +30,8 @@ from typing import List, Optional
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-
-def busy_cpu_seconds() -> float:
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def own_children_cpu_seconds() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_compiled_rasterizer import busy_cpu_seconds, children_cpu_seconds  # noqa: E402  (the load accounting)
 
 
 def dataparser_args(args: argparse.Namespace, work: Path) -> List[str]:
@@ -73,11 +63,11 @@ def run_backend(args: argparse.Namespace, backend: str, work: Path) -> dict:
     command += dataparser_args(args, work)
     env = dict(os.environ, NSP_CPU_RASTERIZER=backend, OMP_NUM_THREADS=str(args.threads), PYTHONHASHSEED="0")
     log = work / f"{backend}.log"
-    busy0, own0, t0 = busy_cpu_seconds(), own_children_cpu_seconds(), time.monotonic()
+    busy0, own0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.monotonic()
     with open(log, "w") as fh:
         proc = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=work)
     wall = time.monotonic() - t0
-    others = max(0.0, (busy_cpu_seconds() - busy0) - (own_children_cpu_seconds() - own0)) / wall
+    others = max(0.0, (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - own0)) / wall
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-1500:]
         raise SystemExit(f"error: ns-train ({backend}) failed; last lines of {log}:\n{tail}")
