@@ -119,9 +119,14 @@ class ViewerPage:
         element.click()
 
     def wait_for(self, condition: Callable, what: str, timeout: float = 60.0):
+        from selenium.common.exceptions import StaleElementReferenceException
+
         deadline = time.time() + timeout
         while time.time() < deadline:
-            value = condition()
+            try:
+                value = condition()
+            except StaleElementReferenceException:  # the viewer re-rendered the element between find and read
+                value = None
             if value:
                 return value
             time.sleep(0.2)
