@@ -68,7 +68,7 @@ def pup_schedule(smoke: bool) -> Schedule:
 
 def vedal_schedule(smoke: bool) -> Schedule:
     common = ["--pipeline.model.importance-downscale", "1", "--pipeline.model.gate.min-refreshes", "3",
-              "--pipeline.model.gate.window", "2", "--pipeline.model.kl-weight", "4e-6"]
+              "--pipeline.model.gate.window", "2", "--pipeline.model.kl-weight", "3.0"]
     if smoke:
         return Schedule(60, 20, [
             "--pipeline.model.finetune-start-step", "20", "--pipeline.model.hard-prune-step", "59",

@@ -64,7 +64,7 @@ def vedal_run(e2e_root, default_scene):
             "--pipeline.model.importance-downscale", "2",
             "--pipeline.model.gate.min-refreshes", "3", "--pipeline.model.gate.window", "2",
             # 160 steps of fine-tuning instead of 23k: a stronger prior so that p crosses 1/2 within them.
-            "--pipeline.model.kl-weight", "4e-6"]
+            "--pipeline.model.kl-weight", "3.0"]
     proc = ns("ns-train", ["vedal-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
     return proc, run_dir(outputs, "vedal", "vedal-gs")
 

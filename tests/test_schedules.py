@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -106,6 +108,43 @@ def test_controller_runs_the_schedule_and_gates_converged_unimportant_gaussians(
     assert vedal.hard_prune_mask(logits, gated).tolist() == [True, False, True, False, True, False]
     assert set(vedal.regulariser(logits.requires_grad_(), gated)) == {"retention_kl", "retention_sparsity"}
     assert not vedal.hard_prune_due(59) and vedal.hard_prune_due(60)
+
+
+@pytest.mark.parametrize("units", ["mean-importance", "loss"])
+def test_kl_weight_relative_to_the_mean_importance_makes_the_gate_and_the_kl_term_scale_free(units):
+    """Importances c times larger (a model with 1/c as many Gaussians on the same image): the default units give
+    the same gate decisions and a KL term c times larger, i.e. the same Proposition 1 balance; 'loss' units keep
+    lambda_KL fixed."""
+    torch.manual_seed(0)
+    n, n_views = 200, 7
+    base = torch.rand(n, dtype=torch.float64) ** 4  # heavy-tailed, like trained models
+    gate = ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=0.8, max_eligible_fraction=0.7)
+    logits = torch.randn(n)
+    results = {}
+    for c in (1.0, 1000.0):
+        vedal = _controller(kl_weight=2.0, kl_weight_units=units, gate=gate)
+        for step in range(0, 60):
+            vedal.before_step(step, n, n_views, lambda views: c * base * len(views))
+        gated = vedal.gated_mask(n)
+        results[c] = (gated, float(vedal.regulariser(logits, gated)["retention_kl"]), vedal.prune_threshold_importance())
+    (gated_1, kl_1, threshold_1), (gated_c, kl_c, threshold_c) = results[1.0], results[1000.0]
+    assert torch.equal(gated_1, gated_c) and 0 < int(gated_1.sum()) <= 140
+    if units == "mean-importance":
+        mean = float((0.8 * base).mean())
+        assert threshold_1 == pytest.approx(2.0 * mean * math.log(4.0), rel=1e-6)
+        assert kl_c == pytest.approx(1000.0 * kl_1, rel=1e-5) and threshold_c == pytest.approx(1000.0 * threshold_1, rel=1e-5)
+    else:
+        assert kl_c == pytest.approx(kl_1, rel=1e-6) and threshold_1 == threshold_c == pytest.approx(2.0 * math.log(4.0))
+
+
+def test_the_kl_scale_is_restored_with_the_gate():
+    vedal = _controller()
+    for step in range(0, 40):
+        vedal.before_step(step, 5, 7, lambda views: torch.rand(5, dtype=torch.float64))
+    assert vedal.importance_scale > 0
+    restored = _controller()
+    restored.load_state_dict(vedal.state_dict())
+    assert restored.kl_lambda() == vedal.kl_lambda()
 
 
 def test_sampled_opacity_logits_are_the_logit_of_o_times_z():
