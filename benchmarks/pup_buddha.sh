@@ -14,4 +14,4 @@ OUT=outputs/bench_pup_buddha
 .venv/bin/ns-prune-compare --scene "$DATA" --downscale-factor "$DOWN" --schedule-scale "$SCALE" \
   --methods splatfacto-portable pup-gs --pup-scores fisher lightgaussian opacity random --output-dir "$OUT"
 .venv/bin/python benchmarks/bench_probe_estimator.py --threads 2 \
-  --load-config "$OUT/runs/compare/splatfacto-portable/splatfacto-portable/config.yml" --downscale 4 | tee "$OUT/probe.txt"
+  --load-config "$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s42/config.yml" --downscale 4 | tee "$OUT/probe.txt"

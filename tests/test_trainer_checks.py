@@ -50,6 +50,10 @@ def test_scoring_downscale_of_each_method():
     from nerfstudio_pruning.methods import registry
 
     assert scoring_downscale(registry.pup_gs.config.pipeline.model) == 4
+    # The floor keeps the longer side of the scoring renders at 256 pixels or more.
+    assert scoring_downscale(registry.pup_gs.config.pipeline.model, 1237, 822) == 4
+    assert scoring_downscale(registry.pup_gs.config.pipeline.model, 684, 384) == 2
+    assert scoring_downscale(registry.pup_gs.config.pipeline.model, 128, 96) == 1
     vedal = registry.vedal_gs.config.pipeline.model
     assert scoring_downscale(vedal) == 1
     vedal_ungated = type(vedal)(use_gate=False)
@@ -84,6 +88,7 @@ def test_mixed_image_sizes_are_refused_at_setup_in_one_line(default_scene, tmp_p
 def test_scoring_downscale_without_pixels_is_refused_at_setup(default_scene, tmp_path, capsys):
     config = trainer_config("pup-gs", default_scene, tmp_path / "out")
     config.pipeline.model.fisher_downscale = 200
+    config.pipeline.model.score_min_side = 0  # the floor would otherwise score at full resolution
     line = refusal_line(config, capsys)
     assert "1/200 of the 128x96 training images, which leaves no pixel" in line
 

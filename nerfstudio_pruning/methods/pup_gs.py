@@ -35,7 +35,7 @@ from nerfstudio_pruning.methods.viewer import (
 )
 from nerfstudio_pruning.pup.schedule import PupSchedule, PupScheduleConfig
 from nerfstudio_pruning.removal import remove_gaussians, reset_optimizer_state
-from nerfstudio_pruning.scoring.scores import ScoreKind, score_gaussians
+from nerfstudio_pruning.scoring.scores import ScoreKind, floored_downscale, score_gaussians
 
 
 @dataclass
@@ -48,7 +48,13 @@ class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
     (speedy), or the baselines lightgaussian, opacity, random."""
     fisher_downscale: int = 4
     """Score at 1/fisher_downscale of the training resolution (the official pipeline's --fisher_resolution 4), for
-    every score; Speedy-Splat's own code scores at the training resolution (1)."""
+    every score, down to score_min_side; Speedy-Splat's own code scores at the training resolution (1)."""
+    score_min_side: int = 256
+    """Floor on the scoring resolution: the downscale is lowered until the longer side of the scoring renders has
+    at least this many pixels (0: no floor). The official 1/4 was chosen for Mip-NeRF 360 trained at about
+    1000-1600 pixels wide, i.e. scoring at 250-400; at 1/4 of a 128x96 image the Fisher blocks would come from
+    32x24 renders, where most Gaussians are below a pixel (docs/pup_gs.md measures the ranking against the
+    scoring resolution)."""
     n_probes: int = 1
     """Probes per view for score=fisher-probe."""
     score_seed: int = 0
@@ -58,6 +64,12 @@ class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
         PupScheduleConfig.__post_init__(self)
         if self.fisher_downscale < 1:
             raise ValueError(f"fisher_downscale must be >= 1, got {self.fisher_downscale}")
+        if self.score_min_side < 0:
+            raise ValueError(f"score_min_side must be >= 0, got {self.score_min_side}")
+
+    def score_downscale(self, width: int, height: int) -> float:
+        """The downscale the scores use for training views of this size."""
+        return floored_downscale(width, height, self.fisher_downscale, self.score_min_side)
 
 
 class PupGSModel(PortableSplatfactoModel):
@@ -124,7 +136,7 @@ class PupGSModel(PortableSplatfactoModel):
         views = views_from_cameras(self._score_cameras, self.device, self.background_color.to(self.device))
         return score_gaussians(
             self.config.score, self.gaussians(sh_degree=self.config.sh_degree), views,
-            downscale=self.config.fisher_downscale, n_probes=self.config.n_probes, seed=self.config.score_seed,
+            downscale=self.config.score_downscale(views.width, views.height), n_probes=self.config.n_probes, seed=self.config.score_seed,
         )
 
     def pruning_report(self) -> Dict[str, Any]:

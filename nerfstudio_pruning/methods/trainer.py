@@ -28,7 +28,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Type
+from typing import Callable, Iterator, Optional, Type, Union
 
 import numpy as np
 import torch
@@ -116,7 +116,9 @@ class PruningTrainer(Trainer):
     def _load_checkpoint(self) -> None:
         # The first point of setup where the training cameras exist; nothing has been loaded yet.
         model_config = self.pipeline.model.config
-        check_training_views(self.pipeline.datamanager.train_dataset.cameras, scoring_downscale(model_config),
+        check_training_views(self.pipeline.datamanager.train_dataset.cameras,
+                             None if scoring_downscale(model_config) is None
+                             else lambda width, height: scoring_downscale(model_config, width, height),
                              self.config.method_name)
         path = checkpoint_to_load(self.config)
         if path is None:
@@ -173,18 +175,21 @@ class PruningTrainer(Trainer):
             )
 
 
-def scoring_downscale(model_config) -> Optional[int]:
-    """The downscale at which the method scores Gaussians on the training views (pup-gs: fisher_downscale;
-    vedal-gs with its gate: importance_downscale), or None when it scores nothing (splatfacto, VEDAL's
-    ungated ablation)."""
+def scoring_downscale(model_config, width: int = 0, height: int = 0) -> Optional[float]:
+    """The downscale at which the method scores Gaussians on training views of this size (pup-gs: fisher_downscale
+    down to its floor, or as configured when no size is given; vedal-gs with its gate: importance_downscale), or
+    None when it scores nothing (splatfacto, VEDAL's ungated ablation)."""
     if isinstance(model_config, PupScheduleConfig):
+        if width and height and hasattr(model_config, "score_downscale"):
+            return model_config.score_downscale(width, height)
         return int(getattr(model_config, "fisher_downscale", 1))
     if isinstance(model_config, VedalConfig) and model_config.use_gate:
         return int(model_config.importance_downscale)
     return None
 
 
-def check_training_views(cameras, scoring_downscale: Optional[int], method: str) -> None:
+def check_training_views(cameras, scoring_downscale: Union[None, float, Callable[[int, int], Optional[float]]],
+                         method: str) -> None:
     """InputError unless there are training views, each with pixels, and, for a method that scores Gaussians on
     them (`scoring_downscale` not None), they share one size that keeps a pixel at 1/scoring_downscale.
 
@@ -207,6 +212,8 @@ def check_training_views(cameras, scoring_downscale: Optional[int], method: str)
         raise InputError(f"{method} scores Gaussians on all training views at one image size, but this dataset mixes "
                          f"{len(sizes)} sizes: {listed}{', ...' if len(sizes) > 4 else ''}; resize the images to one size")
     (width, height), = sizes
+    if callable(scoring_downscale):
+        scoring_downscale = scoring_downscale(width, height)
     if int(width / scoring_downscale) < 1 or int(height / scoring_downscale) < 1:
         raise InputError(f"{method} scores at 1/{scoring_downscale} of the {width}x{height} training images, which "
                          "leaves no pixel; choose a smaller scoring downscale")

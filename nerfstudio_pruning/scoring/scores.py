@@ -22,6 +22,18 @@ ScoreKind = Literal["fisher", "fisher-probe", "speedy", "lightgaussian", "opacit
 SCORE_KINDS = ("fisher", "fisher-probe", "speedy", "lightgaussian", "opacity", "random")
 
 
+def floored_downscale(width: int, height: int, downscale: float, min_side: int) -> float:
+    """The downscale to score `width` x `height` views at: `downscale`, lowered where needed so that the longer
+    side of the scoring renders keeps at least `min_side` pixels, and never below 1 (0 turns the floor off).
+
+    Integer where the floor applies, like the downscales the official pipeline uses: the largest whole factor
+    that keeps the longer side at `min_side` or more.
+    """
+    if min_side <= 0:
+        return downscale
+    return max(1, min(downscale, max(width, height) // min_side))
+
+
 def score_gaussians(
     kind: ScoreKind,
     gaussians: Gaussians,
