@@ -60,7 +60,8 @@ SCORED_LINE = re.compile(r"scored \d+ Gaussians in ([0-9.]+) s")
 ROW_30K = "splatfacto (30k)"
 ROW_40K = "splatfacto (40k)"
 ROW_DENSIFY = "splatfacto (densify to 7k)"
-# --runs keys: the three methods, and the densify-to-7k baseline.
+# --runs keys: the three methods and the densify-to-7k baseline; besides these, the row labels of the variants
+# asked for (`variant_labels`).
 RUN_KEYS = METHODS + ("splatfacto-densify",)
 SPREAD = "half the range over seeds, (max - min) / 2"
 
@@ -86,7 +87,7 @@ class CompareConfig:
     methods: Tuple[str, ...] = METHODS
     """Methods to compare. pup-gs brings its baselines splatfacto (30k) and (40k), vedal-gs brings splatfacto (densify to 7k); splatfacto-portable alone gives the 30k and 40k rows."""
     runs: Tuple[str, ...] = ()
-    """Existing runs to use instead of training, as KEY=path/to/config.yml, or KEY/sSEED=... with several seeds. KEY: splatfacto-portable (a 40k run that kept its 30k checkpoint, or a 30k run, which is then continued to 40k), pup-gs, vedal-gs, splatfacto-densify."""
+    """Existing runs to use instead of training, as KEY=path/to/config.yml, or KEY/sSEED=... with several seeds. KEY: splatfacto-portable (a 40k run that kept its 30k checkpoint, or a 30k run, which is then continued to 40k), pup-gs, vedal-gs, splatfacto-densify, and the variants' row labels (pup-gs-speedy with --pup-scores speedy, vedal-gs-kl2 with --kl-weights 2, vedal-gs-no-gate with --gate-ablation)."""
     kl_weights: Tuple[float, ...] = ()
     """Extra vedal-gs runs, one per KL weight, drawn as a rate-distortion curve."""
     gate_ablation: bool = False
@@ -454,13 +455,21 @@ def draw(records: List[RunRecord], images: Dict[str, torch.Tensor], path: Path, 
 
 
 # -- plan --------------------------------------------------------------------------------------------------------
+def variant_labels(cfg: CompareConfig) -> List[str]:
+    """Row labels of the variant runs this comparison asks for (the keys --runs accepts for them)."""
+    labels = [f"pup-gs-{score}" for score in cfg.pup_scores if score != "fisher"]
+    labels += [f"vedal-gs-kl{w:g}" for w in cfg.kl_weights]
+    return labels + (["vedal-gs-no-gate"] if cfg.gate_ablation else [])
+
+
 def parse_runs(cfg: CompareConfig, seeds: Tuple[int, ...]) -> Dict[Tuple[str, int], Path]:
     given: Dict[Tuple[str, int], Path] = {}
     for item in cfg.runs:
         key, sep, path = item.partition("=")
         key, _, seed_part = key.partition("/")
-        if not sep or key not in RUN_KEYS or not Path(path).is_file():
-            raise CompareError(f"--runs expects KEY=path/to/config.yml (KEY: {', '.join(RUN_KEYS)}) with an existing "
+        keys = RUN_KEYS + tuple(variant_labels(cfg))
+        if not sep or key not in keys or not Path(path).is_file():
+            raise CompareError(f"--runs expects KEY=path/to/config.yml (KEY: {', '.join(keys)}) with an existing "
                                f"file, got {item!r}")
         if seed_part:
             if not re.fullmatch(r"s-?\d+", seed_part) or int(seed_part[1:]) not in seeds:
@@ -545,7 +554,7 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
         if "pup-gs" in cfg.methods:
             for score in cfg.pup_scores:
                 label = "pup-gs" if score == "fisher" else f"pup-gs-{score}"
-                pup = given.get(("pup-gs", seed)) if score == "fisher" else None
+                pup = given.get((label, seed))
                 if pup is not None:
                     record(label, "pup-gs", pup, baseline=ROW_40K)
                     continue
@@ -570,12 +579,19 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
             else:
                 j = job("vedal-gs", "vedal-gs", "vedal-gs", s30, extra=list(vedal_extra))
                 record("vedal-gs", "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
-            if cfg.gate_ablation:
+            ablation = given.get(("vedal-gs-no-gate", seed))
+            if ablation is not None:
+                record("vedal-gs-no-gate", "vedal-gs", ablation, baseline=ROW_DENSIFY)
+            elif cfg.gate_ablation:
                 j = job("vedal-gs-no-gate", "vedal-gs", "vedal-gs-no-gate", s30,
                         extra=vedal_extra + ["--pipeline.model.use-gate", "False"])
                 record("vedal-gs-no-gate", "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
             for w in cfg.kl_weights:
                 label = f"vedal-gs-kl{w:g}"
+                swept = given.get((label, seed))
+                if swept is not None:
+                    record(label, "vedal-gs", swept, baseline=ROW_DENSIFY, kl_weight=w)
+                    continue
                 j = job(label, "vedal-gs", label, s30, extra=vedal_extra + ["--pipeline.model.kl-weight", str(w)])
                 record(label, "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY, kl_weight=w)
     return plan

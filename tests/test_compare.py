@@ -13,6 +13,8 @@ from PIL import Image
 
 from e2e import BIN, ns
 
+from nerfstudio_pruning.compare import CompareConfig, CompareError, parse_runs
+
 # 1/1000 of the papers' schedules: splatfacto '30k' = 30 steps, '40k' = 40, pup-gs refines 5 + 5 steps.
 TINY = "0.001"
 
@@ -162,10 +164,11 @@ def test_pruning_json_is_used(e2e_root, two_seeds, splatfacto_run, vedal_run, tm
     ns("ns-prune-compare", [
         "--scene", "default", "--output-dir", str(out), "--schedule-scale", TINY, "--seeds", "0",
         "--runs", f"splatfacto-portable={base40}", f"pup-gs={pup}", f"vedal-gs={vedal}",
-        f"splatfacto-densify={splatfacto_run / 'config.yml'}",
+        f"splatfacto-densify={splatfacto_run / 'config.yml'}", f"pup-gs-opacity={pup}", "--pup-scores", "fisher", "opacity",
     ], cwd=e2e_root)
     results = json.loads((out / "results.json").read_text())
     runs = {r["row"]: r for r in results["runs"]}
+    assert "pup-gs-opacity" in runs and runs["pup-gs-opacity"]["baseline"] == "splatfacto (40k)"
     assert all(r["train_seconds"] is None for r in runs.values())  # nothing was trained
     assert runs["pup-gs"]["scoring_seconds"] == 43.0 and runs["pup-gs"]["scoring_source"] == "pruning.json"
     assert runs["vedal-gs"]["scoring_seconds"] == 7.5 and runs["vedal-gs"]["gate"] == {
@@ -229,6 +232,19 @@ def test_blender_dataset_is_accepted(e2e_root, default_scene, tmp_path):
     assert config.pipeline.model.random_init is True
     assert runs["splatfacto (40k)"]["metrics"]["psnr"] > 5
     assert "random init" in (out / "results.md").read_text() and "| splatfacto (40k) |" in proc.stdout
+
+
+def test_runs_of_variants_must_be_asked_for(tmp_path):
+    config = tmp_path / "config.yml"
+    config.write_text("")
+    (tmp_path / "nerfstudio_models").mkdir()
+    (tmp_path / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"")
+    asked = CompareConfig(output_dir=tmp_path, pup_scores=("fisher", "speedy"), kl_weights=(2.0,),
+                          runs=(f"pup-gs-speedy={config}", f"vedal-gs-kl2={config}"))
+    assert set(parse_runs(asked, (42,))) == {("pup-gs-speedy", 42), ("vedal-gs-kl2", 42)}
+    for item in (f"pup-gs-random={config}", f"vedal-gs-kl3={config}", f"vedal-gs-no-gate={config}"):
+        with pytest.raises(CompareError, match="--runs expects KEY=path/to/config.yml"):
+            parse_runs(CompareConfig(output_dir=tmp_path, pup_scores=("fisher", "speedy"), runs=(item,)), (42,))
 
 
 def test_30k_row_is_a_30k_run(e2e_root, two_seeds, tmp_path):

@@ -38,7 +38,7 @@ from torch import Tensor
 from nerfstudio_pruning.render import compiled_kernels as kernels
 from nerfstudio_pruning.render import projection_kernels
 from nerfstudio_pruning.render.pairs import Pairs
-from nerfstudio_pruning.render.projection import ProjectedGaussians, project
+from nerfstudio_pruning.render.projection import ProjectedGaussians, flattened, project
 from nerfstudio_pruning.render.reference import rasterize_with
 
 # Tile-list entries are addressed with int32 in gsplat (flatten_ids, tile offsets); we keep its limit so that a
@@ -385,18 +385,7 @@ def compiled_project(
     )
     if not per_gaussian_sh:
         cols = colors[None].expand(c, -1, -1)
-    proj = ProjectedGaussians(
-        means2d=means2d.reshape(c * n, 2),
-        conics=conics.reshape(c * n, 3),
-        opacities=opac.reshape(c * n),
-        depths=depths.reshape(c * n),
-        radii=radii.reshape(c * n),
-        colors=cols.reshape(c * n, cols.shape[-1]),
-        camera_ids=torch.arange(c).repeat_interleave(n),
-        gaussian_ids=torch.arange(n).repeat(c),
-    )
-    unpacked = {"radii": radii, "means2d": means2d, "depths": depths, "conics": conics, "opacities": opac}
-    return proj, unpacked
+    return flattened(means2d, conics, depths, opac, cols, radii)
 
 
 def compiled_rasterization(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:

@@ -88,19 +88,25 @@ def project(
         # gsplat adds 0.5 and clamps at 0 to match the original 3DGS CUDA backend.
         cols[visible] = torch.clamp_min(_spherical_harmonics(sh_degree, dirs[visible], shs[visible]) + 0.5, 0.0)
 
-    cam_ids = torch.arange(c, device=means.device).repeat_interleave(n)
-    gauss_ids = torch.arange(n, device=means.device).repeat(c)
+    return flattened(means2d, conics, depths, opac, cols, radii)
+
+
+def flattened(means2d: Tensor, conics: Tensor, depths: Tensor, opacities: Tensor, colors: Tensor,
+              radii: Tensor) -> Tuple[ProjectedGaussians, Dict[str, Tensor]]:
+    """[C, N, ...] projection outputs as the flat camera-major rows the compositors take, and as gsplat's `meta`."""
+    c, n = radii.shape[:2]
+    device = means2d.device
     proj = ProjectedGaussians(
         means2d=means2d.reshape(c * n, 2),
         conics=conics.reshape(c * n, 3),
-        opacities=opac.reshape(c * n),
+        opacities=opacities.reshape(c * n),
         depths=depths.reshape(c * n),
         radii=radii.reshape(c * n),
-        colors=cols.reshape(c * n, cols.shape[-1]),
-        camera_ids=cam_ids,
-        gaussian_ids=gauss_ids,
+        colors=colors.reshape(c * n, colors.shape[-1]),
+        camera_ids=torch.arange(c, device=device).repeat_interleave(n),
+        gaussian_ids=torch.arange(n, device=device).repeat(c),
     )
-    unpacked = {"radii": radii, "means2d": means2d, "depths": depths, "conics": conics, "opacities": opac}
+    unpacked = {"radii": radii, "means2d": means2d, "depths": depths, "conics": conics, "opacities": opacities}
     return proj, unpacked
 
 
