@@ -7,8 +7,10 @@ from nerfstudio_pruning.vedal.gate import ConvergenceGate, ConvergenceGateConfig
 
 
 def open_config(**overrides) -> ConvergenceGateConfig:
-    """Threshold and cap wide open, so a test sees the convergence rule alone unless it sets them."""
-    fields = dict(beta=0.9, rel_tol=0.05, window=5, min_refreshes=1, threshold_quantile=1.0, max_eligible_fraction=1.0)
+    """Threshold and cap wide open and the convergence test applied at every refresh (not sticky), so a test sees
+    the convergence rule alone unless it sets them."""
+    fields = dict(beta=0.9, rel_tol=0.05, window=5, min_refreshes=1, threshold_quantile=1.0, max_eligible_fraction=1.0,
+                  sticky=False)
     fields.update(overrides)
     return ConvergenceGateConfig(**fields)
 
@@ -94,6 +96,25 @@ def test_jump_after_convergence_reverses_and_is_counted():
     # Once the EMA settles at the new level the jumped Gaussians come back.
     run(gate, [torch.where(jumped, 5.0, 1.0).tolist()] * 60)
     assert gate.eligible.all() and gate.grant_count == 14 and gate.reversal_count == 4
+
+
+def test_sticky_eligibility_survives_a_moving_estimate_but_not_becoming_important():
+    gate = ConvergenceGate(open_config(sticky=True, threshold_quantile=0.5), 10)
+    ranks = torch.arange(10, dtype=torch.float32) + 1.0
+    run(gate, [ranks.tolist()] * 30)
+    assert gate.eligible.tolist() == [True] * 5 + [False] * 5 and gate.grant_count == 5
+    # Gaussians 0 and 1 turn negative (removing them now lowers the loss: their EMAs move by far more than the
+    # tolerance, so they are no longer converged), Gaussian 4 rises to the top.
+    moved = ranks.clone()
+    moved[0], moved[1], moved[4] = -5.0, -3.0, 100.0
+    gate.update(moved, step=0)
+    assert not gate.converged[:2].any()  # the convergence test alone would revoke them
+    assert gate.eligible[:2].all() and not gate.eligible[4]
+    assert gate.reversal_count == 1
+    not_sticky = ConvergenceGate(open_config(threshold_quantile=0.5), 10)
+    run(not_sticky, [ranks.tolist()] * 30)
+    not_sticky.update(moved, step=0)
+    assert not not_sticky.eligible[:2].any()
 
 
 def test_rising_above_threshold_reverses():

@@ -63,6 +63,15 @@ class ConvergenceGateConfig:
     rel_tol * release_tol_factor. Without it, one noisy refresh near rel_tol flips eligibility back and forth;
     the paper reports under 2% reversals, which a single tolerance does not give on noisy importances."""
 
+    sticky: bool = True
+    """Once eligible, a Gaussian stays eligible while its EMA stays at or below the threshold quantile (and within
+    the cap), whether or not the EMA keeps moving; the convergence test decides only who enters. Gating changes
+    what the gate measures: a gated Gaussian renders at o_i z_i, its neighbours take over its pixels and its
+    leave-one-out importance (measured unmasked) drops, so re-testing convergence after the grant revoked most
+    grants (78% of them by step 11.4k of a full-schedule run on the built-in scene; docs/vedal_gs.md). Revoking
+    when the Gaussian has become important is kept. False: the convergence test applies at every refresh, as
+    before."""
+
     rel_change_floor: float = 0.01
     """Relative changes are measured against max(|EMA_old|, rel_change_floor * mean |EMA|): a Gaussian whose
     importance is ~1e-9 while the typical one is ~1e-6 would otherwise never look converged, although its
@@ -205,6 +214,8 @@ class ConvergenceGate:
         cfg = self.config
         observed = self.n_updates > 0
         candidates = self.converged & observed
+        if cfg.sticky:
+            candidates |= self.eligible
         if observed.any():
             threshold = _lower_quantile(self.ema[observed], cfg.threshold_quantile)
             candidates &= self.ema <= threshold
