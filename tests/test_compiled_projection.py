@@ -170,3 +170,36 @@ def test_non_finite_gaussians_are_culled_like_the_torch_projection():
     radii = proj.radii.view(-1, 30)
     assert (radii[:, 1:4] == 0).all()
     assert torch.equal(proj.radii > 0, ref.radii > 0)
+
+
+def test_a_gaussian_at_depth_zero_leaves_its_neighbours_exact():
+    """A mean exactly in a camera's plane divides by a zero depth. numba's default error model raises there, and an
+    exception inside a parallel loop under the workqueue layer aborts the rest of that chunk of Gaussians without
+    telling the caller (numba issue #6976): their outputs and gradients were left as uninitialised memory, which
+    over a long training run turned into NaN parameters (docs/compiled_rasterizer.md). The kernels now compile with
+    error_model="numpy": the zero depth gives inf, the Gaussian is culled, the others are computed."""
+    torch.manual_seed(0)
+    n = 300  # more than one chunk of 256 Gaussians, the zero-depth one first in its chunk
+    means = torch.randn(n, 3) * 0.3 + torch.tensor([0.0, 0.0, 3.0])
+    means[0] = torch.tensor([0.5, 0.2, 0.0])
+    quats, scales, opacities = torch.randn(n, 4), torch.rand(n, 3) * 0.05 + 0.01, torch.rand(n)
+    sh = torch.randn(n, 16, 3) * 0.2
+    viewmats = torch.eye(4)[None]
+    Ks = torch.tensor([[[100.0, 0.0, 64.0], [0.0, 100.0, 48.0], [0.0, 0.0, 1.0]]])
+    outputs = {}
+    for name, projector in (("compiled", compiled_project), ("torch", project)):
+        leaves = [t.clone().requires_grad_() for t in (means, quats, scales, opacities, sh)]
+        proj, _ = projector(*leaves, viewmats, Ks, 128, 96, sh_degree=3)
+        visible = proj.radii > 0
+        loss = (proj.means2d[visible].sum() + proj.conics[visible].sum() + proj.colors[visible].sum()
+                + proj.opacities[visible].sum())
+        loss.backward()
+        outputs[name] = (proj, [leaf.grad for leaf in leaves])
+    (proj, grads), (ref, ref_grads) = outputs["compiled"], outputs["torch"]
+    assert proj.radii[0] == 0 and torch.equal(proj.radii, ref.radii) and int((ref.radii > 0).sum()) > 250
+    visible = ref.radii > 0
+    for got, want in ((proj.means2d, ref.means2d), (proj.conics, ref.conics), (proj.colors, ref.colors)):
+        torch.testing.assert_close(got[visible], want[visible], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got[1:], want[1:], rtol=1e-4, atol=1e-4)

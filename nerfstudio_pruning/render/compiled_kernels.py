@@ -78,7 +78,7 @@ def _float64_from_bits(typingctx, bits):
     return types.float64(types.int64), codegen
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def exp_neg_f32(sigma):
     """float32 exp(-sigma) for float32 sigma (correctly rounded; see above)."""
     x = min(max(float(sigma), 0.0), _SIGMA_EXP_MAX)
@@ -108,7 +108,7 @@ def exp_neg_f32(sigma):
 LANES = 16
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def candidate_alphas(c0, c1, c2, op, dxs, dys, n_lanes, alpha_out, vis_out):
     """alpha and exp(-sigma) of one Gaussian at candidate pixels with offsets (dxs, dys) = mean - pixel centre.
 
@@ -135,20 +135,20 @@ GAUSS_COLUMNS = 8  # two unused columns keep rows 32 bytes long
 GRAD_MX, GRAD_MY, GRAD_C0, GRAD_C1, GRAD_C2, GRAD_OPACITY, GRAD_COLORS = 0, 1, 2, 3, 4, 5, 6
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _clamped_floor(v, lo, hi):
     # Clamp in floating point before converting: casting an out-of-range float to int is undefined.
     f = math.floor(min(max(v, float(lo)), float(hi)))
     return int(f)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _clamped_ceil(v, lo, hi):
     f = math.ceil(min(max(v, float(lo)), float(hi)))
     return int(f)
 
 
-@njit(cache=True, parallel=True, fastmath=False)
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def prepare_rows(means2d, conics, opacities, depths, radii, width, height, tile_size, tile_w, tile_h, gauss, rects,
                  n_tiles, not_finite):
     """Per row: the float32 table `gauss`, the candidate pixel rectangle and the number of tiles it touches.
@@ -239,7 +239,7 @@ def depth_sort_keys(depths: np.ndarray) -> np.ndarray:
     return (monotone << ROW_KEY_BITS) | np.arange(depths.shape[0], dtype=np.int64)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, inline="always", error_model="numpy")
 def row_tile_span(rects, r, tile_size):
     """First tile column, first tile row and number of tile columns of row r's candidate rectangle."""
     tx0 = rects[r, 0] // tile_size
@@ -248,7 +248,7 @@ def row_tile_span(rects, r, tile_size):
     return tx0, ty0, n_tx
 
 
-@njit(cache=True, fastmath=False)
+@njit(cache=True, fastmath=False, error_model="numpy")
 def bin_rows(rects, n_tiles, camera_ids, tile_size, tile_w, tile_h, n_cameras, tile_offsets, tile_rows, row_offsets):
     """Per (camera, tile) lists of rows, in row order (`sort_tiles` then orders them by depth).
 
@@ -285,7 +285,7 @@ def bin_rows(rects, n_tiles, camera_ids, tile_size, tile_w, tile_h, n_cameras, t
                 cursor[b] += 1
 
 
-@njit(cache=True, parallel=True, fastmath=False)
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def sort_tiles(row_keys, tile_offsets, tile_rows):
     """Sort every tile's list front to back, in parallel over tiles.
 
@@ -306,7 +306,7 @@ def sort_tiles(row_keys, tile_offsets, tile_rows):
             tile_rows[e0 + i] = keys[i] & ROW_KEY_MASK
 
 
-@njit(cache=True, parallel=True, fastmath=False)
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def rasterize_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height, tile_size, tile_w, tile_h,
                     backgrounds, has_background, emit_pairs, pair_offsets, pair_pixel, pair_row,
                     out_color, out_transmittance, out_last, out_count, lanes):
@@ -411,7 +411,7 @@ def rasterize_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height
                 out_count[cam, y, x] = count[p]
 
 
-@njit(cache=True, parallel=True, fastmath=False)
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def backward_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height, tile_size, tile_w, tile_h,
                    backgrounds, has_background, transmittance, last_ids, v_color, v_alpha, row_offsets, entry_grads,
                    lanes):
@@ -569,7 +569,7 @@ def backward_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height,
             entry_grads[slot, col_abs + 1] = g_ay
 
 
-@njit(cache=True, parallel=True, fastmath=False)
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def reduce_rows(entry_grads, row_offsets, out):
     """out[r] = sum of row r's slots of entry_grads (contiguous), in float64, in parallel over rows."""
     n_rows = out.shape[0]

@@ -44,7 +44,7 @@ SH_C3_A = 0.5900435899266435
 GAUSSIANS_PER_CHUNK = 256
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _rotation(qw, qx, qy, qz):
     """Rotation matrix (row-major 9-tuple) of the normalised quaternion, and the normalised quaternion."""
     norm = math.sqrt(qw * qw + qx * qx + qy * qy + qz * qz)
@@ -58,7 +58,7 @@ def _rotation(qw, qx, qy, qz):
     return r, w, x, y, z, max(norm, 1e-12)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sh_basis(degree, x, y, z, basis):
     """The real SH basis up to `degree` (<= 3) at unit direction (x, y, z), into basis[:(degree+1)^2]."""
     basis[0] = SH_C0
@@ -89,7 +89,7 @@ def _sh_basis(degree, x, y, z, basis):
     basis[15] = -SH_C3_A * (x * c1 - y * s1)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _sh_basis_vjp(degree, x, y, z, g):
     """(d/dx, d/dy, d/dz) of sum_k g[k] * basis_k(x, y, z), x, y, z treated as independent (as autograd does)."""
     gx = 0.0
@@ -130,7 +130,7 @@ def _sh_basis_vjp(degree, x, y, z, g):
     return gx, gy, gz
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _camera_terms(viewmats, ks, c, m0, m1, m2, s00, s01, s02, s11, s12, s22, width, height):
     """Camera-space mean p, the clamped-tangent pinhole Jacobian J and W Sigma W^T for camera c.
 
@@ -188,7 +188,7 @@ def _camera_terms(viewmats, ks, c, m0, m1, m2, s00, s01, s02, s11, s12, s22, wid
             c00, c01, c02, c11, c12, c22)
 
 
-@njit(cache=True, parallel=True, fastmath=False)
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def project_forward(means, quats, scales, opacities, sh, sh_degree, campos, viewmats, ks, width, height, eps2d,
                     near_plane, far_plane, radius_clip, antialiased, means2d, conics, depths, radii, opac_out,
                     colors, compensations):
@@ -270,7 +270,7 @@ def project_forward(means, quats, scales, opacities, sh, sh_degree, campos, view
                         colors[c, n, ch] = max(acc + 0.5, 0.0)
 
 
-@njit(cache=True, parallel=True, fastmath=False)
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def project_backward(means, quats, scales, opacities, sh, sh_degree, campos, viewmats, ks, width, height, eps2d,
                      antialiased, radii, v_means2d, v_conics, v_depths, v_opac, v_colors,
                      g_means, g_quats, g_scales, g_opacities, g_sh):
