@@ -5,11 +5,13 @@
 # 2-threaded queue (at ~190k Gaussians a step costs about as much on 1 thread as on 2, and two numba pools on
 # 2 cores slow each other several-fold). The lanes use the arguments ns-prune-compare uses at --schedule-scale 1,
 # so their runs can be handed back to it with --runs for one table:
-#   lane splatfacto : ns-prune-compare --methods splatfacto-portable (splatfacto 40k, keeping its 30k checkpoint)
+#   lane splatfacto : splatfacto 40k (ns-prune-compare's splatfacto-40k run, keeping its step-29999 checkpoint)
 #   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k
-#   lane pup        : pup-gs from the splatfacto lane's 30k checkpoint, once per score in $SCORES
+#   lane pup        : pup-gs from the splatfacto lane's step-29999 checkpoint, once per score in $SCORES
+# Every run saves a checkpoint each $SAVE_EVERY steps (default 1000) and a lane started again continues each
+# unfinished run from its latest checkpoint (resume is exact), so a lane can be stopped and restarted at will.
 # Usage: bash benchmarks/full_schedule.sh LANE SCENE OUT [SEED] [CORE]
-#   SCENE: a nerfstudio-data folder (the splatfacto lane writes the built-in scene to OUT/scene with SCENE=default)
+#   SCENE: a nerfstudio-data folder, or `default` for the built-in scene (written once to OUT/scene)
 set -euo pipefail
 LANE=$1 SCENE=$2 OUT=$3 SEED=${4:-42} CORE=${5:-0}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,31 +19,46 @@ export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 BIN=$ROOT/.venv/bin
 mkdir -p "$OUT/logs"
 if [ "$SCENE" = default ]; then DATAPARSER="nsp-default-scene --data $OUT/scene"; else DATAPARSER="nerfstudio-data --data $SCENE"; fi
-common() {  # steps, extra splatfacto fields
+SAVE_EVERY=${SAVE_EVERY:-1000}
+if [ "$SCENE" = default ] && [ ! -d "$OUT/scene" ]; then
+  "$BIN/python" -c "import sys; from pathlib import Path; from nerfstudio_pruning.data.default_scene import ensure_default_scene; ensure_default_scene(Path(sys.argv[1]))" "$OUT/scene"
+fi
+common() {  # steps: the splatfacto fields ns-prune-compare sets at schedule scale 1
   echo "--vis tensorboard --output-dir $OUT/runs --experiment-name compare --machine.seed $SEED --machine.device-type cpu
-    --max-num-iterations $1 --steps-per-save $1 --steps-per-eval-image 1000000000 --steps-per-eval-all-images 1000000000
+    --max-num-iterations $1 --steps-per-save $SAVE_EVERY --steps-per-eval-image 1000000000 --steps-per-eval-all-images 1000000000
     --optimizers.means.scheduler.max-steps 30000 --pipeline.model.warmup-length 500 --pipeline.model.refine-every 100
     --pipeline.model.resolution-schedule 3000 --pipeline.model.sh-degree-interval 1000 --pipeline.model.stop-screen-size-at 4000"
 }
+train() {  # METHOD NAME END ARGS...: train run NAME up to step END-1, from its latest checkpoint when it has one
+  local method=$1 name=$2 end=$3; shift 3
+  local ckpts=$OUT/runs/compare/$method/$name/nerfstudio_models last resume=()
+  last=$(ls "$ckpts" 2>/dev/null | sed -n 's/^step-0*\([0-9][0-9]*\)\.ckpt$/\1/p' | sort -n | tail -1)
+  if [ -n "$last" ]; then
+    if [ $((last + 1)) -ge "$end" ]; then echo "$name: trained to step $last already"; return 0; fi
+    # nerfstudio prefers --load-dir to --load-checkpoint and counts --max-num-iterations from the loaded step.
+    resume=(--load-dir "$ckpts" --max-num-iterations $((end - last - 1)))
+  fi
+  echo "$(date -u +%FT%TZ) $name: ${last:+from step $last }to step $((end - 1))" >> "$OUT/logs/lanes.log"
+  taskset -c "$CORE" "$BIN/ns-train" "$method" "$@" --timestamp "$name" "${resume[@]}" $DATAPARSER >> "$OUT/logs/$name.log" 2>&1
+  echo "$(date -u +%FT%TZ) $name: exit $?" >> "$OUT/logs/lanes.log"
+}
 case "$LANE" in
   splatfacto)
-    taskset -c "$CORE" "$BIN/ns-prune-compare" --scene "$SCENE" --schedule-scale 1.0 --methods splatfacto-portable \
-      --seeds "$SEED" --output-dir "$OUT" > "$OUT/logs/compare-splatfacto.log" 2>&1 ;;
+    # Two legs: the first keeps only its latest checkpoint and ends at step 29999 (pup-gs starts there), the
+    # second keeps all of its own, so the step-29999 checkpoint stays.
+    train splatfacto-portable "splatfacto-40k-s$SEED" 30000 $(common 30000) --save-only-latest-checkpoint True
+    train splatfacto-portable "splatfacto-40k-s$SEED" 40000 $(common 10000) --save-only-latest-checkpoint False ;;
   vedal)
-    taskset -c "$CORE" "$BIN/ns-train" vedal-gs $(common 30000) --timestamp "vedal-gs-s$SEED" \
-      --pipeline.model.stop-split-at 15000 --pipeline.model.finetune-start-step 7000 \
-      --pipeline.model.importance-every 100 --pipeline.model.hard-prune-step 29999 \
-      $DATAPARSER > "$OUT/logs/vedal-gs-s$SEED.log" 2>&1
-    taskset -c "$CORE" "$BIN/ns-train" splatfacto-portable $(common 30000) --timestamp "splatfacto-densify-7k-s$SEED" \
-      --pipeline.model.stop-split-at 7000 $DATAPARSER > "$OUT/logs/splatfacto-densify-7k-s$SEED.log" 2>&1 ;;
+    train vedal-gs "vedal-gs-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 15000 \
+      --pipeline.model.finetune-start-step 7000 --pipeline.model.importance-every 100 --pipeline.model.hard-prune-step 29999
+    train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000 ;;
   pup)
     CKPT=$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s$SEED/nerfstudio_models/step-000029999.ckpt
     while [ ! -f "$CKPT" ]; do sleep 30; done
     sleep 60  # the checkpoint may still be being written
     for SCORE in ${SCORES:-fisher speedy lightgaussian opacity random}; do
-      taskset -c "$CORE" "$BIN/ns-train" pup-gs $(common 10000) --pipeline.model.stop-split-at 15000 \
-        --timestamp "pup-gs-$SCORE-s$SEED" --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 \
-        --pipeline.model.score "$SCORE" $DATAPARSER > "$OUT/logs/pup-gs-$SCORE-s$SEED.log" 2>&1
+      train pup-gs "pup-gs-$SCORE-s$SEED" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
+        --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
   *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
 esac
