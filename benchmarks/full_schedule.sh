@@ -32,7 +32,7 @@ common() {  # steps: the splatfacto fields ns-prune-compare sets at schedule sca
 train() {  # METHOD NAME END ARGS...: train run NAME up to step END-1, from its latest checkpoint when it has one
   local method=$1 name=$2 end=$3; shift 3
   local ckpts=$OUT/runs/compare/$method/$name/nerfstudio_models last resume=()
-  last=$(ls "$ckpts" 2>/dev/null | sed -n 's/^step-0*\([0-9][0-9]*\)\.ckpt$/\1/p' | sort -n | tail -1)
+  last=$(ls "$ckpts" 2>/dev/null | sed -n 's/^step-0*\([0-9][0-9]*\)\.ckpt$/\1/p' | sort -n | tail -1 || true)
   if [ -n "$last" ]; then
     if [ $((last + 1)) -ge "$end" ]; then echo "$name: trained to step $last already"; return 0; fi
     # nerfstudio prefers --load-dir to --load-checkpoint and counts --max-num-iterations from the loaded step.
