@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nerfstudio_pruning.errors import PruningRefused
-from nerfstudio_pruning.scoring.fisher import fisher_blocks, fisher_scores, probe_fisher_blocks
+from nerfstudio_pruning.scoring.fisher import SPATIAL_AND_APPEARANCE, fisher_blocks, fisher_scores, probe_fisher_blocks
 from nerfstudio_pruning.scoring.pair_stats import view_pair_statistics
 from nerfstudio_pruning.render import rasterization
 from nerfstudio_pruning.testing.synthetic import point_on_pixel_centre, orbit_cameras, random_gaussians
@@ -39,23 +39,26 @@ def _views(viewmats, Ks, background=None, width=W, height=H):
     return Views(viewmats, Ks, width, height, background)
 
 
-def autograd_fisher(g, viewmats, Ks, width, height, rasterize_mode="classic"):
-    """F_i = sum over pixels and channels of grad I grad I^T, one autograd.grad per image entry."""
+def autograd_fisher(g, viewmats, Ks, width, height, rasterize_mode="classic", appearance=False):
+    """F_i = sum over pixels and channels of grad I grad I^T, one autograd.grad per image entry; over (mean,
+    log-scale), and with `appearance` also over (opacity logit, DC SH coefficients)."""
     means = g.means.detach().clone().requires_grad_(True)
     log_scales = g.log_scales.detach().clone().requires_grad_(True)
-    fisher = torch.zeros(g.means.shape[0], 6, 6, dtype=torch.float64)
+    logits = g.opacity_logits.detach().clone().requires_grad_(True)
+    sh_dc = g.sh[:, 0].detach().clone().requires_grad_(True)
+    leaves = (means, log_scales, logits, sh_dc) if appearance else (means, log_scales)
+    size = 10 if appearance else 6
+    fisher = torch.zeros(g.means.shape[0], size, size, dtype=torch.float64)
     for view in range(viewmats.shape[0]):
         image, _, _ = rasterization(
-            means, g.quats, torch.exp(log_scales), torch.sigmoid(g.opacity_logits), g.sh,
+            means, g.quats, torch.exp(log_scales), torch.sigmoid(logits), torch.cat([sh_dc[:, None], g.sh[:, 1:]], 1),
             viewmats[view : view + 1], Ks[view : view + 1], width, height, sh_degree=SH_DEGREE, tile_size=TILE,
             backgrounds=BACKGROUND[None], rasterize_mode=rasterize_mode,
         )
         flat = image.reshape(-1)
         for k in range(flat.shape[0]):
-            grads = torch.autograd.grad(
-                flat[k], (means, log_scales), retain_graph=True, allow_unused=True, materialize_grads=True
-            )
-            row = torch.cat(grads, dim=-1).double()
+            grads = torch.autograd.grad(flat[k], leaves, retain_graph=True, allow_unused=True, materialize_grads=True)
+            row = torch.cat([grad.reshape(grad.shape[0], -1) for grad in grads], dim=-1).double()
             fisher += row[:, :, None] * row[:, None, :]
     return fisher
 
@@ -83,6 +86,23 @@ def test_fisher_blocks_match_autograd_jacobian(rasterize_mode):
     # Float32 model: the reference Jacobian carries float32 rounding (measured ~2e-7).
     assert _per_gaussian_relative_error(fisher, reference) < 1e-4
     assert torch.equal(fisher, fisher.transpose(1, 2))
+
+
+@pytest.mark.parametrize("rasterize_mode", ["classic", "antialiased"])
+def test_appearance_fisher_blocks_match_autograd_jacobian(rasterize_mode):
+    """The 10x10 option: (mean, log-scale, opacity logit, base colour), including the opacity compensation of the
+    antialiased mode and the colour clamp at 0."""
+    g, viewmats, Ks = _scene()
+    g.sh[3:8, 0] = -3.0  # base colour below 0 after the +0.5 offset: clamped, no colour gradient
+    views = _views(viewmats, Ks, BACKGROUND)
+    blocks = fisher_blocks(g.as_gaussians(SH_DEGREE, rasterize_mode), views, tile_size=TILE, progress=False,
+                           params=SPATIAL_AND_APPEARANCE)
+    reference = autograd_fisher(g, viewmats, Ks, W, H, rasterize_mode, appearance=True)
+    assert blocks.shape == (30, 10, 10)
+    assert reference[:, 7:, 7:].abs().sum() > 0 and reference[:, 6, 6].abs().sum() > 0
+    assert _per_gaussian_relative_error(blocks, reference) < 1e-4
+    spatial = fisher_blocks(g.as_gaussians(SH_DEGREE, rasterize_mode), views, tile_size=TILE, progress=False)
+    assert torch.allclose(blocks[:, :6, :6], spatial, rtol=1e-12, atol=0)
 
 
 def test_fisher_blocks_exact_in_float64():

@@ -44,8 +44,9 @@ class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
 
     _target: Type = field(default_factory=lambda: PupGSModel)
     score: ScoreKind = "fisher"
-    """Pruning score: exact Fisher log-det (PUP), its probe estimate, Speedy-Splat's squared footprint gradient
-    (speedy), or the baselines lightgaussian, opacity, random."""
+    """Pruning score: exact Fisher log-det (PUP), the same over opacity and base colour too (fisher-appearance, an
+    option for flat regions), its probe estimate, Speedy-Splat's squared footprint gradient (speedy), or the
+    baselines lightgaussian, opacity, random."""
     fisher_downscale: int = 4
     """Score at 1/fisher_downscale of the training resolution (the official pipeline's --fisher_resolution 4), for
     every score, down to score_min_side; Speedy-Splat's own code scores at the training resolution (1)."""

@@ -1,5 +1,9 @@
 """PUP 3D-GS sensitivity: per-Gaussian Fisher blocks over (mean, log-scale) and their log-determinants.
 
+The same blocks can also be taken over opacity and base colour (`SPATIAL_AND_APPEARANCE`, 10x10): an option beside
+the paper's score, for flat regions, where moving or resizing a Gaussian changes almost nothing (its neighbours
+have its colour) but removing it leaves a hole (docs/pup_gs.md).
+
 F_i = sum over views, pixels p and channels c of g g^T with g = d I_pc / d theta_i, theta_i = (mean_i,
 log-scale_i). In one view the image depends on Gaussian i only through its projected quantities
 u_i = (mean2d 2, conic 3, colour D, effective opacity 1), so g = A_i^T d I_pc / d u_i with A_i = du_i/dtheta_i
@@ -19,7 +23,7 @@ Gaussians came from the unbatched enumeration it replaced.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +42,10 @@ from nerfstudio_pruning.scoring.pair_stats import (
 from nerfstudio_pruning.types import Gaussians, Views
 
 N_PARAMS = 6  # mean (3), log-scale (3)
+# What a block is taken over, in this order. PUP 3D-GS's paper and code: mean and log-scale.
+SPATIAL = ("means", "log_scales")
+# Also the opacity logit and the DC SH coefficients (the base colour): 7 + D parameters.
+SPATIAL_AND_APPEARANCE = ("means", "log_scales", "opacity_logits", "sh_dc")
 # Gaussians whose projection Jacobian is taken at once: ~0.25 GB of float64 forward-mode temporaries.
 DEFAULT_GAUSSIAN_CHUNK = 1 << 16
 
@@ -52,25 +60,45 @@ def projected_quantities(proj: ProjectedGaussians) -> Tensor:
     return torch.cat([proj.means2d, proj.conics, proj.colors, proj.opacities[:, None]], dim=-1)
 
 
-def projection_jacobian(gaussians: Gaussians, view: Views) -> Tensor:
-    """[N, 6 + D, 6] float64 A_i = du_i / d(mean_i, log-scale_i) for one view.
+def _parameters(gaussians: Gaussians, params: Sequence[str]) -> List[Tensor]:
+    """The tensors `params` name, each [N, width] (`sh_dc`: the degree-0 SH coefficients)."""
+    tensors = {"sh_dc": gaussians.sh[:, 0], "opacity_logits": gaussians.opacity_logits[:, None]}
+    return [tensors[name] if name in tensors else getattr(gaussians, name) for name in params]
+
+
+def _with_parameters(gaussians: Gaussians, params: Sequence[str], values: Sequence[Tensor]) -> Gaussians:
+    fields = dict(zip(params, values))
+    if "sh_dc" in fields:
+        fields["sh"] = torch.cat([fields.pop("sh_dc")[:, None], gaussians.sh[:, 1:]], dim=1)
+    if "opacity_logits" in fields:
+        fields["opacity_logits"] = fields["opacity_logits"][:, 0]
+    return gaussians.with_tensors(**fields)
+
+
+def block_size(gaussians: Gaussians, params: Sequence[str] = SPATIAL) -> int:
+    return sum(t.shape[-1] for t in _parameters(gaussians, params))
+
+
+def projection_jacobian(gaussians: Gaussians, view: Views, params: Sequence[str] = SPATIAL) -> Tensor:
+    """[N, 6 + D, B] float64 A_i = du_i / d theta_i for one view, theta_i the `params` of Gaussian i (B numbers).
 
     Includes the view-direction path of the SH colour into the mean and, in antialiased mode, the
     compensation factor in the opacity. Computed in float64 so that A adds no float32 noise to F.
     """
     g64 = gaussians.double()
     view64 = Views(view.viewmats.detach().double(), view.Ks.detach().double(), view.width, view.height)
+    primals = tuple(_parameters(g64, params))
 
-    def u_of(m: Tensor, s: Tensor) -> Tensor:
-        return projected_quantities(project_gaussians(g64.with_tensors(means=m, log_scales=s), view64))
+    def u_of(*values: Tensor) -> Tensor:
+        return projected_quantities(project_gaussians(_with_parameters(g64, params, values), view64))
 
     columns = []
-    for j in range(N_PARAMS):
-        tangent_m = torch.zeros_like(g64.means)
-        tangent_s = torch.zeros_like(g64.log_scales)
-        (tangent_m if j < 3 else tangent_s)[:, j % 3] = 1.0
-        _, column = torch.func.jvp(u_of, (g64.means, g64.log_scales), (tangent_m, tangent_s))
-        columns.append(column)
+    for which, primal in enumerate(primals):
+        for j in range(primal.shape[-1]):
+            tangents = tuple(torch.zeros_like(p) for p in primals)
+            tangents[which][:, j] = 1.0
+            _, column = torch.func.jvp(u_of, primals, tangents)
+            columns.append(column)
     return torch.stack(columns, dim=-1)
 
 
@@ -120,14 +148,17 @@ def fisher_blocks(
     progress: bool = True,
     chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS,
     gaussian_chunk: int = DEFAULT_GAUSSIAN_CHUNK,
+    params: Sequence[str] = SPATIAL,
 ) -> Tensor:
-    """[N, 6, 6] float64 exact Fisher blocks over (mean, log-scale), summed over the views given.
+    """[N, B, B] float64 exact Fisher blocks over `params` (by default mean and log-scale, B = 6, as PUP 3D-GS),
+    summed over the views given.
 
     `downscale` renders at 1/downscale resolution (size and fx, fy, cx, cy divided), as PUP's
     `--fisher_resolution`. Views are processed one at a time.
     """
     n = len(gaussians)
     gaussians = gaussians.detach()
+    size = block_size(gaussians, params)
 
     def view_blocks(_: int, view: Views) -> Optional[Tensor]:
         proj, pairs = project_and_enumerate(gaussians, view, tile_size)
@@ -135,18 +166,18 @@ def fisher_blocks(
             return None
         channels = proj.colors.shape[-1]
         m_compact = sum_over_pairs(proj, pairs, view, n, _compact_m_contributions, chunk_pairs)
-        blocks = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=gaussians.device)
+        blocks = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
         # Only the Gaussians this view composites need A; the projection is per Gaussian, so a subset is exact,
         # and taking it in slices bounds the float64 forward-mode temporaries (~4 KB per Gaussian).
         for seen in torch.unique(proj.gaussian_ids[pairs.row]).split(gaussian_chunk):
-            jac = projection_jacobian(gaussians.subset(seen), view)
+            jac = projection_jacobian(gaussians.subset(seen), view, params)
             m_full = _expand_m(m_compact[seen], channels)
             block = jac.transpose(1, 2) @ m_full @ jac
             # Matmul rounding leaves ~1e-16 asymmetry; symmetric blocks keep downstream eigen/SVD code honest.
             blocks.index_add_(0, seen, 0.5 * (block + block.transpose(1, 2)))
         return blocks
 
-    total = torch.zeros(n, N_PARAMS, N_PARAMS, dtype=torch.float64, device=gaussians.device)
+    total = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
     return sum_over_views(views.downscaled(downscale), view_blocks, total, "Fisher blocks", progress)
 
 

@@ -1,7 +1,9 @@
 """Every pruning score by name (higher = keep): the one function the methods and the benchmarks call.
 
 - `fisher`: PUP 3D-GS, log det of the exact 6x6 Fisher block over (mean, log-scale) (`fisher.py`);
-- `fisher-probe`: the same from the +-1 probe estimator (cheaper, noisy);
+- `fisher-appearance`: log det of the 10x10 block over (mean, log-scale, opacity logit, base colour), an option
+  beside the paper's score for flat regions (`fisher.py`);
+- `fisher-probe`: the 6x6 score from the +-1 probe estimator (cheaper, noisy);
 - `speedy`: Speedy-Splat's squared per-pixel gradient of the image in each Gaussian's footprint (`speedy.py`);
 - `lightgaussian`, `opacity`, `random`: the baselines (`baselines.py`).
 """
@@ -14,12 +16,12 @@ import torch
 from torch import Tensor
 
 from nerfstudio_pruning.scoring.baselines import lightgaussian_significance, opacity_scores, random_scores
-from nerfstudio_pruning.scoring.fisher import fisher_blocks, fisher_scores, probe_fisher_blocks
+from nerfstudio_pruning.scoring.fisher import SPATIAL_AND_APPEARANCE, fisher_blocks, fisher_scores, probe_fisher_blocks
 from nerfstudio_pruning.scoring.speedy import speedy_scores
 from nerfstudio_pruning.types import Gaussians, Views
 
-ScoreKind = Literal["fisher", "fisher-probe", "speedy", "lightgaussian", "opacity", "random"]
-SCORE_KINDS = ("fisher", "fisher-probe", "speedy", "lightgaussian", "opacity", "random")
+ScoreKind = Literal["fisher", "fisher-appearance", "fisher-probe", "speedy", "lightgaussian", "opacity", "random"]
+SCORE_KINDS = ("fisher", "fisher-appearance", "fisher-probe", "speedy", "lightgaussian", "opacity", "random")
 
 
 def floored_downscale(width: int, height: int, downscale: float, min_side: int) -> float:
@@ -53,6 +55,9 @@ def score_gaussians(
         return opacity_scores(gaussians)
     if kind == "fisher":
         return fisher_scores(fisher_blocks(gaussians, views, downscale=downscale, progress=progress))
+    if kind == "fisher-appearance":
+        return fisher_scores(fisher_blocks(gaussians, views, downscale=downscale, progress=progress,
+                                           params=SPATIAL_AND_APPEARANCE))
     if kind == "fisher-probe":
         generator = torch.Generator(device=gaussians.device).manual_seed(seed)
         blocks = probe_fisher_blocks(
