@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Callable
+
 import pytest
+from filelock import FileLock
 
 from e2e import ns, quick_train_args, run_dir
 
@@ -33,22 +40,45 @@ def single_thread():
 
 @pytest.fixture(scope="session")
 def e2e_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("e2e")
+    """Where the shared ns-train runs live. Under pytest-xdist every worker has its own temporary folder; the runs
+    go in the folder above them instead, so that each is trained once for all workers (`made_once`)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return tmp_path_factory.mktemp("e2e")
+    root = tmp_path_factory.getbasetemp().parent / "e2e"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def made_once(root: Path, name: str, make: Callable[[], subprocess.CompletedProcess]) -> subprocess.CompletedProcess:
+    """`make()` once across pytest-xdist workers: the first to take the lock runs it, the others wait and get the
+    same process record (its output kept beside the run as JSON). A failed `make` leaves no record: the next
+    worker tries again and fails with its own message."""
+    record = root / f"{name}.process.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if record.exists():
+            kept = json.loads(record.read_text())
+            return subprocess.CompletedProcess(kept["args"], kept["returncode"], kept["stdout"], kept["stderr"])
+        proc = make()
+        record.write_text(json.dumps({"args": [str(a) for a in proc.args], "returncode": proc.returncode,
+                                      "stdout": proc.stdout, "stderr": proc.stderr}))
+        return proc
 
 
 @pytest.fixture(scope="session")
 def default_scene(e2e_root):
     from nerfstudio_pruning.data.default_scene import ensure_default_scene
 
-    return ensure_default_scene(e2e_root / "scene")
+    with FileLock(str(e2e_root / "scene.lock")):
+        return ensure_default_scene(e2e_root / "scene")
 
 
 @pytest.fixture(scope="session")
 def splatfacto_run(e2e_root, default_scene):
     """A splatfacto-portable run on the built-in scene (BASE_STEPS steps), reused by several tests."""
     outputs = e2e_root / "outputs"
-    ns("ns-train", ["splatfacto-portable", *quick_train_args("base", BASE_STEPS, outputs),
-                    "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
+    made_once(e2e_root, "splatfacto_run", lambda: ns("ns-train", [
+        "splatfacto-portable", *quick_train_args("base", BASE_STEPS, outputs), "nsp-default-scene", "--data",
+        str(default_scene)], cwd=e2e_root))
     return run_dir(outputs, "base", "splatfacto-portable")
 
 
@@ -65,7 +95,8 @@ def vedal_run(e2e_root, default_scene):
             "--pipeline.model.gate.min-refreshes", "3", "--pipeline.model.gate.window", "2",
             # 160 steps of fine-tuning instead of 23k: a stronger prior so that p crosses 1/2 within them.
             "--pipeline.model.kl-weight", "3.0"]
-    proc = ns("ns-train", ["vedal-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
+    proc = made_once(e2e_root, "vedal_run", lambda: ns(
+        "ns-train", ["vedal-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root))
     return proc, run_dir(outputs, "vedal", "vedal-gs")
 
 
@@ -75,5 +106,6 @@ def pup_run(e2e_root, default_scene):
     outputs = e2e_root / "outputs"
     args = [*quick_train_args("pup", PUP_STEPS, outputs), "--steps-per-save", str(PUP_SAVE_EVERY),
             "--save-only-latest-checkpoint", "False", *PUP_ARGS]
-    proc = ns("ns-train", ["pup-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root)
+    proc = made_once(e2e_root, "pup_run", lambda: ns(
+        "ns-train", ["pup-gs", *args, "nsp-default-scene", "--data", str(default_scene)], cwd=e2e_root))
     return proc, run_dir(outputs, "pup", "pup-gs")

@@ -39,6 +39,7 @@ def run_dir(outputs: Path, experiment: str, method: str) -> Path:
 
 
 def ns_eval(config: Path, cwd: Path) -> dict:
-    out = config.parent / "eval.json"
+    # One file per process: pytest-xdist workers may evaluate the same shared run at once.
+    out = config.parent / f"eval-{os.getpid()}.json"
     ns("ns-eval", ["--load-config", str(config), "--output-path", str(out)], cwd=cwd)
     return json.loads(out.read_text())["results"]

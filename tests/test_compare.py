@@ -97,6 +97,7 @@ def two_seeds(e2e_root, default_scene, tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.xdist_group("compare-two-seeds")
 def test_equal_budgets_and_seeds(two_seeds):
     proc, out = two_seeds
     results = json.loads((out / "results.json").read_text())
@@ -144,6 +145,7 @@ def _copy_run(config, dest):
     return dest / "config.yml"
 
 
+@pytest.mark.xdist_group("compare-two-seeds")
 def test_pruning_json_is_used(e2e_root, two_seeds, splatfacto_run, vedal_run, tmp_path):
     _, seeds_out = two_seeds
     results = json.loads((seeds_out / "results.json").read_text())
@@ -247,6 +249,7 @@ def test_runs_of_variants_must_be_asked_for(tmp_path):
             parse_runs(CompareConfig(output_dir=tmp_path, pup_scores=("fisher", "speedy"), runs=(item,)), (42,))
 
 
+@pytest.mark.xdist_group("compare-two-seeds")
 def test_30k_row_is_a_30k_run(e2e_root, two_seeds, tmp_path):
     """The 40-step run's step-29 checkpoint (the '30k' row, pup-gs's start) is what a 30-step run ends with."""
     import torch

@@ -16,6 +16,9 @@ from PIL import Image
 
 from nerfstudio_pruning.data import default_scene as S
 
+# One pytest-xdist worker runs this module: its module-scoped fixtures are made once.
+pytestmark = pytest.mark.xdist_group("default-scene")
+
 # Small enough to generate in a fraction of a second, big enough to hold every split.
 SMALL = dict(width=64, height=48, n_views=16, eval_every=4, n_seed_points=800, seed=3)
 

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# One pytest-xdist worker runs this module: its module-scoped fixtures are made once.
+pytestmark = pytest.mark.xdist_group("distributed-scoring")
+
 WORLD_SIZE = 2
 N_VIEWS = 5
 

@@ -12,7 +12,8 @@ from nerfstudio_pruning.scoring.pair_stats import project_gaussians, view_pair_s
 from nerfstudio_pruning.render import rasterization
 from nerfstudio_pruning.testing.synthetic import point_on_pixel_centre, GaussianSet, orbit_cameras, random_gaussians
 from nerfstudio_pruning.types import Views
-pytestmark = pytest.mark.usefixtures("single_thread")
+# One pytest-xdist worker runs this module: its module-scoped fixtures are made once.
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.xdist_group("importance")]
 
 W = H = 16
 VIEWS = 3

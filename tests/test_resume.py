@@ -189,6 +189,7 @@ def vedal_resumed_after_removal(vedal_run, e2e_root):
     return resume("vedal-gs", run, VEDAL_LAST, VEDAL_STEPS_AFTER_REMOVAL, "vedal-resume-end", vedal_args(run), e2e_root)
 
 
+@pytest.mark.xdist_group("vedal-resume")
 def test_vedal_gs_resumed_before_finetuning_ends_identical_to_the_uninterrupted_run(vedal_run, vedal_resumed_before_finetuning):
     """From step 60 through the start of fine-tuning, the importance window and the gate's first grants to step 120,
     the uninterrupted run's checkpoint there. (Steps 90 to the end are the window-filling test's resume.)"""
@@ -198,6 +199,7 @@ def test_vedal_gs_resumed_before_finetuning_ends_identical_to_the_uninterrupted_
     assert_same_vedal_run(final, checkpoint(vedal_resumed_before_finetuning, VEDAL_GATE_OPEN))
 
 
+@pytest.mark.xdist_group("vedal-resume")
 @pytest.mark.parametrize("phase, step", [("window filling", VEDAL_WINDOW_FILLING), ("mid-gate", VEDAL_MID_GATE),
                                          ("after the removal", VEDAL_AFTER_REMOVAL)])
 def test_vedal_gs_resumed_in_each_phase_ends_identical_to_the_uninterrupted_run(vedal_run, request, e2e_root, phase, step):
@@ -246,6 +248,7 @@ def test_vedal_gs_mid_gate_restores_gate_head_window_and_optimizers(vedal_run, t
     assert len(head_optimizer.state) == len(saved["optimizers"]["retention_head"]["state"]) > 0
 
 
+@pytest.mark.xdist_group("vedal-resume")
 def test_vedal_gs_resumed_after_the_removal_keeps_training_the_survivors(vedal_run, vedal_resumed_after_removal):
     _, run = vedal_run
     last = VEDAL_LAST + VEDAL_STEPS_AFTER_REMOVAL

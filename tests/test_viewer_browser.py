@@ -25,6 +25,9 @@ import pytest
 
 from e2e import BIN
 
+# One pytest-xdist worker runs this module: its module-scoped fixtures are made once.
+pytestmark = pytest.mark.xdist_group("viewer-browser")
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOT_DIR = os.environ.get("NSP_VIEWER_SCREENSHOTS")
@@ -165,16 +168,20 @@ class ViewerPage:
     def wait_for_frame(self, condition: Callable[[np.ndarray], bool], what: str, timeout: float = 60.0) -> np.ndarray:
         """The displayed frame once `condition` holds for it and it stayed the same for a second (the viewer
         sends a low-resolution frame first, then the full-resolution one)."""
-        unchanged_since, previous = time.time(), None
+        unchanged_since, previous, changes = time.time(), None, 0
         deadline = time.time() + timeout
         while time.time() < deadline:
             current = self.frame()
             if previous is None or not np.array_equal(current, previous):
-                unchanged_since, previous = time.time(), current
+                unchanged_since, previous, changes = time.time(), current, changes + 1
             elif time.time() - unchanged_since >= 1.0 and condition(current):
                 return current
             time.sleep(0.25)
-        raise AssertionError(f"{self.name}: timed out waiting for a frame: {what}")
+        last = "none captured" if previous is None else (
+            f"std {float(previous.std()):.1f}, {len(np.unique(previous.astype(np.int32).sum(axis=-1) // 12))} "
+            f"brightness levels, shape {previous.shape}")
+        raise AssertionError(f"{self.name}: timed out after {timeout:.0f} s waiting for a frame: {what} (the frame "
+                             f"changed {changes} times; the last one: {last})")
 
     def save(self, name: str) -> None:
         """The whole page as <NSP_VIEWER_SCREENSHOTS>/viewer_<name>.png, when that variable is set."""
@@ -252,7 +259,8 @@ def check_score_output(page: ViewerPage, output: str, rgb: np.ndarray) -> np.nda
 def test_vedal_gs_in_the_browser(browser, viewers):
     started = time.time()
     page = ViewerPage(browser, viewers["vedal"], "vedal")
-    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame")
+    # The first frame of the session may wait for the viewer's first render on a busy machine.
+    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180)
     page.save("vedal_rgb")
     check_score_output(page, "retention", rgb)
 
@@ -276,7 +284,7 @@ def test_vedal_gs_in_the_browser(browser, viewers):
 def test_pup_gs_in_the_browser(browser, viewers):
     started = time.time()
     page = ViewerPage(browser, viewers["pup"], "pup")
-    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame")
+    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180)
     check_score_output(page, "sensitivity", rgb)
     assert page.find("//strong[normalize-space()=\"Output type 'sensitivity'\"]") is not None  # its legend
     print(f"\npup-gs page: {time.time() - started:.1f} s")
