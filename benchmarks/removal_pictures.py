@@ -5,7 +5,9 @@ the ones it keeps, and the eval view is rendered twice through the model's own r
 alone (with the PSNR against the ground truth) and the removed Gaussians alone. The first row holds the ground
 truth and the unpruned render. Scores use every training view at the resolution pup-gs would use
 (`fisher_downscale` 4 with the 256-pixel floor). One shot, no refinement: this shows where each score puts its
-cut, not the quality after pup-gs's refinement.
+cut, not the quality after pup-gs's refinement. Besides the pictured view, the kept-only PSNR is averaged over every
+eval view. Scores are kept in <output>.scores.pt; `--reuse-scores` takes them from there when they are of the
+same checkpoint (Fisher scoring takes minutes).
 
     python benchmarks/removal_pictures.py path/to/run/config.yml --scores fisher speedy lightgaussian opacity \
         --prune 0.9 --view 0 --output docs/img/removal.png
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--prune", type=float, default=0.9, help="fraction removed by each score")
     parser.add_argument("--view", type=int, default=0, help="index of the eval view")
     parser.add_argument("--output", type=Path, default=Path("removal.png"))
+    parser.add_argument("--reuse-scores", action="store_true", help="read scores kept by an earlier run")
     args = parser.parse_args()
 
     import matplotlib
@@ -54,36 +57,52 @@ def main() -> None:
     gaussians = model.gaussians(sh_degree=int(model.config.sh_degree))
     n = len(gaussians)
     eval_data = pipeline.datamanager.eval_dataset
-    camera = eval_data.cameras[args.view: args.view + 1]
     gt = eval_data[args.view]["image"].float()[..., :3]
     raw = model.gauss_params["opacities"].detach()
 
-    def render(keep: torch.Tensor) -> torch.Tensor:
+    def render(keep: torch.Tensor, view: int = args.view) -> torch.Tensor:
         opacities = torch.where(keep[:, None], raw, torch.full_like(raw, NEVER))
         with torch.no_grad(), model.rendering_with(opacities=opacities):
-            return model.get_outputs(camera)["rgb"].clamp(0, 1)
+            return model.get_outputs(eval_data.cameras[view: view + 1])["rgb"].clamp(0, 1)
+
+    n_eval = len(eval_data)
+    truths = [eval_data[i]["image"].float()[..., :3] for i in range(n_eval)]
+
+    def mean_psnr(keep: torch.Tensor) -> float:
+        return sum(psnr(render(keep, i), truths[i]) for i in range(n_eval)) / n_eval
 
     everything = torch.ones(n, dtype=torch.bool)
     full = render(everything)
     rows = [("ground truth", gt, "unpruned", full, f"{psnr(full, gt):.2f} dB, {n} Gaussians")]
     record = {"config": str(args.config), "step": step, "gaussians": n, "prune": args.prune, "view": args.view,
-              "score_downscale": downscale, "unpruned_psnr": psnr(full, gt), "scores": {}}
+              "score_downscale": downscale, "unpruned_psnr": psnr(full, gt), "eval_views": n_eval,
+              "unpruned_mean_psnr": mean_psnr(everything), "scores": {}}
     n_prune = int(round(args.prune * n))
+    cache_path = args.output.with_suffix(".scores.pt")
+    cache = torch.load(cache_path) if args.reuse_scores and cache_path.exists() else {}
+    if cache and (cache.get("step"), cache.get("gaussians")) != (step, n):
+        cache = {}
     for kind in args.scores:
-        started = time.perf_counter()
-        scores = score_gaussians(kind, gaussians, views, downscale=downscale, progress=False).double()
-        seconds = time.perf_counter() - started
+        if kind in cache:
+            scores, seconds = cache[kind]["scores"], cache[kind]["seconds"]
+        else:
+            started = time.perf_counter()
+            scores = score_gaussians(kind, gaussians, views, downscale=downscale, progress=False).double()
+            seconds = time.perf_counter() - started
+            cache[kind] = {"scores": scores, "seconds": seconds}
+            torch.save({**cache, "step": step, "gaussians": n}, cache_path)
         scores = torch.where(torch.isfinite(scores), scores, torch.full_like(scores, -torch.inf))
         removed = torch.zeros(n, dtype=torch.bool)
         removed[torch.argsort(scores, stable=True)[:n_prune]] = True
         kept_image, removed_image = render(~removed), render(removed)
         value = psnr(kept_image, gt)
-        record["scores"][kind] = {"kept_psnr": value, "seconds": seconds,
+        record["scores"][kind] = {"kept_psnr": value, "kept_mean_psnr": mean_psnr(~removed), "seconds": seconds,
                                   "unseen": int(torch.isinf(scores).sum())}
         rows.append((f"{kind}: kept {n - n_prune}", kept_image, f"{kind}: removed {n_prune}", removed_image,
                      f"{value:.2f} dB"))
-        print(f"{kind}: kept-only render {value:.2f} dB against {record['unpruned_psnr']:.2f} unpruned; "
-              f"scored in {seconds:.1f} s", flush=True)
+        print(f"{kind}: kept-only render {value:.2f} dB against {record['unpruned_psnr']:.2f} unpruned (mean over "
+              f"{n_eval} eval views {record['scores'][kind]['kept_mean_psnr']:.2f} against "
+              f"{record['unpruned_mean_psnr']:.2f}); scored in {seconds:.1f} s", flush=True)
 
     fig, axes = plt.subplots(len(rows), 2, figsize=(6.4, 2.5 * len(rows)), squeeze=False)
     for (left_title, left, right_title, right, note), (ax_left, ax_right) in zip(rows, axes):
