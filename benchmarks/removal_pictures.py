@@ -68,15 +68,16 @@ def main() -> None:
     n_eval = len(eval_data)
     truths = [eval_data[i]["image"].float()[..., :3] for i in range(n_eval)]
 
-    def mean_psnr(keep: torch.Tensor) -> float:
-        return sum(psnr(render(keep, i), truths[i]) for i in range(n_eval)) / n_eval
+    def view_psnrs(keep: torch.Tensor) -> list:
+        return [psnr(render(keep, i), truths[i]) for i in range(n_eval)]
 
     everything = torch.ones(n, dtype=torch.bool)
     full = render(everything)
     rows = [("ground truth", gt, "unpruned", full, f"{psnr(full, gt):.2f} dB, {n} Gaussians")]
     record = {"config": str(args.config), "step": step, "gaussians": n, "prune": args.prune, "view": args.view,
               "score_downscale": downscale, "unpruned_psnr": psnr(full, gt), "eval_views": n_eval,
-              "unpruned_mean_psnr": mean_psnr(everything), "scores": {}}
+              "unpruned_view_psnr": view_psnrs(everything), "scores": {}}
+    record["unpruned_mean_psnr"] = sum(record["unpruned_view_psnr"]) / n_eval
     n_prune = int(round(args.prune * n))
     cache_path = args.output.with_suffix(".scores.pt")
     cache = torch.load(cache_path) if args.reuse_scores and cache_path.exists() else {}
@@ -96,8 +97,9 @@ def main() -> None:
         removed[torch.argsort(scores, stable=True)[:n_prune]] = True
         kept_image, removed_image = render(~removed), render(removed)
         value = psnr(kept_image, gt)
-        record["scores"][kind] = {"kept_psnr": value, "kept_mean_psnr": mean_psnr(~removed), "seconds": seconds,
-                                  "unseen": int(torch.isinf(scores).sum())}
+        per_view = view_psnrs(~removed)
+        record["scores"][kind] = {"kept_psnr": value, "kept_mean_psnr": sum(per_view) / n_eval,
+                                  "kept_view_psnr": per_view, "seconds": seconds, "unseen": int(torch.isinf(scores).sum())}
         rows.append((f"{kind}: kept {n - n_prune}", kept_image, f"{kind}: removed {n_prune}", removed_image,
                      f"{value:.2f} dB"))
         print(f"{kind}: kept-only render {value:.2f} dB against {record['unpruned_psnr']:.2f} unpruned (mean over "
