@@ -8,6 +8,7 @@
 #   lane splatfacto : splatfacto 40k (ns-prune-compare's splatfacto-40k run, keeping its step-29999 checkpoint)
 #   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k
 #   lane pup        : pup-gs from the splatfacto lane's step-29999 checkpoint, once per score in $SCORES
+#   lane densify    : only the densify-to-7k baseline (to balance the cores; the vedal lane skips it once done)
 # Every run saves a checkpoint each $SAVE_EVERY steps (default 1000) and a lane started again continues each
 # unfinished run from its latest checkpoint (resume is exact), so a lane can be stopped and restarted at will.
 # Usage: bash benchmarks/full_schedule.sh LANE SCENE OUT [SEED] [CORE]
@@ -52,6 +53,8 @@ case "$LANE" in
     train vedal-gs "vedal-gs-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 15000 \
       --pipeline.model.finetune-start-step 7000 --pipeline.model.importance-every 100 --pipeline.model.hard-prune-step 29999
     train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000 ;;
+  densify)
+    train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000 ;;
   pup)
     CKPT=$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s$SEED/nerfstudio_models/step-000029999.ckpt
     while [ ! -f "$CKPT" ]; do sleep 30; done
@@ -60,5 +63,5 @@ case "$LANE" in
       train pup-gs "pup-gs-$SCORE-s$SEED" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
-  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
 esac
