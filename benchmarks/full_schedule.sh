@@ -8,6 +8,7 @@
 #   lane splatfacto : splatfacto 40k (ns-prune-compare's splatfacto-40k run, keeping its step-29999 checkpoint)
 #   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k
 #   lane pup        : pup-gs from the splatfacto lane's step-29999 checkpoint, once per score in $SCORES
+#                     (BASE_SEED=42 with another SEED: only the refinement repeated, from seed 42's checkpoint)
 #   lane densify    : only the densify-to-7k baseline (to balance the cores; the vedal lane skips it once done)
 # Every run saves a checkpoint each $SAVE_EVERY steps (default 1000) and a lane started again continues each
 # unfinished run from its latest checkpoint (resume is exact), so a lane can be stopped and restarted at will.
@@ -56,11 +57,15 @@ case "$LANE" in
   densify)
     train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000 ;;
   pup)
-    CKPT=$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s$SEED/nerfstudio_models/step-000029999.ckpt
+    # BASE_SEED: the splatfacto run to start from (default: SEED). Another seed from the same checkpoint repeats
+    # only the refinement, the noise that matters when scores are compared on one trained model.
+    BASE=${BASE_SEED:-$SEED}
+    CKPT=$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s$BASE/nerfstudio_models/step-000029999.ckpt
+    SUFFIX=s$SEED; [ "$BASE" = "$SEED" ] || SUFFIX=s$SEED-base$BASE
     while [ ! -f "$CKPT" ]; do sleep 30; done
     sleep 60  # the checkpoint may still be being written
     for SCORE in ${SCORES:-fisher speedy lightgaussian opacity random}; do
-      train pup-gs "pup-gs-$SCORE-s$SEED" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
+      train pup-gs "pup-gs-$SCORE-$SUFFIX" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
   *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
