@@ -20,8 +20,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 BIN=$ROOT/.venv/bin
 mkdir -p "$OUT/logs"
-# DATA_ARGS: more nerfstudio-data options, e.g. DATA_ARGS="--downscale-factor 4" for buddha_gray67 at 1/4.
-if [ "$SCENE" = default ]; then DATAPARSER="nsp-default-scene --data $OUT/scene"; else DATAPARSER="nerfstudio-data --data $SCENE ${DATA_ARGS:-}"; fi
+# A dataset folder is read as ns-prune-compare reads it: nerfstudio-data-cached keeps downscaled copies out of the
+# dataset. DATA_ARGS: more of its options, e.g. DATA_ARGS="--downscale-factor 4" for buddha_gray67 at 1/4.
+if [ "$SCENE" = default ]; then DATAPARSER="nsp-default-scene --data $OUT/scene"; else DATAPARSER="nerfstudio-data-cached --data $SCENE ${DATA_ARGS:-}"; fi
 SAVE_EVERY=${SAVE_EVERY:-1000}
 if [ "$SCENE" = default ] && [ ! -d "$OUT/scene" ]; then
   "$BIN/python" -c "import sys; from pathlib import Path; from nerfstudio_pruning.data.default_scene import ensure_default_scene; ensure_default_scene(Path(sys.argv[1]))" "$OUT/scene"
