@@ -29,6 +29,7 @@ if [ "$SCENE" = default ] && [ ! -d "$OUT/scene" ]; then
 fi
 common() {  # steps: the splatfacto fields ns-prune-compare sets at schedule scale 1
   echo "--vis tensorboard --output-dir $OUT/runs --experiment-name compare --machine.seed $SEED --machine.device-type cpu
+    --pipeline.datamanager.train-cameras-sampling-seed $SEED
     --max-num-iterations $1 --steps-per-save $SAVE_EVERY --steps-per-eval-image 1000000000 --steps-per-eval-all-images 1000000000
     --optimizers.means.scheduler.max-steps 30000 --pipeline.model.warmup-length 500 --pipeline.model.refine-every 100
     --pipeline.model.resolution-schedule 3000 --pipeline.model.sh-degree-interval 1000 --pipeline.model.stop-screen-size-at 4000"

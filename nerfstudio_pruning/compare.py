@@ -157,6 +157,8 @@ def common_train_args(cfg: CompareConfig, name: str, max_steps: int, output_dir:
     args = [
         "--vis", "tensorboard", "--output-dir", str(output_dir / "runs"), "--experiment-name", cfg.experiment_name,
         "--timestamp", name, "--machine.seed", str(seed), "--machine.device-type", cfg.device,
+        # nerfstudio draws the order of the training views from a seed of the datamanager's own (default 42).
+        "--pipeline.datamanager.train-cameras-sampling-seed", str(seed),
         "--max-num-iterations", str(max_steps), "--steps-per-save", str(max(steps_per_save or max_steps, 1)),
         "--steps-per-eval-image", "1000000000", "--steps-per-eval-all-images", "1000000000",
         "--optimizers.means.scheduler.max-steps", str(scaled(FULL_TRAINING_STEPS, s)),

@@ -120,6 +120,7 @@ def test_equal_budgets_and_seeds(two_seeds):
         assert {29, 39} <= set(ckpt_steps(r40["config"]))
         run = load_config(r40["config"])
         assert run.max_num_iterations == 40 and run.machine.seed == seed
+        assert run.pipeline.datamanager.train_cameras_sampling_seed == seed  # the view order follows the seed too
         assert run.optimizers["means"]["scheduler"].max_steps == 30  # the 30k schedule, as in a 30k run
         # pup-gs: 10 steps from that checkpoint, 40 in all.
         assert pup["step"] == 39 and ckpt_steps(pup["config"])[-1] == 39

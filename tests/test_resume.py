@@ -57,10 +57,12 @@ def assert_same_model(a: dict, b: dict) -> None:
             assert all(torch.equal(state[k], other[k]) for k in state), f"optimizer state of {name} differs"
 
 
-def loaded_trainer(run: Path, step: int, output_dir: Path):
+def loaded_trainer(run: Path, step: int, output_dir: Path, seed=None):
     """The trainer `ns-train --load-dir <run> --load-step <step>` builds, set up in this process, with the bindings
-    its first training step makes (optimizers pointed at the loaded parameters)."""
+    its first training step makes (optimizers pointed at the loaded parameters); `seed` sets both of its seeds."""
     config = yaml.load((run / "config.yml").read_text(), Loader=yaml.Loader)
+    if seed is not None:
+        config.machine.seed = config.pipeline.datamanager.train_cameras_sampling_seed = seed
     config.load_dir = run / "nerfstudio_models"
     config.load_step = step
     config.output_dir = output_dir
@@ -108,6 +110,29 @@ def test_pup_gs_between_rounds_restores_count_round_and_optimizer_state(pup_run,
     assert model.schedule.rounds_done == 1 and model.schedule.first_round_step == 80
     assert model.schedule.round_step(1) == 100
     assert_optimizers_restored(trainer, saved)
+
+
+def test_a_checkpoint_continued_with_other_seeds_draws_as_a_fresh_run_with_them(pup_run, tmp_path):
+    """With its own seeds a run continues the checkpoint's random state; with others (e.g. pup-gs's refinement of
+    one trained model repeated under another seed) it draws what a fresh run with those seeds would."""
+    import random
+
+    _, run = pup_run
+    saved = checkpoint(run, 80)["pipeline"]["_extra_state"]
+    n_views = None
+    for seed in (None, 7):
+        trainer = loaded_trainer(run, 80, tmp_path / f"seed-{seed}", seed=seed)
+        datamanager = trainer.pipeline.datamanager
+        n_views = len(datamanager.train_dataset)
+        unseen, torch_state = list(datamanager.train_unseen_cameras), torch.get_rng_state()
+        if seed is None:
+            assert unseen == saved["train_unseen_cameras"]
+            assert torch.equal(torch_state, saved["random_generators"]["torch"])
+        else:
+            fresh_order = list(range(n_views))
+            random.Random(seed).shuffle(fresh_order)
+            assert unseen == fresh_order and unseen != saved["train_unseen_cameras"]
+            assert torch.equal(torch_state, torch.manual_seed(seed).get_state())
 
 
 def test_pup_gs_resumed_after_its_schedule_keeps_training_the_survivors(pup_run, e2e_root):

@@ -62,6 +62,18 @@ def restore_random_generator_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def reseed_random_generators(seed: int, camera_order_seed: int, datamanager: Any) -> None:
+    """The random state a fresh run with these seeds starts from: nerfstudio's train.py seeds Python, numpy and
+    torch with --machine.seed, and FullImageDatamanager shuffles its training views in passes with a generator of
+    its own, seeded with its train_cameras_sampling_seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if hasattr(datamanager, "train_unseen_cameras") and hasattr(datamanager, "random_generator"):
+        datamanager.random_generator = random.Random(camera_order_seed)
+        datamanager.train_unseen_cameras = datamanager.sample_train_cameras()
+
+
 class PruningPipeline(VanillaPipeline):
     config: PruningPipelineConfig
 

@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Optional, Type, Union
 
 import numpy as np
 import torch
+import yaml
 from nerfstudio.configs.base_config import MachineConfig, ViewerConfig
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
 from nerfstudio.data.dataparsers.base_dataparser import DataParserConfig
@@ -46,7 +47,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 from nerfstudio_pruning.errors import InputError, PruningRefused
 from nerfstudio_pruning.methods.checkpoints import numpy_scalars_allowed
-from nerfstudio_pruning.methods.pipeline import PruningPipelineConfig
+from nerfstudio_pruning.methods.pipeline import PruningPipelineConfig, reseed_random_generators
 from nerfstudio_pruning.pup.schedule import PupScheduleConfig
 from nerfstudio_pruning.vedal.controller import VedalConfig
 
@@ -129,6 +130,7 @@ class PruningTrainer(Trainer):
         self._check_same_scene(path)
         with numpy_scalars_allowed():
             super()._load_checkpoint()
+        self._reseed_if_other_seeds(path)
         if self.config.load_step is not None:
             # ns-eval, ns-export and ns-viewer look for load_step in this run's own checkpoint folder, which never
             # holds the step it was resumed from: the saved config then names a checkpoint that does not exist.
@@ -149,6 +151,23 @@ class PruningTrainer(Trainer):
             )
         if model.num_points == 0:
             raise InputError("the model has no Gaussians to train")
+
+    def _reseed_if_other_seeds(self, path: Path) -> None:
+        """Loading restores the random state the checkpoint's run left (exact resume). A run started from another
+        run's checkpoint with other seeds (--machine.seed, --pipeline.datamanager.train-cameras-sampling-seed)
+        asks for other randomness from there on, e.g. to repeat pup-gs's refinement of one trained model: it is
+        re-seeded as a fresh run with its seeds would be. The checkpoint's run records its seeds in config.yml."""
+        recorded = path.parent.parent / "config.yml"
+        try:
+            theirs = yaml.load(recorded.read_text(), Loader=yaml.Loader)
+            their_seeds = (int(theirs.machine.seed), int(theirs.pipeline.datamanager.train_cameras_sampling_seed))
+        except Exception:  # no or unreadable config.yml (e.g. a copied checkpoint): keep the checkpoint's state
+            return
+        ours = (int(self.config.machine.seed), int(self.config.pipeline.datamanager.train_cameras_sampling_seed))
+        if ours != their_seeds:
+            reseed_random_generators(*ours, self.pipeline.datamanager)
+            CONSOLE.print(f"{path.name} comes from a run with seeds {their_seeds} (--machine.seed, camera order); "
+                          f"this run continues with its own, {ours}", soft_wrap=True)
 
     def _check_same_scene(self, path: Path) -> None:
         """Gaussians live in the frame the dataparser normalised the poses into: a checkpoint made with another
