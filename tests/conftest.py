@@ -64,6 +64,19 @@ def made_once(root: Path, name: str, make: Callable[[], subprocess.CompletedProc
         return proc
 
 
+# Under pytest-xdist, the shared runs each worker trains before its first test: otherwise both workers start with
+# tests that need splatfacto_run, and one waits for the other to train it, then again for vedal_run.
+FIRST_RUNS_OF_WORKER = {"gw0": ("splatfacto_run", "vedal_run"), "gw1": ("pup_run",)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_runs_trained_side_by_side(request):
+    needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    for name in FIRST_RUNS_OF_WORKER.get(os.environ.get("PYTEST_XDIST_WORKER", ""), ()):
+        if name in needed:
+            request.getfixturevalue(name)
+
+
 @pytest.fixture(scope="session")
 def default_scene(e2e_root):
     from nerfstudio_pruning.data.default_scene import ensure_default_scene
