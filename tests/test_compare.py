@@ -11,6 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import made_once
 from e2e import BIN, ns
 
 from nerfstudio_pruning.compare import CompareConfig, CompareError, parse_runs
@@ -84,20 +85,20 @@ def test_compare_writes_table_json_and_plot(e2e_root, splatfacto_run, vedal_run,
         assert im.width > 600 and im.height > 200
 
 
-@pytest.fixture(scope="module")
-def two_seeds(e2e_root, default_scene, tmp_path_factory):
+@pytest.fixture(scope="session")
+def two_seeds(e2e_root, default_scene):
     """splatfacto (one 40-step run per seed, keeping step 29) and pup-gs (opacity score) from its step-29 checkpoint,
-    seeds 0 and 1."""
-    out = tmp_path_factory.mktemp("compare-seeds")
-    proc = ns("ns-prune-compare", [
+    seeds 0 and 1. Session-scoped and made once: under pytest-xdist a module fixture is torn down whenever its
+    worker turns to another module's test, and this one takes minutes."""
+    out = e2e_root / "compare-seeds"
+    proc = made_once(e2e_root, "compare_two_seeds", lambda: ns("ns-prune-compare", [
         "--scene", "default", "--output-dir", str(out), "--schedule-scale", TINY, "--seeds", "0", "1",
         # The opacity score: pup-gs's rounds and budgets without Fisher scoring's minutes on a shared CPU.
         "--methods", "splatfacto-portable", "pup-gs", "--pup-scores", "opacity",
-    ], cwd=e2e_root)
+    ], cwd=e2e_root))
     return proc, out
 
 
-@pytest.mark.xdist_group("compare-two-seeds")
 def test_equal_budgets_and_seeds(two_seeds):
     proc, out = two_seeds
     results = json.loads((out / "results.json").read_text())
@@ -146,7 +147,6 @@ def _copy_run(config, dest):
     return dest / "config.yml"
 
 
-@pytest.mark.xdist_group("compare-two-seeds")
 def test_pruning_json_is_used(e2e_root, two_seeds, splatfacto_run, vedal_run, tmp_path):
     _, seeds_out = two_seeds
     results = json.loads((seeds_out / "results.json").read_text())
@@ -250,7 +250,6 @@ def test_runs_of_variants_must_be_asked_for(tmp_path):
             parse_runs(CompareConfig(output_dir=tmp_path, pup_scores=("fisher", "speedy"), runs=(item,)), (42,))
 
 
-@pytest.mark.xdist_group("compare-two-seeds")
 def test_30k_row_is_a_30k_run(e2e_root, two_seeds, tmp_path):
     """The 40-step run's step-29 checkpoint (the '30k' row, pup-gs's start) is what a 30-step run ends with."""
     import torch
