@@ -47,6 +47,9 @@ train() {  # METHOD NAME END ARGS...: train run NAME up to step END-1, from its 
   taskset -c "$CORE" "$BIN/ns-train" "$method" "$@" --timestamp "$name" "${resume[@]}" $DATAPARSER >> "$OUT/logs/$name.log" 2>&1
   echo "$(date -u +%FT%TZ) $name: exit $?" >> "$OUT/logs/lanes.log"
 }
+densify_baseline() {  # splatfacto with densification stopped where vedal-gs stops it
+  train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000
+}
 case "$LANE" in
   splatfacto)
     # Two legs: the first keeps only its latest checkpoint and ends at step 29999 (pup-gs starts there), the
@@ -56,9 +59,9 @@ case "$LANE" in
   vedal)
     train vedal-gs "vedal-gs-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 15000 \
       --pipeline.model.finetune-start-step 7000 --pipeline.model.importance-every 100 --pipeline.model.hard-prune-step 29999
-    train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000 ;;
+    densify_baseline ;;
   densify)
-    train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000 ;;
+    densify_baseline ;;
   pup)
     # BASE_SEED: the splatfacto run to start from (default: SEED). Another seed from the same checkpoint repeats
     # only the refinement, the noise that matters when scores are compared on one trained model.

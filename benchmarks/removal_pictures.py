@@ -57,7 +57,9 @@ def main() -> None:
     gaussians = model.gaussians(sh_degree=int(model.config.sh_degree))
     n = len(gaussians)
     eval_data = pipeline.datamanager.eval_dataset
-    gt = eval_data[args.view]["image"].float()[..., :3]
+    n_eval = len(eval_data)
+    truths = [eval_data[i]["image"].float()[..., :3] for i in range(n_eval)]
+    gt = truths[args.view]
     raw = model.gauss_params["opacities"].detach()
 
     def render(keep: torch.Tensor, view: int = args.view) -> torch.Tensor:
@@ -65,18 +67,16 @@ def main() -> None:
         with torch.no_grad(), model.rendering_with(opacities=opacities):
             return model.get_outputs(eval_data.cameras[view: view + 1])["rgb"].clamp(0, 1)
 
-    n_eval = len(eval_data)
-    truths = [eval_data[i]["image"].float()[..., :3] for i in range(n_eval)]
-
     def view_psnrs(keep: torch.Tensor) -> list:
         return [psnr(render(keep, i), truths[i]) for i in range(n_eval)]
 
     everything = torch.ones(n, dtype=torch.bool)
     full = render(everything)
-    rows = [("ground truth", gt, "unpruned", full, f"{psnr(full, gt):.2f} dB, {n} Gaussians")]
+    unpruned = view_psnrs(everything)
+    rows = [("ground truth", gt, "unpruned", full, f"{unpruned[args.view]:.2f} dB, {n} Gaussians")]
     record = {"config": str(args.config), "step": step, "gaussians": n, "prune": args.prune, "view": args.view,
-              "score_downscale": downscale, "unpruned_psnr": psnr(full, gt), "eval_views": n_eval,
-              "unpruned_view_psnr": view_psnrs(everything), "scores": {}}
+              "score_downscale": downscale, "unpruned_psnr": unpruned[args.view], "eval_views": n_eval,
+              "unpruned_view_psnr": unpruned, "scores": {}}
     record["unpruned_mean_psnr"] = sum(record["unpruned_view_psnr"]) / n_eval
     n_prune = int(round(args.prune * n))
     cache_path = args.output.with_suffix(".scores.pt")
@@ -96,8 +96,8 @@ def main() -> None:
         removed = torch.zeros(n, dtype=torch.bool)
         removed[torch.argsort(scores, stable=True)[:n_prune]] = True
         kept_image, removed_image = render(~removed), render(removed)
-        value = psnr(kept_image, gt)
         per_view = view_psnrs(~removed)
+        value = per_view[args.view]
         record["scores"][kind] = {"kept_psnr": value, "kept_mean_psnr": sum(per_view) / n_eval,
                                   "kept_view_psnr": per_view, "seconds": seconds, "unseen": int(torch.isinf(scores).sum())}
         rows.append((f"{kind}: kept {n - n_prune}", kept_image, f"{kind}: removed {n_prune}", removed_image,

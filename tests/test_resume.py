@@ -119,7 +119,6 @@ def test_a_checkpoint_continued_with_other_seeds_draws_as_a_fresh_run_with_them(
 
     _, run = pup_run
     saved = checkpoint(run, 80)["pipeline"]["_extra_state"]
-    n_views = None
     for seed in (None, 7):
         trainer = loaded_trainer(run, 80, tmp_path / f"seed-{seed}", seed=seed)
         datamanager = trainer.pipeline.datamanager
