@@ -28,7 +28,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numba
 import numpy as np
@@ -295,6 +295,55 @@ def compiled_find_pairs(
     return Pairs(pixel=torch.from_numpy(pixel).to(device), row=torch.from_numpy(row).to(device))
 
 
+# Tile-list entries whose gradient moments are held at once: 2^19 x 40 float64 = 160 MB with 3 colour channels.
+MOMENT_BATCH_ENTRIES = 1 << 19
+
+
+def _bin_batches(tile_offsets: np.ndarray, max_entries: int) -> List[Tuple[int, int]]:
+    """Consecutive ranges of bins holding at most `max_entries` entries each (a larger bin gets a range alone)."""
+    n_bins = tile_offsets.shape[0] - 1
+    batches, start = [], 0
+    while start < n_bins:
+        end = int(np.searchsorted(tile_offsets, tile_offsets[start] + max_entries, side="right")) - 1
+        end = min(max(end, start + 1), n_bins)
+        batches.append((start, end))
+        start = end
+    return batches
+
+
+@torch.no_grad()
+def compiled_gradient_moments(
+    proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int = 16,
+    backgrounds: Optional[Tensor] = None,
+) -> Tensor:
+    """[rows, 21 + 6 D + 1] float64: per projected row, the second moments of the pixel gradients with respect to
+    its projected quantities, summed over the pairs it composites, in the compact layout of
+    `compiled_kernels.gradient_moment_tiles` (PUP's M before expansion; `scoring.fisher` explains it).
+
+    One pass over the tile lists the renderer builds; nothing per pair is materialised. Backgrounds: None
+    (black), [D] or [C, D].
+    """
+    bins = bin_tiles(proj, n_cameras, width, height, tile_size)
+    colors = _f32(proj.colors)
+    n_chan = colors.shape[1]
+    if backgrounds is None:
+        bg = _no_background(n_cameras, n_chan)
+    else:
+        bg = _f32(backgrounds.reshape(-1, n_chan).expand(n_cameras, n_chan))
+    n_cols = kernels.moment_columns(n_chan)
+    out = np.zeros((bins.gauss.shape[0], n_cols), np.float64)
+    for bin_start, bin_end in _bin_batches(bins.tile_offsets, MOMENT_BATCH_ENTRIES):
+        e0, e1 = int(bins.tile_offsets[bin_start]), int(bins.tile_offsets[bin_end])
+        if e1 == e0:
+            continue
+        entry_moments = np.empty((e1 - e0, n_cols), np.float64)
+        _launch(kernels.gradient_moment_tiles, bins.gauss, colors, *bins.kernel_args(), bg, bin_start, bin_end, e0,
+                entry_moments, kernels.LANES, chunk=TILE_CHUNK)
+        with _KERNEL_LOCK:
+            kernels.add_entries_to_rows(entry_moments, bins.tile_rows, e0, out)
+    return torch.from_numpy(out).to(proj.means2d.device)
+
+
 def compiled_compositor(
     proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int,
     backgrounds: Optional[Tensor], absgrad_target: Optional[Tensor],
@@ -386,6 +435,52 @@ def compiled_project(
     if not per_gaussian_sh:
         cols = colors[None].expand(c, -1, -1)
     return flattened(means2d, conics, depths, opac, cols, radii)
+
+
+@torch.no_grad()
+def compiled_projection_jacobian(
+    means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, sh: Tensor, viewmat: Tensor, K: Tensor,
+    width: int, height: int, sh_degree: int, radii: Tensor, rasterize_mode: str = "classic", eps2d: float = 0.3,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Float64 Jacobians of one camera's projected quantities u = (mean2d 2, conic 3, colour 3, opacity 1) of each
+    Gaussian: d u / d means [N, 9, 3], d u / d scales [N, 9, 3], d u / d opacities [N, 9] (before the
+    compensation) and d u / d SH degree-0 coefficients [N, 9, 3].
+
+    One vector-Jacobian product of `project_backward` per component of u: a Gaussian's u depends on its own
+    parameters only, so a cotangent that is 1 in the same component for every Gaussian returns that row of every
+    Gaussian's Jacobian at once (9 launches, against 6 or more forward-mode passes through the torch projection).
+    The kernels follow autograd through gsplat's torch projection, clamps included; rows with radii <= 0 (the
+    Gaussians this camera does not see) are zero. Settings are the renderer's defaults (near 0.01, eps2d 0.3).
+    """
+    n = means.shape[0]
+    arrays = [_as_numpy(t, torch.float64) for t in (means, quats, scales, opacities, sh)]
+    viewmats = _as_numpy(viewmat.reshape(1, 4, 4), torch.float64)
+    ks = _as_numpy(K.reshape(1, 3, 3), torch.float64)
+    campos = np.ascontiguousarray(np.linalg.inv(viewmats)[:, :3, 3])
+    radii_np = radii.detach().to(device="cpu", dtype=torch.int32).reshape(1, n).contiguous().numpy()
+    cotangents = {"means2d": np.zeros((1, n, 2)), "conics": np.zeros((1, n, 3)), "depths": np.zeros((1, n)),
+                  "opacities": np.zeros((1, n)), "colors": np.zeros((1, n, 3))}
+    components = [("means2d", 0), ("means2d", 1), ("conics", 0), ("conics", 1), ("conics", 2), ("colors", 0),
+                  ("colors", 1), ("colors", 2), ("opacities", None)]
+    jac = {name: np.empty((n, len(components)) + shape) for name, shape in
+           (("means", (3,)), ("scales", (3,)), ("opacities", ()), ("sh_dc", (3,)))}
+    grads = [np.empty(a.shape, np.float64) for a in arrays]
+    for k, (name, j) in enumerate(components):
+        target = cotangents[name]
+        if j is None:
+            target[:] = 1.0
+        else:
+            target[..., j] = 1.0
+        _launch(projection_kernels.project_backward, *arrays, int(sh_degree), campos, viewmats, ks, int(width),
+                int(height), float(eps2d), rasterize_mode == "antialiased", radii_np, cotangents["means2d"],
+                cotangents["conics"], cotangents["depths"], cotangents["opacities"], cotangents["colors"], *grads)
+        target[:] = 0.0
+        jac["means"][:, k] = grads[0]
+        jac["scales"][:, k] = grads[2]
+        jac["opacities"][:, k] = grads[3]
+        jac["sh_dc"][:, k] = grads[4][:, 0]
+    device = means.device
+    return tuple(torch.from_numpy(jac[name]).to(device) for name in ("means", "scales", "opacities", "sh_dc"))
 
 
 def compiled_rasterization(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:

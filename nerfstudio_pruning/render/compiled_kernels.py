@@ -306,6 +306,73 @@ def sort_tiles(row_keys, tile_offsets, tile_rows):
             tile_rows[e0 + i] = keys[i] & ROW_KEY_MASK
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def tile_box(b, tile_w, tile_h, tile_size, width, height):
+    """Bin b = camera x tile: (camera, tile column, tile row, x0, y0, x1, y1), the tile's pixels [x0, x1) x [y0, y1)."""
+    tiles_per_cam = tile_w * tile_h
+    cam = b // tiles_per_cam
+    t = b - cam * tiles_per_cam
+    tyi = t // tile_w
+    txi = t - tyi * tile_w
+    x0 = txi * tile_size
+    y0 = tyi * tile_size
+    return cam, txi, tyi, x0, y0, min(x0 + tile_size, width), min(y0 + tile_size, height)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def open_pixels(rects, r, mx, my, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy):
+    """Front to back: list the pixels of row r's candidate box in this tile that have not stopped (not `done`;
+    scanlines whose pixels have all stopped are skipped whole), with their float32 offsets mean - pixel centre.
+    Returns how many were listed."""
+    tw = x1 - x0
+    bx0 = max(rects[r, 0], x0)
+    bx1 = min(rects[r, 1], x1)
+    by0 = max(rects[r, 2], y0)
+    by1 = min(rects[r, 3], y1)
+    n_cand = 0
+    for y in range(by0, by1):
+        if row_done[y - y0] == tw:
+            continue
+        dy = my - (np.float32(y) + HALF_F32)
+        p_row = (y - y0) * tw - x0
+        for x in range(bx0, bx1):
+            p = p_row + x
+            if done[p]:
+                continue
+            cand_p[n_cand] = p
+            cand_dx[n_cand] = mx - (np.float32(x) + HALF_F32)
+            cand_dy[n_cand] = dy
+            n_cand += 1
+    return n_cand
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def pixels_reached(rects, r, e, mx, my, x0, y0, x1, y1, last, row_last, cand_p, cand_dx, cand_dy):
+    """Back to front: list the pixels of entry e's (row r's) candidate box in this tile whose last composited entry
+    is e or later (scanlines whose last entries all lie in front of e are skipped whole), with their offsets as
+    `open_pixels`. Returns how many were listed."""
+    tw = x1 - x0
+    bx0 = max(rects[r, 0], x0)
+    bx1 = min(rects[r, 1], x1)
+    by0 = max(rects[r, 2], y0)
+    by1 = min(rects[r, 3], y1)
+    n_cand = 0
+    for y in range(by0, by1):
+        if e > row_last[y - y0]:
+            continue
+        dy = my - (np.float32(y) + HALF_F32)
+        p_row = (y - y0) * tw - x0
+        for x in range(bx0, bx1):
+            p = p_row + x
+            if e > last[p]:
+                continue
+            cand_p[n_cand] = p
+            cand_dx[n_cand] = mx - (np.float32(x) + HALF_F32)
+            cand_dy[n_cand] = dy
+            n_cand += 1
+    return n_cand
+
+
 @njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def rasterize_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height, tile_size, tile_w, tile_h,
                     backgrounds, has_background, emit_pairs, pair_offsets, pair_pixel, pair_row,
@@ -319,18 +386,10 @@ def rasterize_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height
     previous counting run). `lanes` is LANES (see there).
     """
     n_chan = colors.shape[1]
-    tiles_per_cam = tile_w * tile_h
     n_bins = tile_offsets.shape[0] - 1
     hw = height * width
     for b in prange(n_bins):
-        cam = b // tiles_per_cam
-        t = b - cam * tiles_per_cam
-        tyi = t // tile_w
-        txi = t - tyi * tile_w
-        x0 = txi * tile_size
-        y0 = tyi * tile_size
-        x1 = min(x0 + tile_size, width)
-        y1 = min(y0 + tile_size, height)
+        cam, txi, tyi, x0, y0, x1, y1 = tile_box(b, tile_w, tile_h, tile_size, width, height)
         tw = x1 - x0
         n_pix = tw * (y1 - y0)
         trans = np.ones(n_pix, np.float64)
@@ -350,26 +409,9 @@ def rasterize_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height
             if n_done == n_pix:  # every pixel of the tile reached T <= 1e-4
                 break
             r = tile_rows[e]
-            bx0 = max(rects[r, 0], x0)
-            bx1 = min(rects[r, 1], x1)
-            by0 = max(rects[r, 2], y0)
-            by1 = min(rects[r, 3], y1)
             mx = gauss[r, G_MX]
             my = gauss[r, G_MY]
-            n_cand = 0
-            for y in range(by0, by1):
-                if row_done[y - y0] == tw:
-                    continue
-                dy = my - (np.float32(y) + HALF_F32)
-                p_row = (y - y0) * tw - x0
-                for x in range(bx0, bx1):
-                    p = p_row + x
-                    if done[p]:
-                        continue
-                    cand_p[n_cand] = p
-                    cand_dx[n_cand] = mx - (np.float32(x) + HALF_F32)
-                    cand_dy[n_cand] = dy
-                    n_cand += 1
+            n_cand = open_pixels(rects, r, mx, my, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy)
             if n_cand == 0:
                 continue
             candidate_alphas(gauss[r, G_C0], gauss[r, G_C1], gauss[r, G_C2], gauss[r, G_OPACITY], cand_dx, cand_dy,
@@ -424,7 +466,6 @@ def backward_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height,
     reference (clamp_max passes no gradient).
     """
     n_chan = colors.shape[1]
-    tiles_per_cam = tile_w * tile_h
     n_bins = tile_offsets.shape[0] - 1
     n_cols = entry_grads.shape[1]
     col_abs = GRAD_COLORS + n_chan
@@ -433,14 +474,7 @@ def backward_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height,
         e_end = tile_offsets[b + 1]
         if e_start == e_end:
             continue
-        cam = b // tiles_per_cam
-        t = b - cam * tiles_per_cam
-        tyi = t // tile_w
-        txi = t - tyi * tile_w
-        x0 = txi * tile_size
-        y0 = tyi * tile_size
-        x1 = min(x0 + tile_size, width)
-        y1 = min(y0 + tile_size, height)
+        cam, txi, tyi, x0, y0, x1, y1 = tile_box(b, tile_w, tile_h, tile_size, width, height)
         tw = x1 - x0
         n_pix = tw * (y1 - y0)
         trans = np.empty(n_pix, np.float64)
@@ -492,30 +526,13 @@ def backward_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height,
             g_ay = 0.0
             for k in range(n_chan):
                 grad_col[k] = 0.0
-            bx0 = max(rects[r, 0], x0)
-            bx1 = min(rects[r, 1], x1)
-            by0 = max(rects[r, 2], y0)
-            by1 = min(rects[r, 3], y1)
             mx = gauss[r, G_MX]
             my = gauss[r, G_MY]
             c0 = gauss[r, G_C0]
             c1 = gauss[r, G_C1]
             c2 = gauss[r, G_C2]
             op = gauss[r, G_OPACITY]
-            n_cand = 0
-            for y in range(by0, by1):
-                if e > row_last[y - y0]:  # behind every pixel's last pair on this scanline
-                    continue
-                dy = my - (np.float32(y) + HALF_F32)
-                p_row = (y - y0) * tw - x0
-                for x in range(bx0, bx1):
-                    p = p_row + x
-                    if e > last[p]:  # behind this pixel's last composited pair
-                        continue
-                    cand_p[n_cand] = p
-                    cand_dx[n_cand] = mx - (np.float32(x) + HALF_F32)
-                    cand_dy[n_cand] = dy
-                    n_cand += 1
+            n_cand = pixels_reached(rects, r, e, mx, my, x0, y0, x1, y1, last, row_last, cand_p, cand_dx, cand_dy)
             if n_cand > 0:
                 candidate_alphas(c0, c1, c2, op, cand_dx, cand_dy, (n_cand + lanes - 1) // lanes * lanes, alpha_buf,
                                  vis_buf)
@@ -582,3 +599,166 @@ def reduce_rows(entry_grads, row_offsets, out):
             for j in range(j0, j1):
                 s += entry_grads[j, c]
             out[r, c] = s
+
+
+def moment_columns(n_chan: int) -> int:
+    """Width of a row of `gradient_moment_tiles`' output: 21 + 6 D + 1 (see there)."""
+    return 21 + 6 * n_chan + 1
+
+
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
+def gradient_moment_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height, tile_size, tile_w, tile_h,
+                          backgrounds, bin_start, bin_end, entry_start, entry_moments, lanes):
+    """Second moments of the pixel gradients, per (row, tile) entry, for the tiles bin_start to bin_end - 1.
+
+    For a pair (pixel, row) the channel-c gradient of the pixel with respect to the row's projected quantities
+    u = (mean2d 2, conic 3, colour D, opacity) is g_c = beta_c q + w e_c, with q = dalpha/d(mean2d, conic,
+    opacity), beta_c = dI_c/dalpha = T c_c - S_c / (1 - alpha), w = T alpha, S what is composited behind the pair
+    (background included). entry_moments[e - entry_start] receives, summed over the pixels of e's tile, the
+    distinct entries of sum_c g_c g_c^T: q_i q_j sum_c beta_c^2 for i <= j (21, row-major upper triangle), then
+    q_i w beta_c (6 x D, i major), then w^2. These are `scoring.fisher._compact_m_contributions`, summed.
+
+    Which pairs are composited is decided exactly as `rasterize_tiles` decides it (float32 alpha, float64 product
+    of the float32 1 - alpha), so the pairs are `compiled_find_pairs`'; the values are then computed in float64
+    from the float32 row table, as the torch statistics (`scoring.pair_stats`) compute them: alpha =
+    min(0.999, o exp(-sigma)) in float64, T the float64 product of (1 - alpha), recovered back to front by division.
+    """
+    n_chan = colors.shape[1]
+    n_cols = entry_moments.shape[1]
+    col_cross = 21
+    for b in prange(bin_start, bin_end):
+        e_start = tile_offsets[b]
+        e_end = tile_offsets[b + 1]
+        if e_start == e_end:
+            continue
+        cam, txi, tyi, x0, y0, x1, y1 = tile_box(b, tile_w, tile_h, tile_size, width, height)
+        tw = x1 - x0
+        n_pix = tw * (y1 - y0)
+        trans = np.ones(n_pix, np.float64)  # the rasterizer's T: decides the cut
+        trans64 = np.ones(n_pix, np.float64)  # T from float64 alphas: the values
+        done = np.zeros(n_pix, np.uint8)
+        last = np.full(n_pix, -1, np.int64)
+        row_done = np.zeros(y1 - y0, np.int64)
+        n_cap = n_pix + lanes
+        cand_p = np.zeros(n_cap, np.int64)
+        cand_dx = np.zeros(n_cap, np.float32)
+        cand_dy = np.zeros(n_cap, np.float32)
+        alpha_buf = np.zeros(n_cap, np.float32)
+        vis_buf = np.zeros(n_cap, np.float32)
+        q = np.empty(6, np.float64)
+        beta = np.empty(n_chan, np.float64)
+        acc = np.empty(n_cols, np.float64)
+        n_done = 0
+        # Front to back: each pixel's last composited entry and its final float64 T.
+        for e in range(e_start, e_end):
+            if n_done == n_pix:
+                break
+            r = tile_rows[e]
+            mx = gauss[r, G_MX]
+            my = gauss[r, G_MY]
+            n_cand = open_pixels(rects, r, mx, my, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy)
+            if n_cand == 0:
+                continue
+            candidate_alphas(gauss[r, G_C0], gauss[r, G_C1], gauss[r, G_C2], gauss[r, G_OPACITY], cand_dx, cand_dy,
+                             (n_cand + lanes - 1) // lanes * lanes, alpha_buf, vis_buf)
+            c0 = float(gauss[r, G_C0])
+            c1 = float(gauss[r, G_C1])
+            c2 = float(gauss[r, G_C2])
+            op = float(gauss[r, G_OPACITY])
+            for i in range(n_cand):
+                alpha = alpha_buf[i]
+                if alpha == 0:
+                    continue
+                p = cand_p[i]
+                t_after = trans[p] * (1.0 - float(alpha))
+                if t_after <= TRANSMITTANCE_MIN:
+                    done[p] = 1
+                    n_done += 1
+                    row_done[p // tw] += 1
+                    continue
+                dx = float(mx) - (float(x0 + p % tw) + 0.5)
+                dy = float(my) - (float(y0 + p // tw) + 0.5)
+                sigma = 0.5 * (c0 * dx * dx + c2 * dy * dy) + c1 * dx * dy
+                trans64[p] *= 1.0 - min(0.999, op * math.exp(-sigma))
+                trans[p] = t_after
+                last[p] = e
+        # Back to front: S starts as the background seen through the final T.
+        behind = np.zeros(n_pix * n_chan, np.float64)
+        last_in_tile = e_start - 1
+        row_last = np.full(y1 - y0, -1, np.int64)
+        for p in range(n_pix):
+            last_in_tile = max(last_in_tile, last[p])
+            row_last[p // tw] = max(row_last[p // tw], last[p])
+            for k in range(n_chan):
+                behind[p * n_chan + k] = trans64[p] * float(backgrounds[cam, k])
+        for e in range(last_in_tile + 1, e_end):
+            for j in range(n_cols):
+                entry_moments[e - entry_start, j] = 0.0
+        for e in range(last_in_tile, e_start - 1, -1):
+            r = tile_rows[e]
+            for j in range(n_cols):
+                acc[j] = 0.0
+            mx = gauss[r, G_MX]
+            my = gauss[r, G_MY]
+            n_cand = pixels_reached(rects, r, e, mx, my, x0, y0, x1, y1, last, row_last, cand_p, cand_dx, cand_dy)
+            if n_cand > 0:
+                candidate_alphas(gauss[r, G_C0], gauss[r, G_C1], gauss[r, G_C2], gauss[r, G_OPACITY], cand_dx,
+                                 cand_dy, (n_cand + lanes - 1) // lanes * lanes, alpha_buf, vis_buf)
+            c0 = float(gauss[r, G_C0])
+            c1 = float(gauss[r, G_C1])
+            c2 = float(gauss[r, G_C2])
+            op = float(gauss[r, G_OPACITY])
+            for i in range(n_cand):
+                if alpha_buf[i] == 0:
+                    continue
+                p = cand_p[i]
+                dx = float(mx) - (float(x0 + p % tw) + 0.5)
+                dy = float(my) - (float(y0 + p // tw) + 0.5)
+                sigma = 0.5 * (c0 * dx * dx + c2 * dy * dy) + c1 * dx * dy
+                vis = math.exp(-sigma)
+                raw = op * vis
+                alpha = min(0.999, raw)
+                one_minus = 1.0 - alpha
+                t_p = trans64[p] / one_minus  # T before this pair
+                trans64[p] = t_p
+                w = t_p * alpha
+                base = p * n_chan
+                beta_sq = 0.0
+                for k in range(n_chan):
+                    ck = float(colors[r, k])
+                    beta[k] = t_p * ck - behind[base + k] / one_minus
+                    beta_sq += beta[k] * beta[k]
+                    behind[base + k] += ck * w
+                if raw > 0.999:  # on the clamp alpha does not move with mean2d, conic or opacity
+                    acc[n_cols - 1] += w * w
+                    continue
+                q[0] = -alpha * (c0 * dx + c1 * dy)
+                q[1] = -alpha * (c1 * dx + c2 * dy)
+                q[2] = -alpha * 0.5 * dx * dx
+                q[3] = -alpha * dx * dy
+                q[4] = -alpha * 0.5 * dy * dy
+                q[5] = vis
+                j = 0
+                for a in range(6):
+                    qa = q[a] * beta_sq
+                    for bb in range(a, 6):
+                        acc[j] += qa * q[bb]
+                        j += 1
+                for a in range(6):
+                    qw = q[a] * w
+                    for k in range(n_chan):
+                        acc[col_cross + a * n_chan + k] += qw * beta[k]
+                acc[n_cols - 1] += w * w
+            for j in range(n_cols):
+                entry_moments[e - entry_start, j] = acc[j]
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def add_entries_to_rows(entry_moments, tile_rows, entry_start, out):
+    """out[tile_rows[entry_start + i]] += entry_moments[i]: one sequential pass (rows of the same entry list are
+    scattered, so threads would share rows; memory order makes one thread fast enough)."""
+    n_cols = out.shape[1]
+    for i in range(entry_moments.shape[0]):
+        r = tile_rows[entry_start + i]
+        for col in range(n_cols):
+            out[r, col] += entry_moments[i, col]

@@ -596,10 +596,10 @@ def enumerate_pairs(proj: ProjectedGaussians, n_cameras: int, width: int, height
     The one place pairs are enumerated for the scores: CPU tensors use the compiled kernel's tile lists unless
     NSP_CPU_RASTERIZER=torch; elsewhere `find_pairs` (gsplat's kernel on CUDA, the torch path otherwise).
     """
-    from nerfstudio_pruning.render.rasterize import cpu_backend
+    from nerfstudio_pruning.render.rasterize import uses_compiled_kernels
 
     # float64 projections (the exactness tests) keep the torch path's float64 tests; the kernel's are float32.
-    if not proj.means2d.is_cuda and cpu_backend() == "compiled" and proj.means2d.dtype != torch.float64:
+    if uses_compiled_kernels(proj.means2d):
         from nerfstudio_pruning.render.compiled import compiled_find_pairs
 
         return compiled_find_pairs(proj, n_cameras, width, height, tile_size)

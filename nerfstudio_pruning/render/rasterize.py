@@ -31,6 +31,16 @@ def uses_cuda_backend(means: Tensor) -> bool:
     return means.is_cuda
 
 
+def uses_compiled_kernels(values: Tensor) -> bool:
+    """Whether work on `values` (a model's or a projection's tensors) runs in the compiled CPU kernels.
+
+    CPU tensors while NSP_CPU_RASTERIZER is `compiled`, except float64 ones: the kernels compute in float32, as
+    gsplat's CUDA kernels do, and float64 inputs (the exactness tests' brute-force references) keep the
+    reference's precision. The one rule the renderer, the pair enumeration and the scores' compiled passes share.
+    """
+    return not values.is_cuda and cpu_backend() == "compiled" and values.dtype != torch.float64
+
+
 def rasterization(means: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:
     """Render Gaussians exactly as `gsplat.rendering.rasterization` (same arguments and results)."""
     if uses_cuda_backend(means):
@@ -38,9 +48,7 @@ def rasterization(means: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor, Dict]
         from gsplat.rendering import rasterization as gsplat_rasterization
 
         return gsplat_rasterization(means, *args, **kwargs)
-    # The compiled kernel computes in float32, as gsplat's CUDA kernels do; float64 renders (the exactness tests'
-    # brute-force references) go to the reference, which keeps the inputs' precision.
-    if cpu_backend() == "compiled" and means.dtype != torch.float64:
+    if uses_compiled_kernels(means):
         from nerfstudio_pruning.render.compiled import compiled_rasterization
 
         return compiled_rasterization(means, *args, **kwargs)

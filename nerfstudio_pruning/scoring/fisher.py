@@ -23,19 +23,20 @@ Gaussians came from the unbatched enumeration it replaced.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from nerfstudio_pruning.errors import PruningRefused
 from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.render.pairs import enumerate_pairs
+from nerfstudio_pruning.render.rasterize import uses_compiled_kernels
 from nerfstudio_pruning.render.projection import ProjectedGaussians
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
 from nerfstudio_pruning.scoring.pair_stats import (
     DEFAULT_CHUNK_PAIRS,
     PairStatistics,
-    project_and_enumerate,
     project_gaussians,
     sum_over_pairs,
 )
@@ -79,12 +80,21 @@ def block_size(gaussians: Gaussians, params: Sequence[str] = SPATIAL) -> int:
     return sum(t.shape[-1] for t in _parameters(gaussians, params))
 
 
-def projection_jacobian(gaussians: Gaussians, view: Views, params: Sequence[str] = SPATIAL) -> Tensor:
+def projection_jacobian(
+    gaussians: Gaussians, view: Views, params: Sequence[str] = SPATIAL, radii: Optional[Tensor] = None
+) -> Tensor:
     """[N, 6 + D, B] float64 A_i = du_i / d theta_i for one view, theta_i the `params` of Gaussian i (B numbers).
 
     Includes the view-direction path of the SH colour into the mean and, in antialiased mode, the
     compensation factor in the opacity. Computed in float64 so that A adds no float32 noise to F.
+
+    With `radii` ([N], this view's, from the float32 projection: A is wanted where they are > 0) and a model
+    the compiled kernels take, A comes from the compiled projection's backward pass, one product per component
+    of u; otherwise from forward-mode autodiff through gsplat's torch projection, one JVP per parameter. Both
+    differentiate the same function (tests/test_compiled_fisher.py).
     """
+    if radii is not None and uses_compiled_kernels(gaussians.means):
+        return _compiled_projection_jacobian(gaussians, view, params, radii)
     g64 = gaussians.double()
     view64 = Views(view.viewmats.detach().double(), view.Ks.detach().double(), view.width, view.height)
     primals = tuple(_parameters(g64, params))
@@ -100,6 +110,58 @@ def projection_jacobian(gaussians: Gaussians, view: Views, params: Sequence[str]
             _, column = torch.func.jvp(u_of, primals, tangents)
             columns.append(column)
     return torch.stack(columns, dim=-1)
+
+
+def _compiled_projection_jacobian(gaussians: Gaussians, view: Views, params: Sequence[str], radii: Tensor) -> Tensor:
+    """`projection_jacobian` from `compiled_projection_jacobian`'s derivatives in the activated parameters."""
+    if gaussians.sh.shape[-1] != 3:
+        raise ValueError(f"the compiled projection evaluates 3 colour channels, got SH with {gaussians.sh.shape[-1]}")
+    from nerfstudio_pruning.render.compiled import compiled_projection_jacobian  # numba: loaded only when used
+
+    g64 = gaussians.double()
+    d_means, d_scales, d_opacities, d_sh_dc = compiled_projection_jacobian(
+        g64.means, g64.quats, g64.scales, g64.opacities, g64.sh, view.viewmats[0], view.Ks[0], view.width,
+        view.height, g64.sh_degree, radii, g64.rasterize_mode,
+    )
+    opacities = g64.opacities
+    columns = {
+        "means": d_means,
+        "log_scales": d_scales * g64.scales[:, None, :],  # d/d log s = s d/ds
+        "opacity_logits": (d_opacities * (opacities * (1.0 - opacities))[:, None])[..., None],
+        "sh_dc": d_sh_dc,
+    }
+    return torch.cat([columns[name] for name in params], dim=-1)
+
+
+def gradient_moments(
+    gaussians: Gaussians, view: Views, tile_size: int = 16, chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS
+) -> Tuple[ProjectedGaussians, Optional[Tensor]]:
+    """One view's projection and [N, 21 + 6 D + 1] float64 per-Gaussian sums of `_compact_m_contributions` over
+    the pairs it composites (None if it composites none).
+
+    Where the compiled kernels run, the view is projected by the compiled projection (as the renderer projects it
+    there) and the sums are accumulated in one pass over the renderer's tile lists; elsewhere the pairs are
+    enumerated and their statistics summed in chunks (`pair_stats`). The same float64 formulas over the same
+    pairs of the same projection agree to float64 rounding; the two projections differ by float32 rounding.
+    """
+    n = len(gaussians)
+    if uses_compiled_kernels(gaussians.means):
+        from nerfstudio_pruning.render.compiled import compiled_gradient_moments, compiled_project
+
+        with torch.no_grad():
+            proj = project_gaussians(gaussians.detach(), view, compiled_project)
+        rows = compiled_gradient_moments(proj, len(view), view.width, view.height, tile_size, view.backgrounds)
+        composited = rows[:, -1] > 0  # the w^2 column: > 0 for every composited pair
+        if not bool(composited.any()):
+            return proj, None
+        moments = torch.zeros(n, rows.shape[1], dtype=torch.float64, device=rows.device)
+        return proj, moments.index_add_(0, proj.gaussian_ids, rows)
+    with torch.no_grad():
+        proj = project_gaussians(gaussians.detach(), view)
+        pairs = enumerate_pairs(proj, len(view), view.width, view.height, tile_size)
+    if len(pairs) == 0:
+        return proj, None
+    return proj, sum_over_pairs(proj, pairs, view, n, _compact_m_contributions, chunk_pairs)
 
 
 def _compact_width(channels: int) -> int:
@@ -161,16 +223,17 @@ def fisher_blocks(
     size = block_size(gaussians, params)
 
     def view_blocks(_: int, view: Views) -> Optional[Tensor]:
-        proj, pairs = project_and_enumerate(gaussians, view, tile_size)
-        if len(pairs) == 0:
+        proj, m_compact = gradient_moments(gaussians, view, tile_size, chunk_pairs)
+        if m_compact is None:
             return None
         channels = proj.colors.shape[-1]
-        m_compact = sum_over_pairs(proj, pairs, view, n, _compact_m_contributions, chunk_pairs)
         blocks = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
+        # One camera, unpacked: row i is Gaussian i.
+        radii = proj.radii
         # Only the Gaussians this view composites need A; the projection is per Gaussian, so a subset is exact,
         # and taking it in slices bounds the float64 forward-mode temporaries (~4 KB per Gaussian).
-        for seen in torch.unique(proj.gaussian_ids[pairs.row]).split(gaussian_chunk):
-            jac = projection_jacobian(gaussians.subset(seen), view, params)
+        for seen in torch.nonzero(m_compact[:, -1] > 0)[:, 0].split(gaussian_chunk):
+            jac = projection_jacobian(gaussians.subset(seen), view, params, radii[seen])
             m_full = _expand_m(m_compact[seen], channels)
             block = jac.transpose(1, 2) @ m_full @ jac
             # Matmul rounding leaves ~1e-16 asymmetry; symmetric blocks keep downstream eigen/SVD code honest.

@@ -82,13 +82,14 @@ def statistics_dtype(dtype: torch.dtype) -> Iterator[None]:
         _dtype_override = previous
 
 
-def project_gaussians(gaussians: Gaussians, views: Views) -> ProjectedGaussians:
+def project_gaussians(gaussians: Gaussians, views: Views, projector: Callable = project) -> ProjectedGaussians:
     """Project Gaussians exactly as the renderer does (gsplat defaults: eps2d 0.3, near 0.01), returning unpacked
     rows: row k is camera k // N, Gaussian k % N.
 
-    Differentiable: callers wanting plain numbers wrap it in `no_grad`.
+    Differentiable: callers wanting plain numbers wrap it in `no_grad`. `projector`: `projection.project` (gsplat's
+    torch projection) or another function with its signature and results (`render.compiled.compiled_project`).
     """
-    proj, _ = project(
+    proj, _ = projector(
         gaussians.means, gaussians.quats, gaussians.scales, gaussians.opacities, gaussians.sh, views.viewmats,
         views.Ks, views.width, views.height, sh_degree=gaussians.sh_degree, rasterize_mode=gaussians.rasterize_mode,
     )
