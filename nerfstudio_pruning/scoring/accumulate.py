@@ -42,7 +42,8 @@ def sum_over_views(
 ) -> Tensor:
     """Add `per_view(index, views[index])` for every view into `total` (in place) and return it.
 
-    `per_view` returns a tensor shaped like `total`, or None for a view that contributes nothing. Across
+    `per_view` returns a tensor shaped like `total`, or None: for a view that contributes nothing, or one that
+    added its contribution into `total` itself (in place; cheaper when it touches a few rows of it). Across
     processes (module docstring) the views are shared out and `total` ends the same on every rank: rank 0's
     initial value plus every view's contribution.
     """

@@ -154,6 +154,8 @@ def gradient_moments(
         composited = rows[:, -1] > 0  # the w^2 column: > 0 for every composited pair
         if not bool(composited.any()):
             return proj, None
+        if rows.shape[0] == n and torch.equal(proj.gaussian_ids, torch.arange(n, device=rows.device)):
+            return proj, rows  # one camera, unpacked: the rows are the Gaussians
         moments = torch.zeros(n, rows.shape[1], dtype=torch.float64, device=rows.device)
         return proj, moments.index_add_(0, proj.gaussian_ids, rows)
     with torch.no_grad():
@@ -222,26 +224,25 @@ def fisher_blocks(
     gaussians = gaussians.detach()
     size = block_size(gaussians, params)
 
-    def view_blocks(_: int, view: Views) -> Optional[Tensor]:
+    total = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
+
+    def add_view_blocks(_: int, view: Views) -> None:
         proj, m_compact = gradient_moments(gaussians, view, tile_size, chunk_pairs)
         if m_compact is None:
-            return None
+            return
         channels = proj.colors.shape[-1]
-        blocks = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
-        # One camera, unpacked: row i is Gaussian i.
-        radii = proj.radii
+        radii = proj.radii  # one camera, unpacked: row i is Gaussian i
         # Only the Gaussians this view composites need A; the projection is per Gaussian, so a subset is exact,
-        # and taking it in slices bounds the float64 forward-mode temporaries (~4 KB per Gaussian).
+        # and taking it in slices bounds the float64 forward-mode temporaries (~4 KB per Gaussian). Their blocks
+        # go straight into the total: a per-view [N, B, B] buffer would cost more than the blocks themselves.
         for seen in torch.nonzero(m_compact[:, -1] > 0)[:, 0].split(gaussian_chunk):
             jac = projection_jacobian(gaussians.subset(seen), view, params, radii[seen])
             m_full = _expand_m(m_compact[seen], channels)
             block = jac.transpose(1, 2) @ m_full @ jac
             # Matmul rounding leaves ~1e-16 asymmetry; symmetric blocks keep downstream eigen/SVD code honest.
-            blocks.index_add_(0, seen, 0.5 * (block + block.transpose(1, 2)))
-        return blocks
+            total.index_add_(0, seen, 0.5 * (block + block.transpose(1, 2)))
 
-    total = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
-    return sum_over_views(views.downscaled(downscale), view_blocks, total, "Fisher blocks", progress)
+    return sum_over_views(views.downscaled(downscale), add_view_blocks, total, "Fisher blocks", progress)
 
 
 def fisher_scores(fisher: Tensor) -> Tensor:
