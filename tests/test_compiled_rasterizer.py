@@ -375,6 +375,30 @@ def test_threads_follow_torch_and_leave_torch_alone():
         torch.set_num_threads(before)
 
 
+def test_first_launch_of_a_process_shares_torchs_pool_and_leaves_its_thread_count():
+    """numba's OpenMP layer is the libgomp torch loaded; its first parallel launch creates the pool at numba's own
+    size (2 here), which is also torch's thread count: `_launch` must put torch's back (it was 1)."""
+    script = textwrap.dedent("""
+        import torch
+        torch.set_num_threads(1)
+        import numba
+        from nerfstudio_pruning.render.compiled import compiled_rasterization
+        from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
+        g = random_gaussians(20, sh_degree=1)
+        viewmats, Ks = orbit_cameras(1, 16, 16)
+        compiled_rasterization(**g.render_args(), viewmats=viewmats, Ks=Ks, width=16, height=16, sh_degree=1)
+        print(torch.get_num_threads(), numba.threading_layer())
+    """)
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    env.pop("NUMBA_THREADING_LAYER", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads, layer = proc.stdout.split()[-2:]
+    assert threads == "1", "numba's first launch changed torch's thread count"
+    if sys.platform.startswith("linux"):
+        assert layer == "omp", "numba should share torch's OpenMP pool"
+
+
 def test_concurrent_renders_from_two_threads():
     """A viewer thread may render while training does: launches are serialised, results unchanged."""
     g, viewmats, Ks = _scene(n=30, views=1)

@@ -9,9 +9,11 @@ front-to-back compositing and its backward pass run in those of `compiled_kernel
 the same `Pairs` as `pairs.find_pairs`, enumerated from the same tile lists, for the scores.
 
 Threads: each call sets numba's thread count to `torch.get_num_threads()` (capped at numba's maximum), so one
-knob controls both libraries. numba runs on its workqueue threading layer (unless NUMBA_THREADING_LAYER says
-otherwise), because its OpenMP layer changes torch's thread count. Kernel calls are serialised by a lock:
-workqueue aborts the process on concurrent parallel launches, e.g. a viewer thread rendering while training.
+knob controls both libraries. numba runs on its OpenMP threading layer where available (unless
+NUMBA_THREADING_LAYER says otherwise), sharing torch's libgomp pool, so that torch's idle OpenMP threads do not
+spin against numba's; torch's thread count is restored if numba's first launch changed it. Kernel calls are
+serialised by a lock: the workqueue fallback aborts the process on concurrent parallel launches, e.g. a viewer
+thread rendering while training.
 
 Bad input raises ValueError with one sentence: zero-size images, a tile size < 1, projected rows that reach the
 image with non-finite means2d/conics/opacities/depths, more than 2^31 - 1 tile-list entries, or (for
@@ -47,12 +49,16 @@ MAX_TILE_ENTRIES = 2**31 - 1
 # `compiled_find_pairs` materialises 16 bytes per pair; 2^31 pairs would be 32 GB.
 MAX_PAIRS = 2**31 - 1
 
-# numba's default OpenMP layer shares libgomp with torch, and a numba launch changes torch's thread count (torch
-# 2.13 + numba 0.68: after torch.set_num_threads(1), one parallel kernel and torch.get_num_threads() returns 2).
-# The workqueue layer runs its own threads and leaves torch's alone. It does not support concurrent launches,
-# which _KERNEL_LOCK rules out. NUMBA_THREADING_LAYER, when set, wins.
+# numba runs its kernels on its OpenMP layer where it can, because on Linux that is the libgomp torch already
+# loaded: one pool of threads for both. With a pool of its own (the workqueue layer), torch's OpenMP threads keep
+# spinning for a while after each torch operation and take the cores from numba's threads: a training step at
+# 170k Gaussians took 102-115 ms with workqueue and 75-90 ms with the OpenMP layer (2 cores, docs/compiled_rasterizer.md).
+# The shared pool has one catch, handled in _launch: numba's first parallel launch sizes the pool with
+# omp_set_num_threads, which is torch's thread count too. NUMBA_THREADING_LAYER, when set, wins; without OpenMP
+# (e.g. a numba build without it) numba falls back to workqueue, whose concurrent launches _KERNEL_LOCK rules out.
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER = "default"
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 _KERNEL_LOCK = threading.Lock()
 # Tiles differ a lot in work (the centre of a view holds most pairs): handing them out one at a time keeps all
 # threads busy where numba's default static split into equal ranges would leave one idle. Row kernels keep the
@@ -68,9 +74,12 @@ def numba_threads() -> int:
 def _launch(kernel, *args, chunk: int = 0) -> None:
     """Run a parallel kernel on `numba_threads()` threads; `chunk` > 0 hands out iterations dynamically."""
     with _KERNEL_LOCK:
+        torch_threads = torch.get_num_threads()
         numba.set_num_threads(numba_threads())
         with numba.parallel_chunksize(chunk):
             kernel(*args)
+        if torch.get_num_threads() != torch_threads:  # the OpenMP pool was just created at numba's size
+            torch.set_num_threads(torch_threads)
 
 
 def _f32(t: Tensor) -> np.ndarray:
