@@ -368,9 +368,13 @@ def machine_summary() -> List[str]:
         lines.append("lscpu: not available")
     import gsplat
 
+    from nerfstudio_pruning.render.compiled import compiled_rasterization
+
+    tiny, viewmats, Ks = make_scene(10, 16, 0)  # one launch, so that numba has picked its threading layer
+    compiled_rasterization(**tiny.render_args(), viewmats=viewmats, Ks=Ks, width=16, height=16, sh_degree=SH_DEGREE)
     lines.append(f"python {platform.python_version()}, torch {torch.__version__}, numba {numba.__version__}, "
-                 f"numpy {numpy.__version__}, gsplat {gsplat.__version__}, numba threading layer: workqueue "
-                 f"(set by compiled.py unless NUMBA_THREADING_LAYER is set: {os.environ.get('NUMBA_THREADING_LAYER')})")
+                 f"numpy {numpy.__version__}, gsplat {gsplat.__version__}, numba threading layer: "
+                 f"{numba.threading_layer()} (NUMBA_THREADING_LAYER={os.environ.get('NUMBA_THREADING_LAYER')})")
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "nerfstudio_pruning/render"], capture_output=True,
                            text=True, cwd=REPO).stdout.strip()
