@@ -302,3 +302,34 @@ def test_head_bounds_survive_state_dict():
     copy.load_state_dict(head.state_dict())
     means = torch.randn(100, 3)
     assert torch.equal(copy(means), head(means))
+
+
+def test_chunked_head_gives_the_plain_mlps_logits_and_gradients(monkeypatch):
+    """The head evaluates its MLP in chunks of rows (and again in the backward pass); logits and parameter
+    gradients must be those of one plain evaluation, up to float32 summation order."""
+    from nerfstudio_pruning.vedal import retention_head
+
+    torch.manual_seed(0)
+    n = 1000
+    means, features, weights = torch.randn(n, 3), torch.randn(n, 2), torch.randn(n)
+    head = RetentionHead()
+    head.set_bounds(*robust_bounds(means))
+    with torch.no_grad():  # away from the initial constant output, so every layer's gradient matters
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+    def logits_and_grads(chunk_rows):
+        monkeypatch.setattr(retention_head, "MLP_CHUNK_ROWS", chunk_rows)
+        head.zero_grad()
+        logits = head(means, features)
+        (torch.sigmoid(logits) * weights).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in head.parameters()]
+
+    plain_logits, plain_grads = logits_and_grads(10**9)
+    chunked_logits, chunked_grads = logits_and_grads(96)  # 10 full chunks and a partial one
+    torch.testing.assert_close(chunked_logits, plain_logits, rtol=1e-6, atol=1e-6)
+    for chunked, plain in zip(chunked_grads, plain_grads):
+        assert plain.abs().sum() > 0
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(head(means, features), plain_logits, rtol=1e-6, atol=1e-6)

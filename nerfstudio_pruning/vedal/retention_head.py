@@ -200,7 +200,50 @@ class RetentionHead(nn.Module):
             inputs.append((features - mean) / std)
         elif extra_features is not None:
             raise ValueError("head was configured without extra features (n_extra_features = 0)")
-        return self.mlp(torch.cat(inputs, dim=-1)).squeeze(-1)
+        return _chunked_mlp(self.mlp, torch.cat(inputs, dim=-1), MLP_CHUNK_ROWS).squeeze(-1)
+
+
+# Rows of the head's MLP evaluated at once. The head runs on every Gaussian at every fine-tuning step; with all of
+# them at once each hidden layer is N x 64 floats (44 MB at 170k Gaussians), and on a CPU the ReLUs and their
+# backward stream those from memory: at 170k Gaussians the head took about half of a vedal-gs step. Chunks of 8192
+# rows stay in cache (2 MB per layer).
+MLP_CHUNK_ROWS = 8192
+
+
+def _chunked_mlp(mlp: nn.Module, inputs: Tensor, chunk_rows: int) -> Tensor:
+    """mlp(inputs) for inputs that need no gradient, evaluated `chunk_rows` rows at a time in both passes."""
+    if inputs.shape[0] <= chunk_rows:
+        return mlp(inputs)
+    if not torch.is_grad_enabled():
+        return torch.cat([mlp(part) for part in inputs.split(chunk_rows)])
+    params = tuple(p for p in mlp.parameters() if p.requires_grad)
+    return _ChunkedMLP.apply(mlp, inputs, chunk_rows, *params)
+
+
+class _ChunkedMLP(torch.autograd.Function):
+    """The forward pass keeps no activations; the backward pass runs the forward again one chunk at a time and
+    takes that chunk's parameter gradients while its activations are still in cache. The gradients are those of
+    the plain MLP, summed over chunks (so their float32 rounding differs, ~1e-7 relative)."""
+
+    @staticmethod
+    def forward(ctx, mlp, inputs, chunk_rows, *params):
+        ctx.mlp, ctx.chunk_rows = mlp, chunk_rows
+        ctx.save_for_backward(inputs)
+        with torch.no_grad():
+            return torch.cat([mlp(part) for part in inputs.split(chunk_rows)])
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (inputs,) = ctx.saved_tensors
+        params = [p for p in ctx.mlp.parameters() if p.requires_grad]
+        totals = [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            for part, grad_part in zip(inputs.split(ctx.chunk_rows), grad_output.split(ctx.chunk_rows)):
+                grads = torch.autograd.grad(ctx.mlp(part), params, grad_part, allow_unused=True)
+                for total, grad in zip(totals, grads):
+                    if grad is not None:
+                        total += grad
+        return (None, None, None, *totals)
 
 
 def binary_concrete_logits(logits: Tensor, tau: float, generator: Optional[torch.Generator] = None) -> Tensor:
