@@ -9,6 +9,8 @@ first timed window starts --window steps in and start-up is never counted.
     .venv/bin/python benchmarks/bench_training_steps.py                                    # built-in scene
     .venv/bin/python benchmarks/bench_training_steps.py --scene ../shared/data/buddha_gray67 --downscale 4
     .venv/bin/python benchmarks/bench_training_steps.py --load-checkpoint RUN/nerfstudio_models/step-000005000.ckpt
+    .venv/bin/python benchmarks/bench_training_steps.py --backends compiled --method vedal-gs \
+        --method-args "--pipeline.model.finetune-start-step 7000" --load-checkpoint VEDAL_RUN/.../step-000024000.ckpt
 
 With --load-checkpoint the windows start from a trained state (e.g. mid-densification, where a step costs the
 most) instead of step 0. The machine should be otherwise idle; the script reports the load of other processes
@@ -52,7 +54,7 @@ def run_backend(args: argparse.Namespace, backend: str, work: Path) -> dict:
     out = work / backend
     steps = args.window * args.windows
     command = [
-        str(BIN / "ns-train"), "splatfacto-portable", "--vis", "tensorboard", "--output-dir", str(out),
+        str(BIN / "ns-train"), args.method, "--vis", "tensorboard", "--output-dir", str(out),
         "--experiment-name", "bench", "--timestamp", "run", "--machine.seed", str(args.seed),
         "--machine.device-type", "cpu", "--max-num-iterations", str(steps), "--steps-per-save", str(args.window),
         "--save-only-latest-checkpoint", "False", "--steps-per-eval-image", "1000000000",
@@ -60,7 +62,7 @@ def run_backend(args: argparse.Namespace, backend: str, work: Path) -> dict:
     ]
     if args.load_checkpoint:
         command += ["--load-checkpoint", str(Path(args.load_checkpoint).resolve())]
-    command += dataparser_args(args, work)
+    command += args.method_args.split() + dataparser_args(args, work)
     env = dict(os.environ, NSP_CPU_RASTERIZER=backend, OMP_NUM_THREADS=str(args.threads), PYTHONHASHSEED="0")
     log = work / f"{backend}.log"
     busy0, own0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.monotonic()
@@ -71,7 +73,7 @@ def run_backend(args: argparse.Namespace, backend: str, work: Path) -> dict:
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-1500:]
         raise SystemExit(f"error: ns-train ({backend}) failed; last lines of {log}:\n{tail}")
-    ckpts = sorted((out / "bench" / "splatfacto-portable" / "run" / "nerfstudio_models").glob("step-*.ckpt"))
+    ckpts = sorted((out / "bench" / args.method / "run" / "nerfstudio_models").glob("step-*.ckpt"))
     marks = [(int(c.stem.split("-")[1]), c.stat().st_mtime, gaussians_in(c)) for c in ckpts]
     windows = []
     for (s0, t_0, _), (s1, t_1, n1) in zip(marks, marks[1:]):
@@ -89,6 +91,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--load-checkpoint", default=None, help="start every backend from this checkpoint")
+    p.add_argument("--method", default="splatfacto-portable", help="the ns-train method (e.g. vedal-gs with a "
+                   "vedal-gs checkpoint)")
+    p.add_argument("--method-args", default="", help="more ns-train arguments, one string, e.g. "
+                   "'--pipeline.model.finetune-start-step 7000'")
     p.add_argument("--work-dir", default=None, help="where runs go (default: a temporary folder, removed)")
     args = p.parse_args(argv)
 
