@@ -1,4 +1,4 @@
-"""Training steps per second of splatfacto-portable on CPU, compiled rasterizer against the torch reference.
+"""Training steps per second on CPU (splatfacto-portable, or --method), compiled rasterizer against the torch reference.
 
 Each backend trains the same run (`ns-train splatfacto-portable`, same seed and data) in its own process, with
 checkpoints saved every --window steps. The time per step is measured between two checkpoints (file
