@@ -471,9 +471,13 @@ def compiled_projection_jacobian(
                   "opacities": np.zeros((1, n)), "colors": np.zeros((1, n, 3))}
     components = [("means2d", 0), ("means2d", 1), ("conics", 0), ("conics", 1), ("conics", 2), ("colors", 0),
                   ("colors", 1), ("colors", 2), ("opacities", None)]
-    jac = {name: np.empty((n, len(components)) + shape) for name, shape in
-           (("means", (3,)), ("scales", (3,)), ("opacities", ()), ("sh_dc", (3,)))}
-    grads = [np.empty(a.shape, np.float64) for a in arrays]
+    # Component-major, so that each launch writes its rows of the Jacobians in place.
+    d_means = np.empty((len(components), n, 3))
+    d_scales = np.empty((len(components), n, 3))
+    d_opacities = np.empty((len(components), n))
+    d_sh_dc = np.empty((len(components), n, 3))
+    g_quats = np.empty((n, 4))
+    g_sh = np.empty(arrays[4].shape)
     for k, (name, j) in enumerate(components):
         target = cotangents[name]
         if j is None:
@@ -482,14 +486,12 @@ def compiled_projection_jacobian(
             target[..., j] = 1.0
         _launch(projection_kernels.project_backward, *arrays, int(sh_degree), campos, viewmats, ks, int(width),
                 int(height), float(eps2d), rasterize_mode == "antialiased", radii_np, cotangents["means2d"],
-                cotangents["conics"], cotangents["depths"], cotangents["opacities"], cotangents["colors"], *grads)
+                cotangents["conics"], cotangents["depths"], cotangents["opacities"], cotangents["colors"],
+                d_means[k], g_quats, d_scales[k], d_opacities[k], g_sh)
         target[:] = 0.0
-        jac["means"][:, k] = grads[0]
-        jac["scales"][:, k] = grads[2]
-        jac["opacities"][:, k] = grads[3]
-        jac["sh_dc"][:, k] = grads[4][:, 0]
+        d_sh_dc[k] = g_sh[:, 0]
     device = means.device
-    return tuple(torch.from_numpy(jac[name]).to(device) for name in ("means", "scales", "opacities", "sh_dc"))
+    return tuple(torch.from_numpy(d).movedim(0, 1).to(device) for d in (d_means, d_scales, d_opacities, d_sh_dc))
 
 
 def compiled_rasterization(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:
