@@ -320,6 +320,15 @@ def tile_box(b, tile_w, tile_h, tile_size, width, height):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
+def candidate_buffers(n_pix, lanes):
+    """A tile's candidate lists (pixel, dx, dy) and the alpha and exp(-sigma) buffers, padded by `lanes` and
+    zero-filled: the padding lanes of the vectorised alpha loop must hold finite numbers."""
+    n_cap = n_pix + lanes
+    return (np.zeros(n_cap, np.int64), np.zeros(n_cap, np.float32), np.zeros(n_cap, np.float32),
+            np.zeros(n_cap, np.float32), np.zeros(n_cap, np.float32))
+
+
+@njit(cache=True, inline="always", error_model="numpy")
 def open_pixels(rects, r, mx, my, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy):
     """Front to back: list the pixels of row r's candidate box in this tile that have not stopped (not `done`;
     scanlines whose pixels have all stopped are skipped whole), with their float32 offsets mean - pixel centre.
@@ -398,12 +407,7 @@ def rasterize_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height
         count = np.zeros(n_pix, np.int32)
         last = np.full(n_pix, -1, np.int64)
         row_done = np.zeros(y1 - y0, np.int64)  # pixels done per tile row: a finished row is skipped whole
-        n_cap = n_pix + lanes
-        cand_p = np.zeros(n_cap, np.int64)  # zero-filled: padding lanes must hold finite numbers
-        cand_dx = np.zeros(n_cap, np.float32)
-        cand_dy = np.zeros(n_cap, np.float32)
-        alpha_buf = np.zeros(n_cap, np.float32)
-        vis_buf = np.zeros(n_cap, np.float32)
+        cand_p, cand_dx, cand_dy, alpha_buf, vis_buf = candidate_buffers(n_pix, lanes)
         n_done = 0
         for e in range(tile_offsets[b], tile_offsets[b + 1]):
             if n_done == n_pix:  # every pixel of the tile reached T <= 1e-4
@@ -483,12 +487,7 @@ def backward_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height,
         v_col = np.empty(n_pix * n_chan, np.float64)
         behind = np.zeros(n_pix * n_chan, np.float64)
         grad_col = np.empty(n_chan, np.float64)
-        n_cap = n_pix + lanes
-        cand_p = np.zeros(n_cap, np.int64)  # zero-filled: padding lanes must hold finite numbers
-        cand_dx = np.zeros(n_cap, np.float32)
-        cand_dy = np.zeros(n_cap, np.float32)
-        alpha_buf = np.zeros(n_cap, np.float32)
-        vis_buf = np.zeros(n_cap, np.float32)
+        cand_p, cand_dx, cand_dy, alpha_buf, vis_buf = candidate_buffers(n_pix, lanes)
         row_last = np.full(y1 - y0, -1, np.int64)  # last pair of any pixel in each tile row
         last_in_tile = e_start - 1
         for y in range(y0, y1):
@@ -639,12 +638,7 @@ def gradient_moment_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, 
         done = np.zeros(n_pix, np.uint8)
         last = np.full(n_pix, -1, np.int64)
         row_done = np.zeros(y1 - y0, np.int64)
-        n_cap = n_pix + lanes
-        cand_p = np.zeros(n_cap, np.int64)
-        cand_dx = np.zeros(n_cap, np.float32)
-        cand_dy = np.zeros(n_cap, np.float32)
-        alpha_buf = np.zeros(n_cap, np.float32)
-        vis_buf = np.zeros(n_cap, np.float32)
+        cand_p, cand_dx, cand_dy, alpha_buf, vis_buf = candidate_buffers(n_pix, lanes)
         q = np.empty(6, np.float64)
         beta = np.empty(n_chan, np.float64)
         acc = np.empty(n_cols, np.float64)
