@@ -329,10 +329,13 @@ def candidate_buffers(n_pix, lanes):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def open_pixels(rects, r, mx, my, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy):
+def open_pixels(gauss, rects, r, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy, alpha_buf, vis_buf,
+                lanes):
     """Front to back: list the pixels of row r's candidate box in this tile that have not stopped (not `done`;
-    scanlines whose pixels have all stopped are skipped whole), with their float32 offsets mean - pixel centre.
-    Returns how many were listed."""
+    scanlines whose pixels have all stopped are skipped whole), with their float32 offsets mean - pixel centre,
+    and evaluate their alphas (`candidate_alphas`). Returns how many were listed."""
+    mx = gauss[r, G_MX]
+    my = gauss[r, G_MY]
     tw = x1 - x0
     bx0 = max(rects[r, 0], x0)
     bx1 = min(rects[r, 1], x1)
@@ -352,14 +355,20 @@ def open_pixels(rects, r, mx, my, x0, y0, x1, y1, done, row_done, cand_p, cand_d
             cand_dx[n_cand] = mx - (np.float32(x) + HALF_F32)
             cand_dy[n_cand] = dy
             n_cand += 1
+    if n_cand > 0:
+        candidate_alphas(gauss[r, G_C0], gauss[r, G_C1], gauss[r, G_C2], gauss[r, G_OPACITY], cand_dx, cand_dy,
+                         (n_cand + lanes - 1) // lanes * lanes, alpha_buf, vis_buf)
     return n_cand
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def pixels_reached(rects, r, e, mx, my, x0, y0, x1, y1, last, row_last, cand_p, cand_dx, cand_dy):
+def pixels_reached(gauss, rects, r, e, x0, y0, x1, y1, last, row_last, cand_p, cand_dx, cand_dy, alpha_buf,
+                   vis_buf, lanes):
     """Back to front: list the pixels of entry e's (row r's) candidate box in this tile whose last composited entry
-    is e or later (scanlines whose last entries all lie in front of e are skipped whole), with their offsets as
-    `open_pixels`. Returns how many were listed."""
+    is e or later (scanlines whose last entries all lie in front of e are skipped whole), with their offsets and
+    alphas as `open_pixels`. Returns how many were listed."""
+    mx = gauss[r, G_MX]
+    my = gauss[r, G_MY]
     tw = x1 - x0
     bx0 = max(rects[r, 0], x0)
     bx1 = min(rects[r, 1], x1)
@@ -379,6 +388,9 @@ def pixels_reached(rects, r, e, mx, my, x0, y0, x1, y1, last, row_last, cand_p, 
             cand_dx[n_cand] = mx - (np.float32(x) + HALF_F32)
             cand_dy[n_cand] = dy
             n_cand += 1
+    if n_cand > 0:
+        candidate_alphas(gauss[r, G_C0], gauss[r, G_C1], gauss[r, G_C2], gauss[r, G_OPACITY], cand_dx, cand_dy,
+                         (n_cand + lanes - 1) // lanes * lanes, alpha_buf, vis_buf)
     return n_cand
 
 
@@ -413,13 +425,10 @@ def rasterize_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height
             if n_done == n_pix:  # every pixel of the tile reached T <= 1e-4
                 break
             r = tile_rows[e]
-            mx = gauss[r, G_MX]
-            my = gauss[r, G_MY]
-            n_cand = open_pixels(rects, r, mx, my, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy)
+            n_cand = open_pixels(gauss, rects, r, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy, alpha_buf,
+                                 vis_buf, lanes)
             if n_cand == 0:
                 continue
-            candidate_alphas(gauss[r, G_C0], gauss[r, G_C1], gauss[r, G_C2], gauss[r, G_OPACITY], cand_dx, cand_dy,
-                             (n_cand + lanes - 1) // lanes * lanes, alpha_buf, vis_buf)
             for i in range(n_cand):
                 alpha = alpha_buf[i]
                 if alpha == 0:
@@ -525,16 +534,12 @@ def backward_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height,
             g_ay = 0.0
             for k in range(n_chan):
                 grad_col[k] = 0.0
-            mx = gauss[r, G_MX]
-            my = gauss[r, G_MY]
             c0 = gauss[r, G_C0]
             c1 = gauss[r, G_C1]
             c2 = gauss[r, G_C2]
             op = gauss[r, G_OPACITY]
-            n_cand = pixels_reached(rects, r, e, mx, my, x0, y0, x1, y1, last, row_last, cand_p, cand_dx, cand_dy)
-            if n_cand > 0:
-                candidate_alphas(c0, c1, c2, op, cand_dx, cand_dy, (n_cand + lanes - 1) // lanes * lanes, alpha_buf,
-                                 vis_buf)
+            n_cand = pixels_reached(gauss, rects, r, e, x0, y0, x1, y1, last, row_last, cand_p, cand_dx, cand_dy,
+                                    alpha_buf, vis_buf, lanes)
             for i in range(n_cand):
                 alpha = alpha_buf[i]
                 if alpha == 0:
@@ -605,6 +610,18 @@ def moment_columns(n_chan: int) -> int:
     return 21 + 6 * n_chan + 1
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def pair_alpha64(gauss, r, x, y):
+    """Row r at pixel (x, y) in float64 from the float32 row table, as the torch statistics (`scoring.pair_stats`)
+    compute it: (dx, dy) = mean - pixel centre, exp(-sigma) and o exp(-sigma) before the 0.999 clamp."""
+    dx = float(gauss[r, G_MX]) - (float(x) + 0.5)
+    dy = float(gauss[r, G_MY]) - (float(y) + 0.5)
+    c0, c1, c2 = float(gauss[r, G_C0]), float(gauss[r, G_C1]), float(gauss[r, G_C2])
+    sigma = 0.5 * (c0 * dx * dx + c2 * dy * dy) + c1 * dx * dy
+    vis = math.exp(-sigma)
+    return dx, dy, vis, float(gauss[r, G_OPACITY]) * vis
+
+
 @njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def gradient_moment_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height, tile_size, tile_w, tile_h,
                           backgrounds, bin_start, bin_end, entry_start, entry_moments, lanes):
@@ -648,17 +665,10 @@ def gradient_moment_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, 
             if n_done == n_pix:
                 break
             r = tile_rows[e]
-            mx = gauss[r, G_MX]
-            my = gauss[r, G_MY]
-            n_cand = open_pixels(rects, r, mx, my, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy)
+            n_cand = open_pixels(gauss, rects, r, x0, y0, x1, y1, done, row_done, cand_p, cand_dx, cand_dy, alpha_buf,
+                                 vis_buf, lanes)
             if n_cand == 0:
                 continue
-            candidate_alphas(gauss[r, G_C0], gauss[r, G_C1], gauss[r, G_C2], gauss[r, G_OPACITY], cand_dx, cand_dy,
-                             (n_cand + lanes - 1) // lanes * lanes, alpha_buf, vis_buf)
-            c0 = float(gauss[r, G_C0])
-            c1 = float(gauss[r, G_C1])
-            c2 = float(gauss[r, G_C2])
-            op = float(gauss[r, G_OPACITY])
             for i in range(n_cand):
                 alpha = alpha_buf[i]
                 if alpha == 0:
@@ -670,10 +680,8 @@ def gradient_moment_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, 
                     n_done += 1
                     row_done[p // tw] += 1
                     continue
-                dx = float(mx) - (float(x0 + p % tw) + 0.5)
-                dy = float(my) - (float(y0 + p // tw) + 0.5)
-                sigma = 0.5 * (c0 * dx * dx + c2 * dy * dy) + c1 * dx * dy
-                trans64[p] *= 1.0 - min(0.999, op * math.exp(-sigma))
+                raw = pair_alpha64(gauss, r, x0 + p % tw, y0 + p // tw)[3]
+                trans64[p] *= 1.0 - min(0.999, raw)
                 trans[p] = t_after
                 last[p] = e
         # Back to front: S starts as the background seen through the final T.
@@ -692,25 +700,16 @@ def gradient_moment_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, 
             r = tile_rows[e]
             for j in range(n_cols):
                 acc[j] = 0.0
-            mx = gauss[r, G_MX]
-            my = gauss[r, G_MY]
-            n_cand = pixels_reached(rects, r, e, mx, my, x0, y0, x1, y1, last, row_last, cand_p, cand_dx, cand_dy)
-            if n_cand > 0:
-                candidate_alphas(gauss[r, G_C0], gauss[r, G_C1], gauss[r, G_C2], gauss[r, G_OPACITY], cand_dx,
-                                 cand_dy, (n_cand + lanes - 1) // lanes * lanes, alpha_buf, vis_buf)
+            n_cand = pixels_reached(gauss, rects, r, e, x0, y0, x1, y1, last, row_last, cand_p, cand_dx, cand_dy,
+                                    alpha_buf, vis_buf, lanes)
             c0 = float(gauss[r, G_C0])
             c1 = float(gauss[r, G_C1])
             c2 = float(gauss[r, G_C2])
-            op = float(gauss[r, G_OPACITY])
             for i in range(n_cand):
                 if alpha_buf[i] == 0:
                     continue
                 p = cand_p[i]
-                dx = float(mx) - (float(x0 + p % tw) + 0.5)
-                dy = float(my) - (float(y0 + p // tw) + 0.5)
-                sigma = 0.5 * (c0 * dx * dx + c2 * dy * dy) + c1 * dx * dy
-                vis = math.exp(-sigma)
-                raw = op * vis
+                dx, dy, vis, raw = pair_alpha64(gauss, r, x0 + p % tw, y0 + p // tw)
                 alpha = min(0.999, raw)
                 one_minus = 1.0 - alpha
                 t_p = trans64[p] / one_minus  # T before this pair

@@ -223,7 +223,7 @@ def _chunked_mlp(mlp: nn.Module, inputs: Tensor, chunk_rows: int) -> Tensor:
 class _ChunkedMLP(torch.autograd.Function):
     """The forward pass keeps no activations; the backward pass runs the forward again one chunk at a time and
     takes that chunk's parameter gradients while its activations are still in cache. The gradients are those of
-    the plain MLP, summed over chunks (so their float32 rounding differs, ~1e-7 relative)."""
+    the plain MLP, summed over chunks (so their float32 rounding differs: 5.5e-6 relative at 170k rows)."""
 
     @staticmethod
     def forward(ctx, mlp, inputs, chunk_rows, *params):
