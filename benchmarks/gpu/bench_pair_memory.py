@@ -45,7 +45,12 @@ def main() -> None:
     backends = ["torch", "gsplat"] if args.device == "cuda" else ["torch"]
     for backend in backends:
         rows = []
+        # On the gsplat path one call holds at least one (tile, depth batch) cell: up to 256 Gaussians x 256 pixels
+        # of a 16x16 tile (render/pairs.py), whatever the budget. Below 256 layers a cell is not full and its size
+        # follows the depth: the quick run's small views get 8x the layers so that every run fills its cells.
+        depth_factor = 8 if args.quick and backend == "gsplat" else 1
         for width, layers, opacity, batch_size in runs:
+            layers *= depth_factor
             proj = layered(width, width, layers, opacity, args.device)
             stats = EnumerationStats()
             limits = {"batch_candidates": batch_size} if backend == "torch" else {"call_budget": batch_size}

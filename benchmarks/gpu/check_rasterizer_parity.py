@@ -2,8 +2,11 @@
 input, absgrad and radii.
 
 Compared with gsplat 1.4.0 CUDA (the reference, float32, fast-math):
-- `nerfstudio_pruning.render.rasterization` on CUDA tensors: the dispatch must hand over to gsplat itself
-  (bit-identical results);
+- `nerfstudio_pruning.render.rasterization` on CUDA tensors: the dispatch must hand over to gsplat itself.
+  gsplat's forward is deterministic, its backward is not (atomicAdd onto each Gaussian's gradient, in whatever
+  order the tiles' threads arrive: measured on an H200, two runs of gsplat differ by up to 5e-7 relative), so
+  the dispatch must give the same images, alphas and radii bit for bit and gradients within 1e-5 of gsplat's,
+  and gsplat run twice is held to the same rule (its spread is recorded beside);
 - the per-pair engine (`render.reference.torch_rasterization`) on CUDA tensors: the torch projection, the pair
   list from gsplat's tile kernel (`render/pairs.py`, gsplat path) and index_add compositing with autograd;
 - the same torch reference on CPU (the path of NSP_CPU_RASTERIZER=torch) and, where numba is installed, the
@@ -28,6 +31,8 @@ PARAMETERS = ("means", "quats", "scales", "opacities", "colors")
 MAX_FRACTION_OFF = 1e-3  # entries of image / alpha off by more than 1e-4
 MAX_GRADIENT_ERROR = 1e-3  # relative, per input tensor
 MIN_RADII_EQUAL = 0.999
+# Same kernel, other order of its atomic additions: far below any other engine's 1e-4 differences.
+SAME_KERNEL_GRADIENT_ERROR = 1e-5
 
 
 def cases(quick: bool):
@@ -74,7 +79,7 @@ def render_and_backward(rasterize, case, device):
     return out
 
 
-def compare(results: Results, label: str, ours, reference, bit_identical: bool = False) -> None:
+def compare(results: Results, label: str, ours, reference, same_kernel: bool = False) -> None:
     numbers = {}
     for key in ("image", "alpha"):
         difference = (ours[key] - reference[key]).abs()
@@ -89,9 +94,10 @@ def compare(results: Results, label: str, ours, reference, bit_identical: bool =
         numbers["absgrad_rel"] = float("nan")
     same_rows = ours["radii"].shape == reference["radii"].shape
     numbers["radii_equal_fraction"] = float((ours["radii"] == reference["radii"]).double().mean()) if same_rows else 0.0
-    if bit_identical:
+    if same_kernel:
         passed = all(torch.equal(ours[k], reference[k]) for k in ("image", "alpha", "radii"))
-        passed &= all(torch.equal(ours[f"grad_{n}"], reference[f"grad_{n}"]) for n in PARAMETERS)
+        passed &= all(numbers[f"grad_{n}_rel"] <= SAME_KERNEL_GRADIENT_ERROR for n in PARAMETERS)
+        passed &= not numbers["absgrad_rel"] > SAME_KERNEL_GRADIENT_ERROR
     else:
         passed = (numbers["image_fraction_off_1e-4"] <= MAX_FRACTION_OFF
                   and numbers["alpha_fraction_off_1e-4"] <= MAX_FRACTION_OFF
@@ -116,7 +122,8 @@ def main() -> None:
         from gsplat.rendering import rasterization as gsplat_rasterization
 
         reference_engine, reference_device = gsplat_rasterization, "cuda"
-        candidates = [("dispatch on CUDA is gsplat", dispatch, "cuda", True),
+        candidates = [("gsplat CUDA run twice", gsplat_rasterization, "cuda", True),
+                      ("dispatch on CUDA is gsplat", dispatch, "cuda", True),
                       ("per-pair engine on CUDA vs gsplat", torch_rasterization, "cuda", False)]
         candidates += [(f"{label} vs gsplat CUDA", engine, "cpu", False) for label, engine in cpu_engines.items()]
     else:
@@ -132,8 +139,8 @@ def main() -> None:
 
         def one_case(case=case, tag=tag):
             reference = render_and_backward(reference_engine, case, reference_device)
-            for label, engine, device, bit_identical in candidates:
-                compare(results, f"{label} [{tag}]", render_and_backward(engine, case, device), reference, bit_identical)
+            for label, engine, device, same_kernel in candidates:
+                compare(results, f"{label} [{tag}]", render_and_backward(engine, case, device), reference, same_kernel)
 
         results.guarded(f"parity [{tag}]", one_case)
     results.write()

@@ -22,10 +22,12 @@
 # KIT_DEVICE=cpu runs every script on CPU (a dry run where there is no GPU, e.g. with PYTHON=a clean venv's python
 # and KIT_WHEELS=benchmarks/gpu/cache/wheels-cp311 from `fetch_wheels.sh --python 3.11`).
 #
-# Results: $OUT/gpu_kit (else benchmarks/gpu/results): one JSON per script, a log per stage, summary.md, and
-# after a build gsplat_cuda/ (the extension and its stamp: copy it to benchmarks/gpu/cache/gsplat_cuda/ and carry
-# it next time to skip the build). A failing stage does not stop the next. Each script runs under
-# `timeout $STAGE_TIMEOUT` (default 540 s), so what it wrote comes back even if the command runs out of time.
+# Results: benchmarks/gpu/results/gpu_kit: one JSON per script, a log per stage, summary.md, and after a build
+# gsplat_cuda/ (the extension and its stamp: copy it to benchmarks/gpu/cache/gsplat_cuda/ and carry it next time
+# to skip the build). The device tool brings back at most 8 files from $OUT, so where $OUT is set the results are
+# packed there as gsplat_kit.tgz, with summary.md and the extension (gsplat_cuda.so, stamp.json) beside it. A
+# failing stage does not stop the next. Each script runs under `timeout $STAGE_TIMEOUT` (default 540 s), so what
+# it wrote is packed even if a script runs out of time; give the whole command `timeout` below the call's limit.
 set -uo pipefail
 KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$KIT/../.." && pwd)"
@@ -33,7 +35,7 @@ PY="${PYTHON:-python3}"
 CACHE="$KIT/cache"
 KIT_WHEELS="${KIT_WHEELS:-$KIT/wheels}"
 SITE="$CACHE/site-py$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-RESULTS="${OUT:-$KIT/results}/gpu_kit"
+RESULTS="$KIT/results/gpu_kit"
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
 mkdir -p "$SITE" "$RESULTS"
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -137,4 +139,10 @@ for stage in "${stages[@]}"; do
   [[ $status -ne 0 ]] && overall=1
 done
 "$PY" "$KIT/summarize.py" "$RESULTS" > /dev/null && echo "summary: $RESULTS/summary.md"
+if [[ -n "${OUT:-}" ]]; then
+  tar czf "$OUT/gpu_kit.tgz" --exclude=gsplat_cuda.so -C "$(dirname "$RESULTS")" gpu_kit
+  cp "$RESULTS/summary.md" "$OUT/" 2>/dev/null
+  [[ -d "$RESULTS/gsplat_cuda" ]] && cp "$RESULTS/gsplat_cuda/"* "$OUT/"
+  echo "packed: $OUT/gpu_kit.tgz"
+fi
 exit $overall
