@@ -60,6 +60,16 @@ class PruningTrainerConfig(TrainerConfig):
 
     _target: Type = field(default_factory=lambda: PruningTrainer)
 
+    def save_config(self) -> None:
+        # ns-eval, ns-export and ns-viewer read config.yml and look for load_step in this run's own checkpoint
+        # folder, which never holds the step the run was resumed from: every save leaves it out, so no order of
+        # saves (nerfstudio's before setup, any later one) can leave a config naming a checkpoint that is not there.
+        load_step, self.load_step = self.load_step, None
+        try:
+            super().save_config()
+        finally:
+            self.load_step = load_step
+
 
 class PruningTrainer(Trainer):
     def setup(self, test_mode="val") -> None:
@@ -131,11 +141,6 @@ class PruningTrainer(Trainer):
         with numpy_scalars_allowed():
             super()._load_checkpoint()
         self._reseed_if_other_seeds(path)
-        if self.config.load_step is not None:
-            # ns-eval, ns-export and ns-viewer look for load_step in this run's own checkpoint folder, which never
-            # holds the step it was resumed from: the saved config then names a checkpoint that does not exist.
-            self.config.load_step = None
-            self.config.save_config()
         end = self._start_step + self.config.max_num_iterations - 1
         CONSOLE.print(f"continuing from step {self._start_step - 1}: this run trains steps {self._start_step} to {end} "
                       "(nerfstudio counts --max-num-iterations from the loaded step; the progress percentage and ETA "

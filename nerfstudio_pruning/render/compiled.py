@@ -353,6 +353,17 @@ def compiled_gradient_moments(
     return torch.from_numpy(out).to(proj.means2d.device)
 
 
+@torch.no_grad()
+def compiled_add_fisher_blocks(moments: Tensor, jac: Tensor, seen: Tensor, total: Tensor) -> None:
+    """total[seen] += the symmetric part of jac^T M jac in place, M from the compact `moments` rows of `seen`
+    (`compiled_gradient_moments`' layout) and jac [S, 6 + D, B]: one view's Fisher blocks (`scoring.fisher`).
+    `total`: a contiguous float64 CPU tensor, `seen`: distinct rows."""
+    if not (total.device.type == "cpu" and total.dtype == torch.float64 and total.is_contiguous()):
+        raise ValueError("the Fisher total must be a contiguous float64 CPU tensor")
+    _launch(kernels.add_fisher_blocks, _as_numpy(moments, torch.float64), _as_numpy(jac, torch.float64),
+            _as_numpy(seen, torch.int64), total.numpy())
+
+
 def compiled_compositor(
     proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int,
     backgrounds: Optional[Tensor], absgrad_target: Optional[Tensor],
@@ -455,9 +466,9 @@ def compiled_projection_jacobian(
     Gaussian: d u / d means [N, 9, 3], d u / d scales [N, 9, 3], d u / d opacities [N, 9] (before the
     compensation) and d u / d SH degree-0 coefficients [N, 9, 3].
 
-    One vector-Jacobian product of `project_backward` per component of u: a Gaussian's u depends on its own
-    parameters only, so a cotangent that is 1 in the same component for every Gaussian returns that row of every
-    Gaussian's Jacobian at once (9 launches, against 6 or more forward-mode passes through the torch projection).
+    The vector-Jacobian products of `project_backward` with a cotangent of 1 in each component of u in turn: a
+    Gaussian's u depends on its own parameters only, so each returns that row of every Gaussian's Jacobian. One
+    kernel computes the nine, sharing each Gaussian's forward pass between them.
     The kernels follow autograd through gsplat's torch projection, clamps included; rows with radii <= 0 (the
     Gaussians this camera does not see) are zero. Settings are the renderer's defaults (near 0.01, eps2d 0.3).
     """
@@ -467,31 +478,15 @@ def compiled_projection_jacobian(
     ks = _as_numpy(K.reshape(1, 3, 3), torch.float64)
     campos = np.ascontiguousarray(np.linalg.inv(viewmats)[:, :3, 3])
     radii_np = radii.detach().to(device="cpu", dtype=torch.int32).reshape(1, n).contiguous().numpy()
-    cotangents = {"means2d": np.zeros((1, n, 2)), "conics": np.zeros((1, n, 3)), "depths": np.zeros((1, n)),
-                  "opacities": np.zeros((1, n)), "colors": np.zeros((1, n, 3))}
-    components = [("means2d", 0), ("means2d", 1), ("conics", 0), ("conics", 1), ("conics", 2), ("colors", 0),
-                  ("colors", 1), ("colors", 2), ("opacities", None)]
-    # Component-major, so that each launch writes its rows of the Jacobians in place.
-    d_means = np.empty((len(components), n, 3))
-    d_scales = np.empty((len(components), n, 3))
-    d_opacities = np.empty((len(components), n))
-    d_sh_dc = np.empty((len(components), n, 3))
-    g_quats = np.empty((n, 4))
-    g_sh = np.empty(arrays[4].shape)
-    for k, (name, j) in enumerate(components):
-        target = cotangents[name]
-        if j is None:
-            target[:] = 1.0
-        else:
-            target[..., j] = 1.0
-        _launch(projection_kernels.project_backward, *arrays, int(sh_degree), campos, viewmats, ks, int(width),
-                int(height), float(eps2d), rasterize_mode == "antialiased", radii_np, cotangents["means2d"],
-                cotangents["conics"], cotangents["depths"], cotangents["opacities"], cotangents["colors"],
-                d_means[k], g_quats, d_scales[k], d_opacities[k], g_sh)
-        target[:] = 0.0
-        d_sh_dc[k] = g_sh[:, 0]
+    d_means = np.empty((n, 9, 3))
+    d_scales = np.empty((n, 9, 3))
+    d_opacities = np.empty((n, 9))
+    d_sh_dc = np.empty((n, 9, 3))
+    _launch(projection_kernels.projection_jacobian_rows, *arrays, int(sh_degree), campos, viewmats, ks, int(width),
+            int(height), float(eps2d), rasterize_mode == "antialiased", radii_np, d_means, d_scales, d_opacities,
+            d_sh_dc)
     device = means.device
-    return tuple(torch.from_numpy(d).movedim(0, 1).to(device) for d in (d_means, d_scales, d_opacities, d_sh_dc))
+    return tuple(torch.from_numpy(d).to(device) for d in (d_means, d_scales, d_opacities, d_sh_dc))
 
 
 def compiled_rasterization(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:

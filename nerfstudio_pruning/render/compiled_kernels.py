@@ -755,3 +755,56 @@ def add_entries_to_rows(entry_moments, tile_rows, entry_start, out):
         r = tile_rows[entry_start + i]
         for col in range(n_cols):
             out[r, col] += entry_moments[i, col]
+
+
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
+def add_fisher_blocks(compact, jac, seen, total):
+    """total[seen[s]] += the symmetric part of A^T M A, with M [U, U] expanded from row s of `compact` (the
+    layout of `gradient_moment_tiles`, U = 6 + D) and A = jac[s] [U, B]: PUP's per-view Fisher block of each
+    Gaussian the view composites. `seen` holds distinct Gaussians (one camera, unpacked), so no two iterations
+    write the same block."""
+    n_seen = seen.shape[0]
+    n_u = jac.shape[1]
+    n_b = jac.shape[2]
+    n_chan = n_u - 6
+    n_chunks = (n_seen + 255) // 256
+    for chunk in prange(n_chunks):
+        m = np.zeros((n_u, n_u))
+        ma = np.empty((n_u, n_b))
+        slots = np.empty(6, np.int64)
+        for i in range(5):
+            slots[i] = i
+        slots[5] = 5 + n_chan  # the opacity, after the colours
+        for s in range(chunk * 256, min(n_seen, (chunk + 1) * 256)):
+            k = 0
+            for i in range(6):
+                for j in range(i, 6):
+                    m[slots[i], slots[j]] = compact[s, k]
+                    m[slots[j], slots[i]] = compact[s, k]
+                    k += 1
+            for i in range(6):
+                for ch in range(n_chan):
+                    value = compact[s, 21 + i * n_chan + ch]
+                    m[slots[i], 5 + ch] = value
+                    m[5 + ch, slots[i]] = value
+            w2 = compact[s, 21 + 6 * n_chan]
+            for ch in range(n_chan):
+                m[5 + ch, 5 + ch] = w2  # off-diagonal colour entries stay 0 (never written)
+            for i in range(n_u):
+                for b in range(n_b):
+                    acc = 0.0
+                    for j in range(n_u):
+                        acc += m[i, j] * jac[s, j, b]
+                    ma[i, b] = acc
+            g = seen[s]
+            for a in range(n_b):
+                for b in range(a, n_b):
+                    ab = 0.0
+                    ba = 0.0
+                    for i in range(n_u):
+                        ab += jac[s, i, a] * ma[i, b]
+                        ba += jac[s, i, b] * ma[i, a]
+                    value = 0.5 * (ab + ba)
+                    total[g, a, b] += value
+                    if b != a:
+                        total[g, b, a] += value

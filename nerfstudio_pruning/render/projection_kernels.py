@@ -188,6 +188,43 @@ def _camera_terms(viewmats, ks, c, m0, m1, m2, s00, s01, s02, s11, s12, s22, wid
             c00, c01, c02, c11, c12, c22)
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _dilated_cov2d(j00, j02, j11, j12, c00, c01, c02, c11, c12, c22, eps2d):
+    """cov2d = J Sc J^T with J = [[j00, 0, j02], [0, j11, j12]] (b00, b01, b11), its determinant, and the entries
+    and determinant after the eps2d dilation (a, d, det before the 1e-10 floor)."""
+    b00 = j00 * j00 * c00 + 2.0 * j00 * j02 * c02 + j02 * j02 * c22
+    b01 = j00 * j11 * c01 + j00 * j12 * c02 + j02 * j11 * c12 + j02 * j12 * c22
+    b11 = j11 * j11 * c11 + 2.0 * j11 * j12 * c12 + j12 * j12 * c22
+    det_orig = b00 * b11 - b01 * b01
+    a = b00 + eps2d
+    d = b11 + eps2d
+    return b00, b01, b11, det_orig, a, d, a * d - b01 * b01
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _scaled_rotation(means, quats, scales, n):
+    """Gaussian n's rotation R (and its normalised quaternion), M = R diag(s), Sigma = M M^T (6 unique entries)
+    and its mean."""
+    r, qw, qx, qy, qz, qnorm = _rotation(quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3])
+    sx = scales[n, 0]
+    sy = scales[n, 1]
+    sz = scales[n, 2]
+    m00 = r[0] * sx; m01 = r[1] * sy; m02 = r[2] * sz
+    m10 = r[3] * sx; m11 = r[4] * sy; m12 = r[5] * sz
+    m20 = r[6] * sx; m21 = r[7] * sy; m22 = r[8] * sz
+    s00 = m00 * m00 + m01 * m01 + m02 * m02
+    s01 = m00 * m10 + m01 * m11 + m02 * m12
+    s02 = m00 * m20 + m01 * m21 + m02 * m22
+    s11 = m10 * m10 + m11 * m11 + m12 * m12
+    s12 = m10 * m20 + m11 * m21 + m12 * m22
+    s22 = m20 * m20 + m21 * m21 + m22 * m22
+    mx = float(means[n, 0])
+    my = float(means[n, 1])
+    mz = float(means[n, 2])
+    return (r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02, m10, m11, m12, m20, m21, m22,
+            s00, s01, s02, s11, s12, s22, mx, my, mz)
+
+
 @njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def project_forward(means, quats, scales, opacities, sh, sh_degree, campos, viewmats, ks, width, height, eps2d,
                     near_plane, far_plane, radius_clip, antialiased, means2d, conics, depths, radii, opac_out,
@@ -200,35 +237,15 @@ def project_forward(means, quats, scales, opacities, sh, sh_degree, campos, view
     for chunk in prange(n_chunks):
       basis = np.empty(16)
       for n in range(chunk * GAUSSIANS_PER_CHUNK, min(n_gauss, (chunk + 1) * GAUSSIANS_PER_CHUNK)):
-        r, _, _, _, _, _ = _rotation(quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3])
-        sx = scales[n, 0]
-        sy = scales[n, 1]
-        sz = scales[n, 2]
-        # M = R S, Sigma = M M^T
-        m00 = r[0] * sx; m01 = r[1] * sy; m02 = r[2] * sz
-        m10 = r[3] * sx; m11 = r[4] * sy; m12 = r[5] * sz
-        m20 = r[6] * sx; m21 = r[7] * sy; m22 = r[8] * sz
-        s00 = m00 * m00 + m01 * m01 + m02 * m02
-        s01 = m00 * m10 + m01 * m11 + m02 * m12
-        s02 = m00 * m20 + m01 * m21 + m02 * m22
-        s11 = m10 * m10 + m11 * m11 + m12 * m12
-        s12 = m10 * m20 + m11 * m21 + m12 * m22
-        s22 = m20 * m20 + m21 * m21 + m22 * m22
-        mx = float(means[n, 0])
-        my = float(means[n, 1])
-        mz = float(means[n, 2])
+        (_, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _, _,
+         s00, s01, s02, s11, s12, s22, mx, my, mz) = _scaled_rotation(means, quats, scales, n)
         for c in range(n_cams):
             (px, py, pz, ux, uy, tx, ty, xcl, ycl, j00, j02, j11, j12,
              c00, c01, c02, c11, c12, c22) = _camera_terms(viewmats, ks, c, mx, my, mz, s00, s01, s02, s11, s12,
                                                            s22, width, height)
-            # cov2d = J Sc J^T with J = [[j00, 0, j02], [0, j11, j12]]
-            b00 = j00 * j00 * c00 + 2.0 * j00 * j02 * c02 + j02 * j02 * c22
-            b01 = j00 * j11 * c01 + j00 * j12 * c02 + j02 * j11 * c12 + j02 * j12 * c22
-            b11 = j11 * j11 * c11 + 2.0 * j11 * j12 * c12 + j12 * j12 * c22
-            det_orig = b00 * b11 - b01 * b01
-            a = b00 + eps2d
-            d = b11 + eps2d
-            det = max(a * d - b01 * b01, 1e-10)
+            b00, b01, b11, det_orig, a, d, det_raw = _dilated_cov2d(j00, j02, j11, j12, c00, c01, c02, c11, c12,
+                                                                    c22, eps2d)
+            det = max(det_raw, 1e-10)
             comp = math.sqrt(max(det_orig / det, 0.0)) if antialiased else 1.0
             mean_x = (ks[c, 0, 0] * px + ks[c, 0, 1] * py + ks[c, 0, 2] * pz) / pz
             mean_y = (ks[c, 1, 0] * px + ks[c, 1, 1] * py + ks[c, 1, 2] * pz) / pz
@@ -270,11 +287,239 @@ def project_forward(means, quats, scales, opacities, sh, sh_degree, campos, view
                         colors[c, n, ch] = max(acc + 0.5, 0.0)
 
 
+@njit(cache=True, inline="always", error_model="numpy")
+def _camera_forward(viewmats, ks, c, mx, my, mz, s00, s01, s02, s11, s12, s22, width, height, eps2d, sh, n,
+                    sh_degree, n_bases, campos, basis):
+    """What the backward pass through camera c needs of Gaussian n's forward pass (`basis` is filled with the SH
+    basis of its view direction); one call serves any number of cotangents (`_camera_vjp`)."""
+    (px, py, pz, ux, uy, tx, ty, xcl, ycl, j00, j02, j11, j12,
+     c00, c01, c02, c11, c12, c22) = _camera_terms(viewmats, ks, c, mx, my, mz, s00, s01, s02, s11, s12,
+                                                   s22, width, height)
+    b00, b01, b11, det_orig, a, d, det_raw = _dilated_cov2d(j00, j02, j11, j12, c00, c01, c02, c11, c12, c22, eps2d)
+    det = max(det_raw, 1e-10)
+    dx = 0.0
+    dy = 0.0
+    dz = 0.0
+    length = 1.0
+    ex = 0.0
+    ey = 0.0
+    ez = 0.0
+    pass0 = False
+    pass1 = False
+    pass2 = False
+    if n_bases > 0:
+        dx = mx - campos[c, 0]
+        dy = my - campos[c, 1]
+        dz = mz - campos[c, 2]
+        length = max(math.sqrt(dx * dx + dy * dy + dz * dz), 1e-12)
+        ex = dx / length
+        ey = dy / length
+        ez = dz / length
+        _sh_basis(sh_degree, ex, ey, ez, basis)
+        acc0 = 0.0
+        acc1 = 0.0
+        acc2 = 0.0
+        for k in range(n_bases):
+            acc0 += basis[k] * sh[n, k, 0]
+            acc1 += basis[k] * sh[n, k, 1]
+            acc2 += basis[k] * sh[n, k, 2]
+        # clamp_min passes the gradient where the input is >= the bound
+        pass0 = acc0 + 0.5 >= 0.0
+        pass1 = acc1 + 0.5 >= 0.0
+        pass2 = acc2 + 0.5 >= 0.0
+    return (px, py, pz, ux, uy, tx, ty, xcl, ycl, j00, j02, j11, j12, c00, c01, c02, c11, c12, c22, b00, b01, b11, det_orig, a, d, det_raw, det, dx, dy, dz, length, ex, ey, ez, pass0, pass1, pass2)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _camera_vjp(fw, viewmats, ks, c, opacity, sh, n, sh_degree, n_bases, eps2d, antialiased, basis, g_basis,
+                g_sh_n, gs, v_m2x, v_m2y, v_depth, v_c0, v_c1, v_c2, v_col0, v_col1, v_col2, v_op, gmx, gmy, gmz,
+                gop):
+    """Camera c's share of the vjp for the cotangents given (of mean2d, depth, conic, colour, opacity): added to
+    gmx, gmy, gmz, gop (returned), gs (d/dSigma, row-major 3x3) and g_sh_n (d/dSH)."""
+    (px, py, pz, ux, uy, tx, ty, xcl, ycl, j00, j02, j11, j12, c00, c01, c02, c11, c12, c22, b00, b01, b11, det_orig, a, d, det_raw, det, dx, dy, dz, length, ex, ey, ez, pass0, pass1, pass2) = fw
+    # Opacity and compensation.
+    g_comp = 0.0
+    if antialiased:
+        ratio = det_orig / det
+        comp = math.sqrt(max(ratio, 0.0))
+        gop += v_op * comp
+        g_comp = v_op * opacity
+    else:
+        gop += v_op
+
+    # Colour: SH coefficients, then the view direction's gradient into the mean.
+    if n_bases > 0:
+        any_grad = False
+        for k in range(n_bases):
+            g_basis[k] = 0.0
+        for ch in range(3):
+            passes = pass0 if ch == 0 else (pass1 if ch == 1 else pass2)
+            if passes:
+                gc = v_col0 if ch == 0 else (v_col1 if ch == 1 else v_col2)
+                if gc != 0.0:
+                    any_grad = True
+                    for k in range(n_bases):
+                        g_sh_n[k, ch] += basis[k] * gc
+                        g_basis[k] += sh[n, k, ch] * gc
+        if any_grad:
+            gex, gey, gez = _sh_basis_vjp(sh_degree, ex, ey, ez, g_basis)
+            dot = gex * ex + gey * ey + gez * ez
+            # F.normalize divides by max(|d|, eps); below eps the direction is d / eps
+            if math.sqrt(dx * dx + dy * dy + dz * dz) > 1e-12:
+                gmx += (gex - ex * dot) / length
+                gmy += (gey - ey * dot) / length
+                gmz += (gez - ez * dot) / length
+            else:
+                gmx += gex / length
+                gmy += gey / length
+                gmz += gez / length
+
+    # Conic [d/det, -b01/det, a/det] (gsplat averages the two off-diagonal entries, equal here).
+    gc0 = v_c0
+    gc1 = v_c1
+    gc2 = v_c2
+    g_a = gc2 / det
+    g_d = gc0 / det
+    g_b = -gc1 / det  # d/d b01 of the symmetric entry, i.e. the sum over (0,1) and (1,0)
+    g_det = -(gc0 * d - gc1 * b01 + gc2 * a) / (det * det)
+    g_det_orig = 0.0
+    if antialiased and g_comp != 0.0:
+        ratio = det_orig / det
+        if ratio > 0.0:
+            g_ratio = g_comp * 0.5 / math.sqrt(ratio)
+            g_det_orig = g_ratio / det
+            g_det += -g_ratio * det_orig / (det * det)
+    if det_raw < 1e-10:
+        g_det = 0.0
+    # det = a d - b01^2, det_orig = b00 b11 - b01^2 (b00 = a - eps, b11 = d - eps)
+    g_a += g_det * d + g_det_orig * b11
+    g_d += g_det * a + g_det_orig * b00
+    g_b += -2.0 * b01 * (g_det + g_det_orig)
+    # Split the symmetric off-diagonal gradient evenly over the two entries of cov2d.
+    h01 = 0.5 * g_b
+
+    # cov2d = J Sc J^T: dJ = (G + G^T) J Sc = 2 G J Sc for symmetric G; dSc = J^T G J.
+    # G = [[g_a, h01], [h01, g_d]]
+    # JS = J Sc (2x3)
+    js00 = j00 * c00 + j02 * c02
+    js01 = j00 * c01 + j02 * c12
+    js02 = j00 * c02 + j02 * c22
+    js10 = j11 * c01 + j12 * c02
+    js11 = j11 * c11 + j12 * c12
+    js12 = j11 * c12 + j12 * c22
+    gj00 = 2.0 * (g_a * js00 + h01 * js10)
+    gj02 = 2.0 * (g_a * js02 + h01 * js12)
+    gj11 = 2.0 * (h01 * js01 + g_d * js11)
+    gj12 = 2.0 * (h01 * js02 + g_d * js12)
+    # dSc = J^T G J, J columns: col0 = (j00, 0), col1 = (0, j11), col2 = (j02, j12)
+    q00 = j00 * (g_a * j00)
+    q01 = j00 * (h01 * j11)
+    q02 = j00 * (g_a * j02 + h01 * j12)
+    q11 = j11 * (g_d * j11)
+    q12 = j11 * (h01 * j02 + g_d * j12)
+    q22 = j02 * (g_a * j02 + h01 * j12) + j12 * (h01 * j02 + g_d * j12)
+    # dSigma += W^T dSc W (dSc symmetric: q01 = q10 etc.)
+    w00 = viewmats[c, 0, 0]; w01 = viewmats[c, 0, 1]; w02 = viewmats[c, 0, 2]
+    w10 = viewmats[c, 1, 0]; w11 = viewmats[c, 1, 1]; w12 = viewmats[c, 1, 2]
+    w20 = viewmats[c, 2, 0]; w21 = viewmats[c, 2, 1]; w22 = viewmats[c, 2, 2]
+    # T = dSc W
+    t00 = q00 * w00 + q01 * w10 + q02 * w20
+    t01 = q00 * w01 + q01 * w11 + q02 * w21
+    t02 = q00 * w02 + q01 * w12 + q02 * w22
+    t10 = q01 * w00 + q11 * w10 + q12 * w20
+    t11 = q01 * w01 + q11 * w11 + q12 * w21
+    t12 = q01 * w02 + q11 * w12 + q12 * w22
+    t20 = q02 * w00 + q12 * w10 + q22 * w20
+    t21 = q02 * w01 + q12 * w11 + q22 * w21
+    t22 = q02 * w02 + q12 * w12 + q22 * w22
+    # W^T T
+    gs[0] += w00 * t00 + w10 * t10 + w20 * t20
+    gs[1] += w00 * t01 + w10 * t11 + w20 * t21
+    gs[2] += w00 * t02 + w10 * t12 + w20 * t22
+    gs[3] += w01 * t00 + w11 * t10 + w21 * t20
+    gs[4] += w01 * t01 + w11 * t11 + w21 * t21
+    gs[5] += w01 * t02 + w11 * t12 + w21 * t22
+    gs[6] += w02 * t00 + w12 * t10 + w22 * t20
+    gs[7] += w02 * t01 + w12 * t11 + w22 * t21
+    gs[8] += w02 * t02 + w12 * t12 + w22 * t22
+
+    # Camera-space mean: from means2d, depth and the Jacobian.
+    gm2x = v_m2x
+    gm2y = v_m2y
+    mean_x = (ks[c, 0, 0] * px + ks[c, 0, 1] * py + ks[c, 0, 2] * pz) / pz
+    mean_y = (ks[c, 1, 0] * px + ks[c, 1, 1] * py + ks[c, 1, 2] * pz) / pz
+    gpx = (gm2x * ks[c, 0, 0] + gm2y * ks[c, 1, 0]) / pz
+    gpy = (gm2x * ks[c, 0, 1] + gm2y * ks[c, 1, 1]) / pz
+    gpz = (gm2x * (ks[c, 0, 2] - mean_x) + gm2y * (ks[c, 1, 2] - mean_y)) / pz + v_depth
+    fx = ks[c, 0, 0]
+    fy = ks[c, 1, 1]
+    pz2 = pz * pz
+    # j00 = fx / z, j11 = fy / z, j02 = -fx tx / z^2, j12 = -fy ty / z^2
+    gpz += -fx / pz2 * gj00 - fy / pz2 * gj11
+    gpz += 2.0 * fx * tx / (pz2 * pz) * gj02 + 2.0 * fy * ty / (pz2 * pz) * gj12
+    g_tx = -fx / pz2 * gj02
+    g_ty = -fy / pz2 * gj12
+    # tx = z * clamp(px / z): unclamped, d/dpx = 1 and d/dz = 0; clamped, d/dz = the bound, d/dpx = 0.
+    if xcl:
+        gpz += g_tx * ux
+    else:
+        gpx += g_tx
+    if ycl:
+        gpz += g_ty * uy
+    else:
+        gpy += g_ty
+    # mean = W^T p
+    gmx += w00 * gpx + w10 * gpy + w20 * gpz
+    gmy += w01 * gpx + w11 * gpy + w21 * gpz
+    gmz += w02 * gpx + w12 * gpy + w22 * gpz
+    return gmx, gmy, gmz, gop
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _sigma_vjp(gs, r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02, m10, m11, m12, m20, m21, m22):
+    """d/dSigma (gs, row-major 3x3) back to the scale (3) and the unnormalised quaternion (4)."""
+    # Sigma = M M^T: dM = (dSigma + dSigma^T) M
+    h00 = gs[0] + gs[0]; h01 = gs[1] + gs[3]; h02 = gs[2] + gs[6]
+    h11 = gs[4] + gs[4]; h12 = gs[5] + gs[7]; h22 = gs[8] + gs[8]
+    gm00 = h00 * m00 + h01 * m10 + h02 * m20
+    gm01 = h00 * m01 + h01 * m11 + h02 * m21
+    gm02 = h00 * m02 + h01 * m12 + h02 * m22
+    gm10 = h01 * m00 + h11 * m10 + h12 * m20
+    gm11 = h01 * m01 + h11 * m11 + h12 * m21
+    gm12 = h01 * m02 + h11 * m12 + h12 * m22
+    gm20 = h02 * m00 + h12 * m10 + h22 * m20
+    gm21 = h02 * m01 + h12 * m11 + h22 * m21
+    gm22 = h02 * m02 + h12 * m12 + h22 * m22
+    # M = R diag(s)
+    gsx = gm00 * r[0] + gm10 * r[3] + gm20 * r[6]
+    gsy = gm01 * r[1] + gm11 * r[4] + gm21 * r[7]
+    gsz = gm02 * r[2] + gm12 * r[5] + gm22 * r[8]
+    gr00 = gm00 * sx; gr01 = gm01 * sy; gr02 = gm02 * sz
+    gr10 = gm10 * sx; gr11 = gm11 * sy; gr12 = gm12 * sz
+    gr20 = gm20 * sx; gr21 = gm21 * sy; gr22 = gm22 * sz
+    w, x, y, z = qw, qx, qy, qz
+    gw = 2.0 * (-z * gr01 + y * gr02 + z * gr10 - x * gr12 - y * gr20 + x * gr21)
+    gx = 2.0 * (y * gr01 + z * gr02 + y * gr10 - 2.0 * x * gr11 - w * gr12 + z * gr20 + w * gr21
+                - 2.0 * x * gr22)
+    gy = 2.0 * (-2.0 * y * gr00 + x * gr01 + w * gr02 + x * gr10 + z * gr12 - w * gr20 + z * gr21
+                - 2.0 * y * gr22)
+    gz = 2.0 * (-2.0 * z * gr00 - w * gr01 + x * gr02 + w * gr10 - 2.0 * z * gr11 + y * gr12 + x * gr20
+                + y * gr21)
+    # q_hat = q / max(|q|, eps): dq = (dq_hat - q_hat (q_hat . dq_hat)) / |q|; below eps a plain division
+    dot = gw * w + gx * x + gy * y + gz * z if qnorm > 1e-12 else 0.0
+    gq0 = (gw - w * dot) / qnorm
+    gq1 = (gx - x * dot) / qnorm
+    gq2 = (gy - y * dot) / qnorm
+    gq3 = (gz - z * dot) / qnorm
+    return gsx, gsy, gsz, gq0, gq1, gq2, gq3
+
+
 @njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
 def project_backward(means, quats, scales, opacities, sh, sh_degree, campos, viewmats, ks, width, height, eps2d,
                      antialiased, radii, v_means2d, v_conics, v_depths, v_opac, v_colors,
                      g_means, g_quats, g_scales, g_opacities, g_sh):
-    """Gradients of the forward outputs' vjp into the per-Gaussian inputs (g_* are written, not accumulated)."""
+    """Gradients of the forward outputs' vjp into the per-Gaussian inputs (g_* are written, not accumulated;
+    g_sh: the first g_sh.shape[1] SH coefficients)."""
     n_gauss = means.shape[0]
     n_cams = viewmats.shape[0]
     n_sh = sh.shape[1]
@@ -288,23 +533,9 @@ def project_backward(means, quats, scales, opacities, sh, sh_degree, campos, vie
       for n in range(chunk * GAUSSIANS_PER_CHUNK, min(n_gauss, (chunk + 1) * GAUSSIANS_PER_CHUNK)):
         g_sh_n[:] = 0.0
         gs[:] = 0.0
-        r, qw, qx, qy, qz, qnorm = _rotation(quats[n, 0], quats[n, 1], quats[n, 2], quats[n, 3])
-        sx = scales[n, 0]
-        sy = scales[n, 1]
-        sz = scales[n, 2]
-        m00 = r[0] * sx; m01 = r[1] * sy; m02 = r[2] * sz
-        m10 = r[3] * sx; m11 = r[4] * sy; m12 = r[5] * sz
-        m20 = r[6] * sx; m21 = r[7] * sy; m22 = r[8] * sz
-        s00 = m00 * m00 + m01 * m01 + m02 * m02
-        s01 = m00 * m10 + m01 * m11 + m02 * m12
-        s02 = m00 * m20 + m01 * m21 + m02 * m22
-        s11 = m10 * m10 + m11 * m11 + m12 * m12
-        s12 = m10 * m20 + m11 * m21 + m12 * m22
-        s22 = m20 * m20 + m21 * m21 + m22 * m22
-        mx = float(means[n, 0])
-        my = float(means[n, 1])
-        mz = float(means[n, 2])
-        # Accumulated over cameras: d/dSigma (gs, full 3x3, row-major), d/dmean, d/dopacity.
+        (r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02, m10, m11, m12, m20, m21, m22,
+         s00, s01, s02, s11, s12, s22, mx, my, mz) = _scaled_rotation(means, quats, scales, n)
+        # Accumulated over cameras: d/dSigma (gs), d/dmean, d/dopacity.
         gmx = 0.0
         gmy = 0.0
         gmz = 0.0
@@ -312,202 +543,79 @@ def project_backward(means, quats, scales, opacities, sh, sh_degree, campos, vie
         for c in range(n_cams):
             if radii[c, n] <= 0:
                 continue
-            (px, py, pz, ux, uy, tx, ty, xcl, ycl, j00, j02, j11, j12,
-             c00, c01, c02, c11, c12, c22) = _camera_terms(viewmats, ks, c, mx, my, mz, s00, s01, s02, s11, s12,
-                                                           s22, width, height)
-            b00 = j00 * j00 * c00 + 2.0 * j00 * j02 * c02 + j02 * j02 * c22
-            b01 = j00 * j11 * c01 + j00 * j12 * c02 + j02 * j11 * c12 + j02 * j12 * c22
-            b11 = j11 * j11 * c11 + 2.0 * j11 * j12 * c12 + j12 * j12 * c22
-            det_orig = b00 * b11 - b01 * b01
-            a = b00 + eps2d
-            d = b11 + eps2d
-            det_raw = a * d - b01 * b01
-            det = max(det_raw, 1e-10)
-
-            # Opacity and compensation.
-            g_comp = 0.0
-            if antialiased:
-                ratio = det_orig / det
-                comp = math.sqrt(max(ratio, 0.0))
-                gop += v_opac[c, n] * comp
-                g_comp = v_opac[c, n] * opacities[n]
-            else:
-                gop += v_opac[c, n]
-
-            # Colour: SH coefficients, then the view direction's gradient into the mean.
-            if n_bases > 0:
-                dx = mx - campos[c, 0]
-                dy = my - campos[c, 1]
-                dz = mz - campos[c, 2]
-                length = max(math.sqrt(dx * dx + dy * dy + dz * dz), 1e-12)
-                ex = dx / length
-                ey = dy / length
-                ez = dz / length
-                _sh_basis(sh_degree, ex, ey, ez, basis)
-                any_grad = False
-                for k in range(n_bases):
-                    g_basis[k] = 0.0
-                for ch in range(3):
-                    acc = 0.0
-                    for k in range(n_bases):
-                        acc += basis[k] * sh[n, k, ch]
-                    # clamp_min passes the gradient where the input is >= the bound
-                    if acc + 0.5 >= 0.0:
-                        gc = v_colors[c, n, ch]
-                        if gc != 0.0:
-                            any_grad = True
-                            for k in range(n_bases):
-                                g_sh_n[k, ch] += basis[k] * gc
-                                g_basis[k] += sh[n, k, ch] * gc
-                if any_grad:
-                    gex, gey, gez = _sh_basis_vjp(sh_degree, ex, ey, ez, g_basis)
-                    dot = gex * ex + gey * ey + gez * ez
-                    # F.normalize divides by max(|d|, eps); below eps the direction is d / eps
-                    if math.sqrt(dx * dx + dy * dy + dz * dz) > 1e-12:
-                        gmx += (gex - ex * dot) / length
-                        gmy += (gey - ey * dot) / length
-                        gmz += (gez - ez * dot) / length
-                    else:
-                        gmx += gex / length
-                        gmy += gey / length
-                        gmz += gez / length
-
-            # Conic [d/det, -b01/det, a/det] (gsplat averages the two off-diagonal entries, equal here).
-            gc0 = v_conics[c, n, 0]
-            gc1 = v_conics[c, n, 1]
-            gc2 = v_conics[c, n, 2]
-            g_a = gc2 / det
-            g_d = gc0 / det
-            g_b = -gc1 / det  # d/d b01 of the symmetric entry, i.e. the sum over (0,1) and (1,0)
-            g_det = -(gc0 * d - gc1 * b01 + gc2 * a) / (det * det)
-            g_det_orig = 0.0
-            if antialiased and g_comp != 0.0:
-                ratio = det_orig / det
-                if ratio > 0.0:
-                    g_ratio = g_comp * 0.5 / math.sqrt(ratio)
-                    g_det_orig = g_ratio / det
-                    g_det += -g_ratio * det_orig / (det * det)
-            if det_raw < 1e-10:
-                g_det = 0.0
-            # det = a d - b01^2, det_orig = b00 b11 - b01^2 (b00 = a - eps, b11 = d - eps)
-            g_a += g_det * d + g_det_orig * b11
-            g_d += g_det * a + g_det_orig * b00
-            g_b += -2.0 * b01 * (g_det + g_det_orig)
-            # Split the symmetric off-diagonal gradient evenly over the two entries of cov2d.
-            h01 = 0.5 * g_b
-
-            # cov2d = J Sc J^T: dJ = (G + G^T) J Sc = 2 G J Sc for symmetric G; dSc = J^T G J.
-            # G = [[g_a, h01], [h01, g_d]]
-            # JS = J Sc (2x3)
-            js00 = j00 * c00 + j02 * c02
-            js01 = j00 * c01 + j02 * c12
-            js02 = j00 * c02 + j02 * c22
-            js10 = j11 * c01 + j12 * c02
-            js11 = j11 * c11 + j12 * c12
-            js12 = j11 * c12 + j12 * c22
-            gj00 = 2.0 * (g_a * js00 + h01 * js10)
-            gj02 = 2.0 * (g_a * js02 + h01 * js12)
-            gj11 = 2.0 * (h01 * js01 + g_d * js11)
-            gj12 = 2.0 * (h01 * js02 + g_d * js12)
-            # dSc = J^T G J, J columns: col0 = (j00, 0), col1 = (0, j11), col2 = (j02, j12)
-            q00 = j00 * (g_a * j00)
-            q01 = j00 * (h01 * j11)
-            q02 = j00 * (g_a * j02 + h01 * j12)
-            q11 = j11 * (g_d * j11)
-            q12 = j11 * (h01 * j02 + g_d * j12)
-            q22 = j02 * (g_a * j02 + h01 * j12) + j12 * (h01 * j02 + g_d * j12)
-            # dSigma += W^T dSc W (dSc symmetric: q01 = q10 etc.)
-            w00 = viewmats[c, 0, 0]; w01 = viewmats[c, 0, 1]; w02 = viewmats[c, 0, 2]
-            w10 = viewmats[c, 1, 0]; w11 = viewmats[c, 1, 1]; w12 = viewmats[c, 1, 2]
-            w20 = viewmats[c, 2, 0]; w21 = viewmats[c, 2, 1]; w22 = viewmats[c, 2, 2]
-            # T = dSc W
-            t00 = q00 * w00 + q01 * w10 + q02 * w20
-            t01 = q00 * w01 + q01 * w11 + q02 * w21
-            t02 = q00 * w02 + q01 * w12 + q02 * w22
-            t10 = q01 * w00 + q11 * w10 + q12 * w20
-            t11 = q01 * w01 + q11 * w11 + q12 * w21
-            t12 = q01 * w02 + q11 * w12 + q12 * w22
-            t20 = q02 * w00 + q12 * w10 + q22 * w20
-            t21 = q02 * w01 + q12 * w11 + q22 * w21
-            t22 = q02 * w02 + q12 * w12 + q22 * w22
-            # W^T T
-            gs[0] += w00 * t00 + w10 * t10 + w20 * t20
-            gs[1] += w00 * t01 + w10 * t11 + w20 * t21
-            gs[2] += w00 * t02 + w10 * t12 + w20 * t22
-            gs[3] += w01 * t00 + w11 * t10 + w21 * t20
-            gs[4] += w01 * t01 + w11 * t11 + w21 * t21
-            gs[5] += w01 * t02 + w11 * t12 + w21 * t22
-            gs[6] += w02 * t00 + w12 * t10 + w22 * t20
-            gs[7] += w02 * t01 + w12 * t11 + w22 * t21
-            gs[8] += w02 * t02 + w12 * t12 + w22 * t22
-
-            # Camera-space mean: from means2d, depth and the Jacobian.
-            gm2x = v_means2d[c, n, 0]
-            gm2y = v_means2d[c, n, 1]
-            mean_x = (ks[c, 0, 0] * px + ks[c, 0, 1] * py + ks[c, 0, 2] * pz) / pz
-            mean_y = (ks[c, 1, 0] * px + ks[c, 1, 1] * py + ks[c, 1, 2] * pz) / pz
-            gpx = (gm2x * ks[c, 0, 0] + gm2y * ks[c, 1, 0]) / pz
-            gpy = (gm2x * ks[c, 0, 1] + gm2y * ks[c, 1, 1]) / pz
-            gpz = (gm2x * (ks[c, 0, 2] - mean_x) + gm2y * (ks[c, 1, 2] - mean_y)) / pz + v_depths[c, n]
-            fx = ks[c, 0, 0]
-            fy = ks[c, 1, 1]
-            pz2 = pz * pz
-            # j00 = fx / z, j11 = fy / z, j02 = -fx tx / z^2, j12 = -fy ty / z^2
-            gpz += -fx / pz2 * gj00 - fy / pz2 * gj11
-            gpz += 2.0 * fx * tx / (pz2 * pz) * gj02 + 2.0 * fy * ty / (pz2 * pz) * gj12
-            g_tx = -fx / pz2 * gj02
-            g_ty = -fy / pz2 * gj12
-            # tx = z * clamp(px / z): unclamped, d/dpx = 1 and d/dz = 0; clamped, d/dz = the bound, d/dpx = 0.
-            if xcl:
-                gpz += g_tx * ux
-            else:
-                gpx += g_tx
-            if ycl:
-                gpz += g_ty * uy
-            else:
-                gpy += g_ty
-            # mean = W^T p
-            gmx += w00 * gpx + w10 * gpy + w20 * gpz
-            gmy += w01 * gpx + w11 * gpy + w21 * gpz
-            gmz += w02 * gpx + w12 * gpy + w22 * gpz
-
+            fw = _camera_forward(viewmats, ks, c, mx, my, mz, s00, s01, s02, s11, s12, s22, width, height, eps2d,
+                                 sh, n, sh_degree, n_bases, campos, basis)
+            gmx, gmy, gmz, gop = _camera_vjp(
+                fw, viewmats, ks, c, opacities[n], sh, n, sh_degree, n_bases, eps2d, antialiased, basis, g_basis,
+                g_sh_n, gs, v_means2d[c, n, 0], v_means2d[c, n, 1], v_depths[c, n], v_conics[c, n, 0],
+                v_conics[c, n, 1], v_conics[c, n, 2], v_colors[c, n, 0], v_colors[c, n, 1], v_colors[c, n, 2],
+                v_opac[c, n], gmx, gmy, gmz, gop)
         g_means[n, 0] = gmx
         g_means[n, 1] = gmy
         g_means[n, 2] = gmz
         g_opacities[n] = gop
-        for k in range(n_sh):
+        # g_sh may hold fewer coefficients than sh: those are written.
+        for k in range(g_sh.shape[1]):
             for ch in range(3):
                 g_sh[n, k, ch] = g_sh_n[k, ch] if k < n_bases else 0.0
-        # Sigma = M M^T: dM = (dSigma + dSigma^T) M
-        h00 = gs[0] + gs[0]; h01 = gs[1] + gs[3]; h02 = gs[2] + gs[6]
-        h11 = gs[4] + gs[4]; h12 = gs[5] + gs[7]; h22 = gs[8] + gs[8]
-        gm00 = h00 * m00 + h01 * m10 + h02 * m20
-        gm01 = h00 * m01 + h01 * m11 + h02 * m21
-        gm02 = h00 * m02 + h01 * m12 + h02 * m22
-        gm10 = h01 * m00 + h11 * m10 + h12 * m20
-        gm11 = h01 * m01 + h11 * m11 + h12 * m21
-        gm12 = h01 * m02 + h11 * m12 + h12 * m22
-        gm20 = h02 * m00 + h12 * m10 + h22 * m20
-        gm21 = h02 * m01 + h12 * m11 + h22 * m21
-        gm22 = h02 * m02 + h12 * m12 + h22 * m22
-        # M = R diag(s)
-        g_scales[n, 0] = gm00 * r[0] + gm10 * r[3] + gm20 * r[6]
-        g_scales[n, 1] = gm01 * r[1] + gm11 * r[4] + gm21 * r[7]
-        g_scales[n, 2] = gm02 * r[2] + gm12 * r[5] + gm22 * r[8]
-        gr00 = gm00 * sx; gr01 = gm01 * sy; gr02 = gm02 * sz
-        gr10 = gm10 * sx; gr11 = gm11 * sy; gr12 = gm12 * sz
-        gr20 = gm20 * sx; gr21 = gm21 * sy; gr22 = gm22 * sz
-        w, x, y, z = qw, qx, qy, qz
-        gw = 2.0 * (-z * gr01 + y * gr02 + z * gr10 - x * gr12 - y * gr20 + x * gr21)
-        gx = 2.0 * (y * gr01 + z * gr02 + y * gr10 - 2.0 * x * gr11 - w * gr12 + z * gr20 + w * gr21
-                    - 2.0 * x * gr22)
-        gy = 2.0 * (-2.0 * y * gr00 + x * gr01 + w * gr02 + x * gr10 + z * gr12 - w * gr20 + z * gr21
-                    - 2.0 * y * gr22)
-        gz = 2.0 * (-2.0 * z * gr00 - w * gr01 + x * gr02 + w * gr10 - 2.0 * z * gr11 + y * gr12 + x * gr20
-                    + y * gr21)
-        # q_hat = q / max(|q|, eps): dq = (dq_hat - q_hat (q_hat . dq_hat)) / |q|; below eps a plain division
-        dot = gw * w + gx * x + gy * y + gz * z if qnorm > 1e-12 else 0.0
-        g_quats[n, 0] = (gw - w * dot) / qnorm
-        g_quats[n, 1] = (gx - x * dot) / qnorm
-        g_quats[n, 2] = (gy - y * dot) / qnorm
-        g_quats[n, 3] = (gz - z * dot) / qnorm
+        gsx, gsy, gsz, gq0, gq1, gq2, gq3 = _sigma_vjp(gs, r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02,
+                                                       m10, m11, m12, m20, m21, m22)
+        g_scales[n, 0] = gsx
+        g_scales[n, 1] = gsy
+        g_scales[n, 2] = gsz
+        g_quats[n, 0] = gq0
+        g_quats[n, 1] = gq1
+        g_quats[n, 2] = gq2
+        g_quats[n, 3] = gq3
+
+
+@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
+def projection_jacobian_rows(means, quats, scales, opacities, sh, sh_degree, campos, viewmats, ks, width, height,
+                             eps2d, antialiased, radii, d_means, d_scales, d_opacities, d_sh_dc):
+    """Row k of each Gaussian's Jacobian of u = (mean2d 2, conic 3, colour 3, opacity 1) seen from camera 0, for
+    k = 0..8: what `project_backward` returns for a cotangent of 1 in component k of every Gaussian's u, with one
+    forward pass per Gaussian for all nine (d_means, d_scales [N, 9, 3], d_opacities [N, 9], d_sh_dc [N, 9, 3]:
+    into the means, scales, activated opacities and degree-0 SH coefficients). Rows with radius <= 0 are zero."""
+    n_gauss = means.shape[0]
+    n_sh = sh.shape[1]
+    n_bases = (sh_degree + 1) * (sh_degree + 1) if n_sh > 0 else 0
+    n_chunks = (n_gauss + GAUSSIANS_PER_CHUNK - 1) // GAUSSIANS_PER_CHUNK
+    for chunk in prange(n_chunks):
+      basis = np.empty(16)
+      g_basis = np.zeros(16)
+      g_sh_n = np.zeros((16, 3))
+      gs = np.zeros(9)
+      unit = np.zeros(9)
+      for n in range(chunk * GAUSSIANS_PER_CHUNK, min(n_gauss, (chunk + 1) * GAUSSIANS_PER_CHUNK)):
+        if radii[0, n] <= 0:
+            for k in range(9):
+                for i in range(3):
+                    d_means[n, k, i] = 0.0
+                    d_scales[n, k, i] = 0.0
+                    d_sh_dc[n, k, i] = 0.0
+                d_opacities[n, k] = 0.0
+            continue
+        (r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02, m10, m11, m12, m20, m21, m22,
+         s00, s01, s02, s11, s12, s22, mx, my, mz) = _scaled_rotation(means, quats, scales, n)
+        fw = _camera_forward(viewmats, ks, 0, mx, my, mz, s00, s01, s02, s11, s12, s22, width, height, eps2d,
+                             sh, n, sh_degree, n_bases, campos, basis)
+        for k in range(9):
+            g_sh_n[:] = 0.0
+            gs[:] = 0.0
+            unit[:] = 0.0
+            unit[k] = 1.0
+            gmx, gmy, gmz, gop = _camera_vjp(
+                fw, viewmats, ks, 0, opacities[n], sh, n, sh_degree, n_bases, eps2d, antialiased, basis, g_basis,
+                g_sh_n, gs, unit[0], unit[1], 0.0, unit[2], unit[3], unit[4], unit[5], unit[6], unit[7], unit[8],
+                0.0, 0.0, 0.0, 0.0)
+            gsx, gsy, gsz, _, _, _, _ = _sigma_vjp(gs, r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02, m10,
+                                                   m11, m12, m20, m21, m22)
+            d_means[n, k, 0] = gmx
+            d_means[n, k, 1] = gmy
+            d_means[n, k, 2] = gmz
+            d_scales[n, k, 0] = gsx
+            d_scales[n, k, 1] = gsy
+            d_scales[n, k, 2] = gsz
+            d_opacities[n, k] = gop
+            for ch in range(3):
+                d_sh_dc[n, k, ch] = g_sh_n[0, ch] if n_bases > 0 else 0.0

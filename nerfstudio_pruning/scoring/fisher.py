@@ -10,7 +10,8 @@ u_i = (mean2d 2, conic 3, colour D, effective opacity 1), so g = A_i^T d I_pc / 
 and F_i(view) = A_i^T M_i A_i, M_i = sum_{p,c} (dI_pc/du_i)(dI_pc/du_i)^T. M_i comes from the per-pair
 gradients of `pair_stats.py`, A_i from forward-mode autodiff through gsplat's torch projection and SH
 evaluation: u_i depends on theta_i only, so a JVP whose tangent is the same unit vector for every Gaussian
-returns that column of every A_i at once (6 JVPs per view).
+returns that column of every A_i at once (6 JVPs per view). Where the compiled CPU kernels run, M, A and the
+blocks come from compiled passes instead (docs/fisher.md, "Compiled passes").
 
 Memory beyond `pair_stats` (measured as in its docstring): the M terms take 40 float64 per pair (~320 bytes)
 on top of the statistics, ~0.75 KB per pair of a chunk in all (+1.1 GB for 1.5 M pairs in one chunk). Per
@@ -225,6 +226,9 @@ def fisher_blocks(
     size = block_size(gaussians, params)
 
     total = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
+    compiled = uses_compiled_kernels(gaussians.means)
+    if compiled:
+        from nerfstudio_pruning.render.compiled import compiled_add_fisher_blocks  # numba: loaded only when used
 
     def add_view_blocks(_: int, view: Views) -> None:
         proj, m_compact = gradient_moments(gaussians, view, tile_size, chunk_pairs)
@@ -237,6 +241,9 @@ def fisher_blocks(
         # go straight into the total: a per-view [N, B, B] buffer would cost more than the blocks themselves.
         for seen in torch.nonzero(m_compact[:, -1] > 0)[:, 0].split(gaussian_chunk):
             jac = projection_jacobian(gaussians.subset(seen), view, params, radii[seen])
+            if compiled:
+                compiled_add_fisher_blocks(m_compact[seen], jac, seen, total)
+                continue
             m_full = _expand_m(m_compact[seen], channels)
             block = jac.transpose(1, 2) @ m_full @ jac
             # Matmul rounding leaves ~1e-16 asymmetry; symmetric blocks keep downstream eigen/SVD code honest.
