@@ -1,0 +1,1 @@
+"""Scenes and dataparsers: the built-in default scene (generated, no download) and a caching nerfstudio-data."""
