@@ -10,6 +10,7 @@
 #   lane pup        : pup-gs from the splatfacto lane's step-29999 checkpoint, once per score in $SCORES
 #                     (BASE_SEED=42 with another SEED: only the refinement repeated, from seed 42's checkpoint)
 #   lane densify    : only the densify-to-7k baseline (to balance the cores; the vedal lane skips it once done)
+#   lane vedal-early-removal : vedal-gs with the hard removal at step 26999 of 30000 (3k steps train the survivors)
 # Every run saves a checkpoint each $SAVE_EVERY steps (default 1000) and a lane started again continues each
 # unfinished run from its latest checkpoint (resume is exact), so a lane can be stopped and restarted at will.
 # Usage: bash benchmarks/full_schedule.sh LANE SCENE OUT [SEED] [CORE]
@@ -47,6 +48,10 @@ train() {  # METHOD NAME END ARGS...: train run NAME up to step END-1, from its 
   taskset -c "$CORE" "$BIN/ns-train" "$method" "$@" --timestamp "$name" "${resume[@]}" $DATAPARSER >> "$OUT/logs/$name.log" 2>&1
   echo "$(date -u +%FT%TZ) $name: exit $?" >> "$OUT/logs/lanes.log"
 }
+vedal_schedule() {  # HARD_PRUNE_STEP: vedal-gs's fields at schedule scale 1 (fine-tuning from 7k)
+  echo "--pipeline.model.stop-split-at 15000 --pipeline.model.finetune-start-step 7000
+    --pipeline.model.importance-every 100 --pipeline.model.hard-prune-step $1"
+}
 densify_baseline() {  # splatfacto with densification stopped where vedal-gs stops it
   train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000
 }
@@ -57,9 +62,11 @@ case "$LANE" in
     train splatfacto-portable "splatfacto-40k-s$SEED" 30000 $(common 30000) --save-only-latest-checkpoint True
     train splatfacto-portable "splatfacto-40k-s$SEED" 40000 $(common 10000) --save-only-latest-checkpoint False ;;
   vedal)
-    train vedal-gs "vedal-gs-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 15000 \
-      --pipeline.model.finetune-start-step 7000 --pipeline.model.importance-every 100 --pipeline.model.hard-prune-step 29999
+    train vedal-gs "vedal-gs-s$SEED" 30000 $(common 30000) $(vedal_schedule 29999)
     densify_baseline ;;
+  vedal-early-removal)
+    # The same 30k steps with the hard removal 3,000 steps before the end, so that the survivors train on after it.
+    train vedal-gs "vedal-gs-removal27k-s$SEED" 30000 $(common 30000) $(vedal_schedule 26999) ;;
   densify)
     densify_baseline ;;
   pup)
@@ -74,5 +81,5 @@ case "$LANE" in
       train pup-gs "pup-gs-$SCORE-$SUFFIX" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
-  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|vedal-early-removal|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
 esac
