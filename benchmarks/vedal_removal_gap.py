@@ -1,0 +1,123 @@
+"""Where vedal-gs's hard removal loses quality: one checkpoint from before the removal, rendered four ways.
+
+During fine-tuning a gated Gaussian renders with opacity o z, z ~ BinaryConcrete(logit p, tau) (nearly a Bernoulli
+draw once tau has annealed), so a Gaussian with p = 0.3 is present in about 30% of the steps; the removal keeps
+the gated Gaussians with p >= 0.5 for good. This script measures, on the eval views of a vedal-gs checkpoint taken
+before the removal (a run with `--save-only-latest-checkpoint False`, or a kept copy):
+- `all kept`: every Gaussian at its own opacity (z = 1 for all);
+- `inference mask`: gated Gaussians with p < 0.5 hidden, what the removal keeps (and what ns-eval shows before it);
+- `expected mask`: gated Gaussians at opacity o p, the mean of what training rendered;
+- `sampled masks`: the mean PSNR over a few Bernoulli draws z ~ Bern(p) of the gated Gaussians (the training
+  renders at tau -> 0);
+and the distribution of p over the gated Gaussians. If the sampled-mask PSNR is close to the training loss's
+quality and the inference mask is far below it, the model was trained for a mixture that the removal does not
+reproduce (docs/results.md reads the seed-42 run).
+
+    python benchmarks/vedal_removal_gap.py path/to/vedal-gs/config.yml [--step 29000] [--samples 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+
+def eval_psnr(pipeline, opacity_logits: Optional[torch.Tensor]) -> float:
+    """Mean PSNR over the eval views, rendered with the given raw opacity logits [N] (None: as the model renders in
+    eval mode, i.e. with the inference mask)."""
+    from nerfstudio_pruning.methods.base import PortableSplatfactoModel
+
+    model = pipeline.model
+    psnrs: List[float] = []
+    with torch.no_grad():
+        for camera, batch in pipeline.datamanager.fixed_indices_eval_dataloader:
+            camera = camera.to(model.device)
+            if opacity_logits is None:
+                outputs = PortableSplatfactoModel.get_outputs(model, camera)
+            else:
+                with model.rendering_with(opacities=opacity_logits[:, None]):
+                    outputs = PortableSplatfactoModel.get_outputs(model, camera)
+            metrics, _ = model.get_image_metrics_and_images(outputs, batch)
+            psnrs.append(float(metrics["psnr"]))
+    return statistics.fmean(psnrs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="a vedal-gs run's config.yml")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="a checkpoint file of that run kept elsewhere (overrides --step)")
+    parser.add_argument("--samples", type=int, default=4, help="Bernoulli mask draws to average")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import yaml
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from nerfstudio_pruning.compare import config_at_step
+
+    config_path = args.config
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint is not None:
+            # eval_setup reads <load_dir>/step-XXXXXXXXX.ckpt: point load_dir at a folder holding only this copy.
+            folder = Path(tmp) / "ckpt"
+            folder.mkdir()
+            step = int(args.checkpoint.stem.split("-")[-1]) if args.checkpoint.stem.startswith("step-") else args.step
+            if step is None:
+                raise SystemExit("--checkpoint needs a step-XXXXXXXXX.ckpt name or --step")
+            (folder / f"step-{step:09d}.ckpt").symlink_to(args.checkpoint.resolve())
+            loaded = yaml.load(config_path.read_text(), Loader=yaml.Loader)
+            loaded.load_dir = folder
+            loaded.load_step = step
+            config_path = Path(tmp) / "config.yml"
+            config_path.write_text(yaml.dump(loaded))
+        elif args.step is not None:
+            config_path = config_at_step(args.config, args.step, Path(tmp) / "config.yml")
+        _, pipeline, checkpoint, step = eval_setup(config_path, test_mode="test")
+        model = pipeline.model
+        raw = model.gauss_params["opacities"].detach().squeeze(-1)
+        gated = model.gated_mask()
+        if bool(model.vedal.pruned):
+            raise SystemExit(f"step {step}: the removal has happened already; give a checkpoint from before it")
+        p = torch.sigmoid(model.retention_logits())
+        n, n_gated = int(raw.shape[0]), int(gated.sum())
+        print(f"{checkpoint} (step {step}): {n:,} Gaussians, {n_gated:,} gated ({n_gated / max(n, 1):.1%})")
+        if n_gated == 0:
+            raise SystemExit("no gated Gaussians: nothing to compare")
+        pg = p[gated]
+        deciles = torch.quantile(pg.double(), torch.linspace(0, 1, 11, dtype=torch.float64)).tolist()
+        print(f"p over gated: mean {pg.mean():.3f}; p < 0.5: {(pg < 0.5).float().mean():.1%}; "
+              f"0.1 < p < 0.9: {((pg > 0.1) & (pg < 0.9)).float().mean():.1%}; "
+              f"deciles {' '.join(f'{q:.2f}' for q in deciles)}")
+
+        def with_gated(values: torch.Tensor) -> torch.Tensor:
+            """Raw opacity logits with the gated Gaussians' opacities multiplied by `values` (in [0, 1])."""
+            scaled = torch.sigmoid(raw[gated]) * values
+            out = raw.clone()
+            out[gated] = torch.logit(scaled.clamp(1e-12, 1 - 1e-7))
+            return out
+
+        rows: Dict[str, str] = {}
+        rows["all kept"] = f"{eval_psnr(pipeline, raw):.2f}"
+        rows["inference mask (what the removal keeps)"] = f"{eval_psnr(pipeline, None):.2f}"
+        rows["expected mask (opacity x p)"] = f"{eval_psnr(pipeline, with_gated(pg)):.2f}"
+        generator = torch.Generator().manual_seed(args.seed)
+        sampled = []
+        for _ in range(args.samples):
+            z = (torch.rand(pg.shape, generator=generator).to(pg.device) < pg).to(pg.dtype)
+            sampled.append(eval_psnr(pipeline, with_gated(z)))
+        spread = f" (min {min(sampled):.2f}, max {max(sampled):.2f})" if len(sampled) > 1 else ""
+        rows[f"sampled masks z ~ Bern(p), mean of {len(sampled)}"] = f"{statistics.fmean(sampled):.2f}{spread}"
+    print("\n| render of the eval views | PSNR |\n|---|---|")
+    for label, value in rows.items():
+        print(f"| {label} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
