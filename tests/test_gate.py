@@ -166,6 +166,35 @@ def test_cap_keeps_least_important():
     assert gate.eligible_fraction == pytest.approx(0.3)
 
 
+@pytest.mark.parametrize("keeps_incumbents", [True, False])
+def test_a_full_cap_keeps_its_incumbents_unless_told_not_to(keeps_incumbents):
+    """At the cap, an eligible Gaussian whose EMA rises a little (still far below the threshold) keeps its place
+    against a newcomer whose EMA is now lower; the earlier rule (least important of all) swaps them: a reversal."""
+    gate = ConvergenceGate(open_config(sticky=True, max_eligible_fraction=0.3, cap_keeps_incumbents=keeps_incumbents), 100)
+    values = torch.arange(1.0, 101.0)
+    run(gate, [values] * 10)
+    assert torch.equal(gate.eligible, values <= 30.0) and gate.reversal_count == 0
+    moved = values.clone()
+    moved[29] = 35.0  # an incumbent (rank 30) rises a little
+    moved[30] = 0.5  # a newcomer (rank 31) becomes the least important of all
+    run(gate, [moved] * 60)
+    assert gate.converged[30], "the newcomer must qualify for the test to mean anything"
+    assert int(gate.eligible.sum()) == 30
+    if keeps_incumbents:
+        assert gate.eligible[29] and not gate.eligible[30] and gate.reversal_count == 0
+    else:
+        assert not gate.eligible[29] and gate.eligible[30] and gate.reversal_count == 1
+
+
+def test_a_cap_below_the_incumbents_keeps_the_least_important_of_them():
+    gate = ConvergenceGate(open_config(sticky=True, max_eligible_fraction=0.3), 100)
+    values = torch.arange(1.0, 101.0)
+    run(gate, [values] * 10)
+    gate.config.max_eligible_fraction = 0.2
+    run(gate, [values])
+    assert torch.equal(gate.eligible, values <= 20.0) and gate.reversal_count == 10
+
+
 def test_relative_change_floor_lets_negligible_gaussians_converge():
     rows = [[1.0] * 9 + [1e-9 if t % 2 == 0 else 5e-9] for t in range(40)]
     with_floor = ConvergenceGate(open_config(rel_change_floor=0.01), 10)
