@@ -8,8 +8,14 @@ wide at full HD), it measures the peak memory allocated above the model and the 
   1/255 the kernel returned for pixels not yet stopped; torch path: candidate pixels of the narrowed
   rectangles), the most held at once, pairs composited, kernel calls or batches, tile intersections;
 - `fisher`, `leave_one_out` (L1 against a random image), `lightgaussian`: the scores for that one view;
-- `render_step`: gsplat's (the dispatch's) forward and backward of the same view, for scale.
-An out-of-memory error is recorded as such and the next measurement goes on.
+- `render_step`: gsplat's (the dispatch's) forward and backward of the same view, for scale;
+- where Fisher's time goes (on an H200 one view cost 500-2600 render steps, docs/cuda_path.md section 7): the
+  seconds in its phases (`fisher_moments_s`: projection, pairs and the per-pair statistics summed per Gaussian;
+  `fisher_jacobian_s`: the projection Jacobian; the rest is the A^T M A assembly and the view loop), and from
+  torch's profiler over one more Fisher call the number of kernel launches and the ops that take the most device
+  (CUDA) and host time.
+Every score runs once on a small scene first, so the first size measured carries no warm-up (one-time kernel
+builds and allocator growth). An out-of-memory error is recorded as such and the next measurement goes on.
 
     python benchmarks/gpu/bench_scoring_memory.py [--device cuda|cpu] [--quick] [--sizes 100k@1920x1080 ...]
 """
@@ -76,6 +82,10 @@ def measure_size(results: Results, device: str, text: str, profile_cpu: bool) ->
                        candidates_per_pixel=round(stats.candidates / (width * height), 2))
         del pairs, proj
     run("fisher", lambda: fisher_blocks(gaussians, views, progress=False))
+    try:
+        row.update(fisher_phases(gaussians, views, device))
+    except torch.cuda.OutOfMemoryError as err:
+        row["fisher_phases"] = f"out of memory: {str(err).splitlines()[0][:160]}"
     run("leave_one_out", lambda: leave_one_out_importance(gaussians, views, gt_images=gt, loss="l1", progress=False))
     run("lightgaussian", lambda: lightgaussian_significance(gaussians, views))
 
@@ -91,6 +101,64 @@ def measure_size(results: Results, device: str, text: str, profile_cpu: bool) ->
     results.measure(**row)
 
 
+def fisher_phases(gaussians, views, device: str) -> dict:
+    """Seconds of one Fisher call in its phases, and its kernel launches and heaviest ops under the profiler."""
+    import time
+
+    from nerfstudio_pruning.scoring import fisher
+
+    seconds = {"moments": 0.0, "jacobian": 0.0}
+    originals = fisher.gradient_moments, fisher.projection_jacobian
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            synchronize(device)
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            synchronize(device)
+            seconds[name] += time.perf_counter() - start
+            return result
+        return wrapper
+
+    fisher.gradient_moments = timed("moments", originals[0])
+    fisher.projection_jacobian = timed("jacobian", originals[1])
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        fisher.fisher_blocks(gaussians, views, progress=False)
+        synchronize(device)
+        total = time.perf_counter() - start
+    finally:
+        fisher.gradient_moments, fisher.projection_jacobian = originals
+    out = {"fisher_moments_s": round(seconds["moments"], 4), "fisher_jacobian_s": round(seconds["jacobian"], 4),
+           "fisher_rest_s": round(total - seconds["moments"] - seconds["jacobian"], 4)}
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fisher.fisher_blocks(gaussians, views, progress=False)
+        synchronize(device)
+    events = prof.key_averages()
+    if device == "cuda":
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out["fisher_kernel_launches"] = len(kernels)
+        by_device = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:6]
+        out["fisher_top_device_ops"] = "; ".join(f"{e.key} x{e.count} {e.self_device_time_total / 1e3:.0f} ms"
+                                                 for e in by_device)
+    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:6]
+    out["fisher_top_host_ops"] = "; ".join(f"{e.key} x{e.count} {e.self_cpu_time_total / 1e3:.0f} ms" for e in by_host)
+    return out
+
+
+def warm_up(device: str) -> None:
+    """Every measured call once on a small scene, unrecorded."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        measure_size(Results("warm-up", device, None), device, QUICK_SIZES[0], profile_cpu=False)
+
+
 def main() -> None:
     def extra(parser):
         parser.add_argument("--sizes", nargs="+", default=None, help="e.g. 100k@1920x1080 1M@480x270")
@@ -99,6 +167,7 @@ def main() -> None:
     results = Results("scoring_memory", args.device, args.out)
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     profile_cpu = args.device == "cpu" and args.quick  # the profiler's memory events are slow on big runs
+    warm_up(args.device)
     for text in sizes:
         results.guarded(f"scoring one view at {text}", lambda text=text: measure_size(results, args.device, text,
                                                                                        profile_cpu))
