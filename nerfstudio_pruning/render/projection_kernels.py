@@ -518,8 +518,7 @@ def _sigma_vjp(gs, r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02, m10, m11
 def project_backward(means, quats, scales, opacities, sh, sh_degree, campos, viewmats, ks, width, height, eps2d,
                      antialiased, radii, v_means2d, v_conics, v_depths, v_opac, v_colors,
                      g_means, g_quats, g_scales, g_opacities, g_sh):
-    """Gradients of the forward outputs' vjp into the per-Gaussian inputs (g_* are written, not accumulated;
-    g_sh: the first g_sh.shape[1] SH coefficients)."""
+    """Gradients of the forward outputs' vjp into the per-Gaussian inputs (g_* are written, not accumulated)."""
     n_gauss = means.shape[0]
     n_cams = viewmats.shape[0]
     n_sh = sh.shape[1]
@@ -554,8 +553,7 @@ def project_backward(means, quats, scales, opacities, sh, sh_degree, campos, vie
         g_means[n, 1] = gmy
         g_means[n, 2] = gmz
         g_opacities[n] = gop
-        # g_sh may hold fewer coefficients than sh: those are written.
-        for k in range(g_sh.shape[1]):
+        for k in range(n_sh):
             for ch in range(3):
                 g_sh[n, k, ch] = g_sh_n[k, ch] if k < n_bases else 0.0
         gsx, gsy, gsz, gq0, gq1, gq2, gq3 = _sigma_vjp(gs, r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02,
