@@ -65,15 +65,16 @@ def main() -> None:
     config_path = args.config
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint is not None:
-            # eval_setup reads <load_dir>/step-XXXXXXXXX.ckpt: point load_dir at a folder holding only this copy.
-            folder = Path(tmp) / "ckpt"
-            folder.mkdir()
+            # eval_setup loads <the run's own checkpoint folder>/step-XXXXXXXXX.ckpt, whatever load_dir says: a copy
+            # of the config with its output folder moved here, where that folder holds only a link to this file.
             step = int(args.checkpoint.stem.split("-")[-1]) if args.checkpoint.stem.startswith("step-") else args.step
             if step is None:
                 raise SystemExit("--checkpoint needs a step-XXXXXXXXX.ckpt name or --step")
-            (folder / f"step-{step:09d}.ckpt").symlink_to(args.checkpoint.resolve())
             loaded = yaml.load(config_path.read_text(), Loader=yaml.Loader)
-            loaded.load_dir = folder
+            loaded.output_dir = Path(tmp) / "outputs"
+            folder = loaded.get_checkpoint_dir()
+            folder.mkdir(parents=True)
+            (folder / f"step-{step:09d}.ckpt").symlink_to(args.checkpoint.resolve())
             loaded.load_step = step
             config_path = Path(tmp) / "config.yml"
             config_path.write_text(yaml.dump(loaded))
