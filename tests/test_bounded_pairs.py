@@ -29,6 +29,7 @@ from nerfstudio_pruning.render.pairs import (
     Pairs,
     _candidate_pixel_rects,
     _pair_alpha,
+    cumsum_first_dim,
     find_pairs,
     find_pairs_with_tile_kernels,
     segment_starts,
@@ -438,3 +439,21 @@ def test_gsplat_backend_calls_gsplats_wrapper(monkeypatch):
     got = find_pairs(proj, 1, 40, 30, 16, backend="gsplat")
     assert_same_pairs(got, find_pairs(proj, 1, 40, 30, 16, backend="torch"))
     assert calls[:2] == ["isect_tiles", "isect_offset_encode"] and "rasterize_to_indices_in_range" in calls
+
+
+def test_segmented_cumsum_by_column_matches_the_plain_scan_and_brute_force():
+    # GPUs scan [n, k] values one column at a time (CUDA's outer-dimension scan is sequential); both layouts
+    # must give each segment's running sums.
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.sort(torch.randint(0, 40, (500,), generator=generator)).values
+    values = torch.rand(500, 3, generator=generator, dtype=torch.float64)
+    by_column = cumsum_first_dim(values, by_column=True)
+    assert torch.equal(by_column, cumsum_first_dim(values, by_column=False))
+    assert torch.equal(cumsum_first_dim(values[:, :1, None].expand(500, 1, 2), by_column=True)[..., 1], by_column[:, :1])
+    inclusive = segmented_cumsum(values, segment_starts(keys), exclusive=False)
+    exclusive = segmented_cumsum(values, segment_starts(keys), exclusive=True)
+    for key in keys.unique():
+        rows = torch.nonzero(keys == key).squeeze(1)
+        expected = torch.cumsum(values[rows], dim=0)
+        torch.testing.assert_close(inclusive[rows], expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(exclusive[rows], expected - values[rows], rtol=0, atol=1e-12)

@@ -27,7 +27,8 @@
 # to skip the build). The device tool brings back at most 8 files from $OUT, so where $OUT is set the results are
 # packed there as gsplat_kit.tgz, with summary.md and the extension (gsplat_cuda.so, stamp.json) beside it. A
 # failing stage does not stop the next. Each script runs under `timeout $STAGE_TIMEOUT` (default 540 s), so what
-# it wrote is packed even if a script runs out of time; give the whole command `timeout` below the call's limit.
+# it wrote is packed even if a script runs out of time. Set KIT_BUDGET (seconds for the whole command, below the
+# call's limit) and scripts are cut in time to pack; keep an outer `timeout` a little above it as a backstop.
 set -uo pipefail
 KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$KIT/../.." && pwd)"
@@ -37,6 +38,9 @@ KIT_WHEELS="${KIT_WHEELS:-$KIT/wheels}"
 SITE="$CACHE/site-py$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 RESULTS="$KIT/results/gpu_kit"
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
+# KIT_BUDGET: seconds for the whole command. Scripts are cut so that PACK_RESERVE seconds are left to pack the
+# results: an outer `timeout` alone ends the call before packing, and the device tool then brings back nothing.
+PACK_RESERVE="${PACK_RESERVE:-20}"
 mkdir -p "$SITE" "$RESULTS"
 export PYTHONPATH="$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR="$CACHE/torch_extensions"
@@ -100,8 +104,24 @@ print("gsplat CUDA extension:", load_gsplat_cuda(), f"({time.time() - start:.0f}
 EOF
 }
 
+stage_limit() {  # seconds a script may run: STAGE_TIMEOUT, less where KIT_BUDGET leaves less (0: none left)
+  local limit="$STAGE_TIMEOUT"
+  if [[ -n "${KIT_BUDGET:-}" ]]; then
+    local left=$((KIT_BUDGET - SECONDS - PACK_RESERVE))
+    (( left < limit )) && limit=$left
+    (( limit < 0 )) && limit=0
+  fi
+  echo "$limit"
+}
+
 run_script() {  # script [args...]
-  timeout "$STAGE_TIMEOUT" "$PY" "$KIT/$1.py" "${DEVICE_ARGS[@]}" "${@:2}"
+  local limit
+  limit="$(stage_limit)"
+  if (( limit < 10 )); then
+    echo "[SKIP] $1: KIT_BUDGET=$KIT_BUDGET s is spent (kept $PACK_RESERVE s to pack the results)"
+    return 1
+  fi
+  timeout "$limit" "$PY" "$KIT/$1.py" "${DEVICE_ARGS[@]}" "${@:2}"
 }
 
 run_stage() {

@@ -129,6 +129,21 @@ def segment_starts(sorted_keys: Tensor) -> Tensor:
     return torch.cummax(torch.where(is_start, idx, torch.zeros_like(idx)), dim=0).values
 
 
+def cumsum_first_dim(values: Tensor, by_column: Optional[bool] = None) -> Tensor:
+    """`torch.cumsum(values, dim=0)`, scanned one column at a time on GPUs (`by_column` None: by device).
+
+    For a [n, k] tensor CUDA scans dim 0 with one thread per column, sequentially down n rows: 10.4 of the
+    11.1 s a Fisher pass took at 100k Gaussians 1920x1080 on an H100 (52.6M pairs x 3 colour channels,
+    docs/cuda_path.md). A 1-D scan goes to cub's device-wide scan instead. On a CPU the plain scan is faster.
+    """
+    if by_column is None:
+        by_column = values.device.type != "cpu"
+    if values.dim() < 2 or not by_column:
+        return torch.cumsum(values, dim=0)
+    columns = values.reshape(values.shape[0], -1).unbind(1)
+    return torch.stack([torch.cumsum(column, dim=0) for column in columns], dim=1).reshape(values.shape)
+
+
 def segmented_cumsum(values: Tensor, starts: Tensor, exclusive: bool) -> Tensor:
     """Cumulative sum restarted at every segment; `starts` from `segment_starts`. Returns float64.
 
@@ -136,7 +151,7 @@ def segmented_cumsum(values: Tensor, starts: Tensor, exclusive: bool) -> Tensor:
     ~1e-16 relative precision instead of float32's ~1e-7.
     """
     v = values.double()
-    total = torch.cumsum(v, dim=0)
+    total = cumsum_first_dim(v)
     before_segment = total[starts] - v[starts]
     inclusive = total - before_segment
     return inclusive - v if exclusive else inclusive
