@@ -95,9 +95,10 @@ def plot(history: Sequence[Tuple[int, float, int]], out: Path, title: str) -> No
     twin.plot(steps, [r for _, _, r in history], color="tab:red", marker=".", label="reversals (cumulative)")
     twin.set_ylabel("reversals (cumulative)")
     twin.set_ylim(bottom=0)
-    fig.legend(loc="upper left", fontsize=8)
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    # Below the axes: inside, it covered the title or a curve (the fraction rises to the cap, reversals keep rising).
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

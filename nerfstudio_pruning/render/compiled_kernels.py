@@ -41,6 +41,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from nerfstudio_pruning.render.projection_kernels import GAUSSIANS_PER_CHUNK
+
 # Thresholds as float32, because the reference compares float32 tensors with Python scalars in float32.
 ALPHA_MAX_F32 = np.float32(0.999)
 ALPHA_MIN_F32 = np.float32(1.0 / 255.0)
@@ -767,7 +769,7 @@ def add_fisher_blocks(compact, jac, seen, total):
     n_u = jac.shape[1]
     n_b = jac.shape[2]
     n_chan = n_u - 6
-    n_chunks = (n_seen + 255) // 256
+    n_chunks = (n_seen + GAUSSIANS_PER_CHUNK - 1) // GAUSSIANS_PER_CHUNK
     for chunk in prange(n_chunks):
         m = np.zeros((n_u, n_u))
         ma = np.empty((n_u, n_b))
@@ -775,7 +777,7 @@ def add_fisher_blocks(compact, jac, seen, total):
         for i in range(5):
             slots[i] = i
         slots[5] = 5 + n_chan  # the opacity, after the colours
-        for s in range(chunk * 256, min(n_seen, (chunk + 1) * 256)):
+        for s in range(chunk * GAUSSIANS_PER_CHUNK, min(n_seen, (chunk + 1) * GAUSSIANS_PER_CHUNK)):
             k = 0
             for i in range(6):
                 for j in range(i, 6):
