@@ -32,6 +32,7 @@ from nerfstudio_pruning.render.pairs import (
     cumsum_first_dim,
     find_pairs,
     find_pairs_with_tile_kernels,
+    segment_ends,
     segment_starts,
     segmented_cumsum,
 )
@@ -457,3 +458,15 @@ def test_segmented_cumsum_by_column_matches_the_plain_scan_and_brute_force():
         expected = torch.cumsum(values[rows], dim=0)
         torch.testing.assert_close(inclusive[rows], expected, rtol=0, atol=1e-12)
         torch.testing.assert_close(exclusive[rows], expected - values[rows], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("by_search", [False, True])
+def test_segment_starts_and_ends_on_both_paths_match_brute_force(by_search):
+    # CPU takes running extrema, GPUs binary searches; both must name each key's first and last element.
+    generator = torch.Generator().manual_seed(1)
+    for keys in (torch.sort(torch.randint(0, 30, (300,), generator=generator)).values, torch.tensor([7]),
+                 torch.arange(5), torch.zeros(6, dtype=torch.long), torch.zeros(0, dtype=torch.long)):
+        starts, ends = segment_starts(keys, by_search=by_search), segment_ends(keys, by_search=by_search)
+        expected_starts = [int(torch.nonzero(keys == k)[0]) for k in keys]
+        expected_ends = [int(torch.nonzero(keys == k)[-1]) for k in keys]
+        assert starts.tolist() == expected_starts and ends.tolist() == expected_ends

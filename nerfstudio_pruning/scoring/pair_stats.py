@@ -43,7 +43,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from nerfstudio_pruning.render.pairs import Pairs, enumerate_pairs, pair_terms, segmented_cumsum
+from nerfstudio_pruning.render.pairs import Pairs, enumerate_pairs, pair_terms, segment_ends, segmented_cumsum
 from nerfstudio_pruning.render.projection import ProjectedGaussians, project
 from nerfstudio_pruning.types import Gaussians, Views
 
@@ -225,19 +225,12 @@ def _chunk_statistics(
     terms = pair_terms(proj_work, pairs, width, height)
     alpha, transmittance, clamped, starts = terms.alpha, terms.transmittance, terms.clamped, terms.starts
     dtype = alpha.dtype
-    n = alpha.shape[0]
     rows = pairs.row
     color = proj_work.colors[rows]
     weight = transmittance * alpha
 
-    # Index of the last pair of each pair's pixel (the inclusive sums there are the pixel's totals): the first
-    # pixel end at or after the pair, by a reversed running minimum (no host round trip, unlike nonzero).
-    index = torch.arange(n, device=alpha.device)
-    is_last = torch.ones(n, dtype=torch.bool, device=alpha.device)
-    if n > 1:
-        is_last[:-1] = pairs.pixel[1:] != pairs.pixel[:-1]
-    last_of_pair = torch.flip(torch.cummin(torch.flip(torch.where(is_last, index, n), [0]), dim=0).values, [0])
-    del index, is_last
+    # Index of the last pair of each pair's pixel: the inclusive sums there are the pixel's totals.
+    last_of_pair = segment_ends(pairs.pixel)
 
     # The reductions, in float64 (segmented_cumsum returns float64): its global cumsum loses about eps64 x
     # (running total); the running total grows by at most max colour per pixel (the weights of a pixel sum to
