@@ -31,33 +31,51 @@ import torch
 MAX_PAIR_DIFFERENCE = 1e-5  # fraction of pairs
 
 
-def pair_set(pairs) -> set:
-    return set(zip(pairs.pixel.tolist(), pairs.row.tolist()))
+def pair_keys(pairs, device: str) -> torch.Tensor:
+    """Each (pixel, row) pair as one int64, on `device`: comparing lists of tens of millions as Python sets of
+    tuples costs minutes and gigabytes."""
+    pixel, row = pairs.pixel.to(device), pairs.row.to(device)
+    return pixel * (1 << 31) + row  # rows < 2^31, pixels < 2^32
+
+
+def differing_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|symmetric difference of the two key sets| / |b|."""
+    a, b = torch.unique(a), torch.unique(b.to(a.device))
+    common = int(torch.isin(a, b).sum())
+    return (len(a) + len(b) - 2 * common) / max(len(b), 1)
 
 
 def compare_pair_lists(results: Results, device: str, quick: bool) -> None:
     from nerfstudio_pruning.render.pairs import EnumerationStats, find_pairs
     from nerfstudio_pruning.scoring.pair_stats import project_gaussians
 
-    cases = [(300, 2, 64, 48)] if quick else [(3000, 2, 128, 96), (30000, 1, 320, 240), (200000, 1, 960, 540)]
-    for n, n_views, width, height in cases:
+    # On a GPU the 200k case is compared with gsplat's one-pass list only: its CPU reference (2.2 billion
+    # candidates) took most of four minutes on 16 threads and agreed to one pair in 38 million (H100,
+    # docs/cuda_path.md section 8).
+    cases = [(300, 2, 64, 48, True)] if quick else [
+        (3000, 2, 128, 96, True), (30000, 1, 320, 240, True), (200000, 1, 960, 540, False)]
+    for n, n_views, width, height, cpu_reference in cases:
         g, views = orbit_scene(n, n_views, width, height, device, seed=2, scale=0.05)
         with torch.no_grad():
             proj = project_gaussians(g.as_gaussians(2), views)
         stats = EnumerationStats()
         ours = find_pairs(proj, n_views, width, height, stats=stats)
-        proj_cpu = type(proj)(**{k: v.cpu() for k, v in proj.__dict__.items()})
-        torch_path = find_pairs(proj_cpu, n_views, width, height, backend="torch")
-        ordered = torch.equal(ours.pixel.cpu(), torch_path.pixel) and torch.equal(ours.row.cpu(), torch_path.row)
-        mine, theirs = pair_set(ours), pair_set(torch_path)
-        differing = len(mine ^ theirs) / max(len(theirs), 1)
+        mine = pair_keys(ours, device)
         tag = f"{n} Gaussians, {n_views} views {width}x{height}"
-        results.check(f"pairs on {device} vs torch path on CPU [{tag}]", differing <= MAX_PAIR_DIFFERENCE,
-                      pairs=len(ours), identical_lists=ordered, differing_fraction=differing,
-                      kernel_calls=stats.batches, candidates=stats.candidates)
+        if cpu_reference or device == "cpu":
+            proj_cpu = type(proj)(**{k: v.cpu() for k, v in proj.__dict__.items()})
+            torch_path = find_pairs(proj_cpu, n_views, width, height, backend="torch")
+            ordered = torch.equal(ours.pixel.cpu(), torch_path.pixel) and torch.equal(ours.row.cpu(), torch_path.row)
+            differing = differing_fraction(mine, pair_keys(torch_path, device))
+            results.check(f"pairs on {device} vs torch path on CPU [{tag}]", differing <= MAX_PAIR_DIFFERENCE,
+                          pairs=len(ours), identical_lists=ordered, differing_fraction=differing,
+                          kernel_calls=stats.batches, candidates=stats.candidates)
+        else:
+            results.skip(f"pairs on {device} vs torch path on CPU [{tag}]",
+                         "CPU reference of this size takes minutes (agreed to 2.6e-8 on the H100, 2026-11-26)")
         if device == "cuda":
             single = single_pass_gsplat_pairs(proj, n_views, width, height)
-            differing = len(mine ^ pair_set(single)) / max(len(single), 1)
+            differing = differing_fraction(mine, pair_keys(single, device))
             results.check(f"pairs vs gsplat's kernel in one pass [{tag}]", differing <= MAX_PAIR_DIFFERENCE,
                           pairs_gsplat=len(single), differing_fraction=differing)
         else:
