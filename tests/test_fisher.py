@@ -173,3 +173,29 @@ def test_probe_estimator_converges_to_exact_fisher():
     # 64x the probes should give ~8x less error (measured 0.65 -> 0.095); allow for a 3-draw average's spread.
     assert many < few / 4
     assert many < 0.15
+
+
+def test_gpu_scan_branches_give_the_same_pair_statistics(monkeypatch):
+    # GPUs take the per-pixel running sums column by column and the pixel bounds by binary search (CUDA's scans
+    # along an outer dimension and its 1-D scans with indices are sequential); forced here on CPU, every statistic
+    # the scores read must equal the CPU branches' to rounding.
+    import nerfstudio_pruning.render.pairs as pairs_module
+    import nerfstudio_pruning.scoring.pair_stats as pair_stats_module
+
+    g, viewmats, Ks = _scene()
+    g = type(g)(**{k: v.double() for k, v in g.__dict__.items()})
+    views = _views(viewmats.double(), Ks.double(), BACKGROUND.double())
+
+    def statistics():
+        return list(view_pair_statistics(g.as_gaussians(SH_DEGREE), views, tile_size=TILE))
+
+    cpu = statistics()
+    plain = (pairs_module.cumsum_first_dim, pairs_module.segment_starts, pairs_module.segment_ends)
+    monkeypatch.setattr(pairs_module, "cumsum_first_dim", lambda values: plain[0](values, by_column=True))
+    monkeypatch.setattr(pairs_module, "segment_starts", lambda keys: plain[1](keys, by_search=True))
+    monkeypatch.setattr(pair_stats_module, "segment_ends", lambda keys: plain[2](keys, by_search=True))
+    gpu_branches = statistics()
+    assert len(cpu) == len(gpu_branches) > 0
+    for a, b in zip(cpu, gpu_branches):
+        for name, value in a.__dict__.items():
+            torch.testing.assert_close(getattr(b, name), value, rtol=0, atol=1e-12, msg=name)
