@@ -157,7 +157,7 @@ def cumsum_first_dim(values: Tensor, by_column: Optional[bool] = None) -> Tensor
     """`torch.cumsum(values, dim=0)`, scanned one column at a time on GPUs (`by_column` None: by device).
 
     For a [n, k] tensor CUDA scans dim 0 with one thread per column, sequentially down n rows: 10.4 of the
-    11.1 s a Fisher pass took at 100k Gaussians 1920x1080 on an H100 (52.6M pairs x 3 colour channels,
+    11.5 s a Fisher pass took at 100k Gaussians 1920x1080 on an H100 (52.6M pairs x 3 colour channels,
     docs/cuda_path.md). A 1-D scan goes to cub's device-wide scan instead. On a CPU the plain scan is faster.
     """
     if by_column is None:
