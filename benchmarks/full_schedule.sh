@@ -11,6 +11,11 @@
 #                     (BASE_SEED=42 with another SEED: only the refinement repeated, from seed 42's checkpoint)
 #   lane densify    : only the densify-to-7k baseline (to balance the cores; the vedal lane skips it once done)
 #   lane vedal-early-removal : vedal-gs with the hard removal at step 26999 of 30000 (3k steps train the survivors)
+#   lane vedal-kl   : vedal-gs once per weight in $KL_WEIGHTS (ns-prune-compare's --kl-weights rows)
+#   lane vedal-no-gate : vedal-gs without the gate (ns-prune-compare's --gate-ablation row)
+#                     With BRANCH=a checkpoint of the default vedal-gs run from before step 7000, these variants
+#                     start there: until fine-tuning starts at 7000 vedal-gs trains as splatfacto does, and neither
+#                     kl_weight nor the gate acts on anything (the kept copy must be named step-N.ckpt, N < 7000)
 # Every run saves a checkpoint each $SAVE_EVERY steps (default 1000) and a lane started again continues each
 # unfinished run from its latest checkpoint (resume is exact), so a lane can be stopped and restarted at will.
 # Usage: bash benchmarks/full_schedule.sh LANE SCENE OUT [SEED] [CORE]
@@ -55,6 +60,16 @@ vedal_schedule() {  # HARD_PRUNE_STEP: vedal-gs's fields at schedule scale 1 (fi
 densify_baseline() {  # splatfacto with densification stopped where vedal-gs stops it
   train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000
 }
+vedal_variant() {  # NAME ARGS...: vedal-gs with ARGS, from $BRANCH when given (see the vedal-kl lane)
+  local name=$1; shift
+  if [ -z "${BRANCH:-}" ]; then
+    train vedal-gs "$name" 30000 $(common 30000) $(vedal_schedule 29999) "$@"; return
+  fi
+  local from
+  from=$(basename "$BRANCH" | sed -n 's/^.*step-0*\([0-9][0-9]*\)\.ckpt$/\1/p')
+  if [ -z "$from" ] || [ "$from" -ge 7000 ]; then echo "BRANCH must be a step-N.ckpt with N < 7000: $BRANCH" >&2; exit 2; fi
+  train vedal-gs "$name" 30000 $(common $((30000 - from - 1))) $(vedal_schedule 29999) "$@" --load-checkpoint "$BRANCH"
+}
 case "$LANE" in
   splatfacto)
     # Two legs: the first keeps only its latest checkpoint and ends at step 29999 (pup-gs starts there), the
@@ -69,6 +84,12 @@ case "$LANE" in
     train vedal-gs "vedal-gs-removal27k-s$SEED" 30000 $(common 30000) $(vedal_schedule 26999) ;;
   densify)
     densify_baseline ;;
+  vedal-kl)
+    for W in ${KL_WEIGHTS:?KL_WEIGHTS: the kl_weight values, e.g. KL_WEIGHTS="0.25 0.5 2 4"}; do
+      vedal_variant "vedal-gs-kl$W-s$SEED" --pipeline.model.kl-weight "$W"
+    done ;;
+  vedal-no-gate)
+    vedal_variant "vedal-gs-no-gate-s$SEED" --pipeline.model.use-gate False ;;
   pup)
     # BASE_SEED: the splatfacto run to start from (default: SEED). Another seed from the same checkpoint repeats
     # only the refinement, the noise that matters when scores are compared on one trained model.
@@ -81,5 +102,5 @@ case "$LANE" in
       train pup-gs "pup-gs-$SCORE-$SUFFIX" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
-  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|vedal-early-removal|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|vedal-early-removal|vedal-kl|vedal-no-gate|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
 esac
