@@ -13,7 +13,11 @@ and the distribution of p over the gated Gaussians. If the sampled-mask PSNR is 
 quality and the inference mask is far below it, the model was trained for a mixture that the removal does not
 reproduce (docs/results.md reads the seed-42 run).
 
-    python benchmarks/vedal_removal_gap.py path/to/vedal-gs/config.yml [--step 29000] [--samples 4]
+With `--after-removal` it also reads a checkpoint from after the removal: the survivors that were gated keep their
+frozen p (all >= 0.5), so `inference mask` equals `all kept` there, and the other two rows say whether the
+training after an early removal still fits a mixture rather than the model that is shown.
+
+    python benchmarks/vedal_removal_gap.py path/to/vedal-gs/config.yml [--step 29000] [--samples 4] [--after-removal]
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def main() -> None:
                         help="a checkpoint file of that run kept elsewhere (overrides --step)")
     parser.add_argument("--samples", type=int, default=4, help="Bernoulli mask draws to average")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--after-removal", action="store_true",
+                        help="also accept a checkpoint from after the hard removal (its gated survivors)")
     args = parser.parse_args()
 
     import yaml
@@ -84,11 +90,13 @@ def main() -> None:
         model = pipeline.model
         raw = model.gauss_params["opacities"].detach().squeeze(-1)
         gated = model.gated_mask()
-        if bool(model.vedal.pruned):
-            raise SystemExit(f"step {step}: the removal has happened already; give a checkpoint from before it")
+        if bool(model.vedal.pruned) and not args.after_removal:
+            raise SystemExit(f"step {step}: the removal has happened already; give a checkpoint from before it, or "
+                             "pass --after-removal to measure its gated survivors")
         p = torch.sigmoid(model.retention_logits())
         n, n_gated = int(raw.shape[0]), int(gated.sum())
-        print(f"{checkpoint} (step {step}): {n:,} Gaussians, {n_gated:,} gated ({n_gated / max(n, 1):.1%})")
+        when = "after the removal" if bool(model.vedal.pruned) else "before the removal"
+        print(f"{checkpoint} (step {step}, {when}): {n:,} Gaussians, {n_gated:,} gated ({n_gated / max(n, 1):.1%})")
         if n_gated == 0:
             raise SystemExit("no gated Gaussians: nothing to compare")
         pg = p[gated]

@@ -299,11 +299,17 @@ def config_at_step(config: Path, step: int, out: Path) -> Path:
 
 
 def export_size_mb(record: RunRecord, output_dir: Path) -> float:
-    import subprocess
+    """Size of the PLY that `ns-export gaussian-splat` writes for the run: nerfstudio's exporter, called here rather
+    than as a command because a new process spends ~10 s importing nerfstudio for a sub-second export."""
+    from nerfstudio.scripts.exporter import ExportGaussianSplat
+    from nerfstudio.utils.rich_utils import CONSOLE
 
     out = output_dir / "exports" / record.label.replace("/", "-").replace(" ", "_")
-    subprocess.run([str(Path(sys.executable).parent / "ns-export"), "gaussian-splat", "--load-config",
-                    str(record.eval_config or record.config), "--output-dir", str(out)], check=True, capture_output=True)
+    quiet, CONSOLE.quiet = CONSOLE.quiet, True  # its loading and filtering messages would break up the progress
+    try:
+        ExportGaussianSplat(load_config=record.eval_config or record.config, output_dir=out).main()
+    finally:
+        CONSOLE.quiet = quiet
     return (out / "splat.ply").stat().st_size / 1e6
 
 

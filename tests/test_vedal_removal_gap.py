@@ -1,5 +1,5 @@
 """benchmarks/vedal_removal_gap.py: on a vedal-gs checkpoint from before the removal it prints the gated count and the
-four renders' PSNR; on one from after the removal it refuses in one line."""
+four renders' PSNR; on one from after the removal it refuses in one line unless asked to read its gated survivors."""
 
 from __future__ import annotations
 
@@ -36,4 +36,15 @@ def test_a_checkpoint_after_the_removal_is_refused(vedal_run, tmp_path):
     _, run = vedal_run
     proc = removal_gap(run / "config.yml", cwd=tmp_path)  # the latest: step 239, after the removal
     assert proc.returncode == 1
-    assert "the removal has happened already" in proc.stderr
+    assert "the removal has happened already" in proc.stderr and "--after-removal" in proc.stderr
+
+
+def test_after_the_removal_the_gated_survivors_are_measured_when_asked(vedal_run, tmp_path):
+    _, run = vedal_run
+    proc = removal_gap(run / "config.yml", "--after-removal", "--samples", 2, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "after the removal" in proc.stdout
+    rows = dict(re.findall(r"^\| (.+?) \| ([0-9.]+)", proc.stdout, flags=re.M))
+    assert len(rows) == 4, proc.stdout
+    # The survivors' p is frozen at the removal, all >= 0.5: the inference mask hides nothing.
+    assert rows["all kept"] == rows["inference mask (what the removal keeps)"], proc.stdout

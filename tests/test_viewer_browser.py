@@ -15,6 +15,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -178,10 +179,21 @@ class ViewerPage:
                 return current
             time.sleep(0.25)
         last = "none captured" if previous is None else (
-            f"std {float(previous.std()):.1f}, {len(np.unique(previous.astype(np.int32).sum(axis=-1) // 12))} "
-            f"brightness levels, shape {previous.shape}")
+            f"std {float(previous.std()):.1f}, mean {float(previous.mean()):.1f}, "
+            f"{len(np.unique(previous.astype(np.int32).sum(axis=-1) // 12))} brightness levels, shape "
+            f"{previous.shape}, kept as {self.keep_frame(previous, what)}")
         raise AssertionError(f"{self.name}: timed out after {timeout:.0f} s waiting for a frame: {what} (the frame "
                              f"changed {changes} times; the last one: {last})")
+
+    def keep_frame(self, frame: np.ndarray, what: str) -> Path:
+        """A frame a check timed out on, as a PNG (in NSP_VIEWER_SCREENSHOTS when set) to look at afterwards."""
+        from PIL import Image
+
+        folder = Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else Path(tempfile.gettempdir())
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"viewer_{self.name}_timed_out_{re.sub(r'[^a-z0-9]+', '_', what.lower()).strip('_')}.png"
+        Image.fromarray(frame).save(path)
+        return path
 
     def save(self, name: str) -> None:
         """The whole page as <NSP_VIEWER_SCREENSHOTS>/viewer_<name>.png, when that variable is set."""

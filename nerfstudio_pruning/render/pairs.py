@@ -119,16 +119,18 @@ class EnumerationStats:
         self.peak_batch_bound = max(self.peak_batch_bound, bound)
 
 
-def segment_starts(sorted_keys: Tensor, by_search: Optional[bool] = None) -> Tensor:
-    """For each element of an ascending key array, the index of the first element with the same key.
+def _gpu_form(tensor: Tensor, choice: Optional[bool]) -> bool:
+    """Whether a scan below takes its GPU form: `choice` when given (tests run both forms on a CPU), else whether
+    `tensor` is on a GPU. CUDA runs a 1-D cummax/cummin as a single-block scan and scans dim 0 of an [n, k] tensor
+    with one thread per column: on an H100 at 100k Gaussians 1920x1080 these cost 0.44 s and 10.4 s of an 11.5 s
+    Fisher pass (docs/cuda_path.md section 8). On a CPU the plain scans are the faster ones."""
+    return tensor.device.type != "cpu" if choice is None else choice
 
-    A running maximum on CPU; on GPUs (`by_search` None: by device) a binary search for each key, because CUDA
-    runs a 1-D cummax as a single-block scan (with cummin in `segment_ends`, 0.44 s of a 1920x1080 view's
-    statistics at 100k Gaussians on an H100, docs/cuda_path.md section 8).
-    """
-    if by_search is None:
-        by_search = sorted_keys.device.type != "cpu"
-    if by_search:
+
+def segment_starts(sorted_keys: Tensor, by_search: Optional[bool] = None) -> Tensor:
+    """For each element of an ascending key array, the index of the first element with the same key: a running
+    maximum on CPU, a binary search for each key on GPUs (`_gpu_form`)."""
+    if _gpu_form(sorted_keys, by_search):
         return torch.searchsorted(sorted_keys, sorted_keys, side="left")
     n = sorted_keys.shape[0]
     is_start = torch.ones(n, dtype=torch.bool, device=sorted_keys.device)
@@ -139,11 +141,9 @@ def segment_starts(sorted_keys: Tensor, by_search: Optional[bool] = None) -> Ten
 
 
 def segment_ends(sorted_keys: Tensor, by_search: Optional[bool] = None) -> Tensor:
-    """For each element of an ascending key array, the index of the last element with the same key (a reversed
-    running minimum on CPU, a binary search on GPUs, as `segment_starts`); no host round trip either way."""
-    if by_search is None:
-        by_search = sorted_keys.device.type != "cpu"
-    if by_search:
+    """For each element of an ascending key array, the index of the last element with the same key: a reversed
+    running minimum on CPU, a binary search on GPUs (`_gpu_form`); no host round trip either way."""
+    if _gpu_form(sorted_keys, by_search):
         return torch.searchsorted(sorted_keys, sorted_keys, side="right") - 1
     n = sorted_keys.shape[0]
     index = torch.arange(n, device=sorted_keys.device)
@@ -154,15 +154,9 @@ def segment_ends(sorted_keys: Tensor, by_search: Optional[bool] = None) -> Tenso
 
 
 def cumsum_first_dim(values: Tensor, by_column: Optional[bool] = None) -> Tensor:
-    """`torch.cumsum(values, dim=0)`, scanned one column at a time on GPUs (`by_column` None: by device).
-
-    For a [n, k] tensor CUDA scans dim 0 with one thread per column, sequentially down n rows: 10.4 of the
-    11.5 s a Fisher pass took at 100k Gaussians 1920x1080 on an H100 (52.6M pairs x 3 colour channels,
-    docs/cuda_path.md). A 1-D scan goes to cub's device-wide scan instead. On a CPU the plain scan is faster.
-    """
-    if by_column is None:
-        by_column = values.device.type != "cpu"
-    if values.dim() < 2 or not by_column:
+    """`torch.cumsum(values, dim=0)`; on GPUs (`_gpu_form`) one column at a time, so that each is a 1-D scan,
+    which CUDA runs device-wide (cub), instead of one thread walking each column's n rows."""
+    if values.dim() < 2 or not _gpu_form(values, by_column):
         return torch.cumsum(values, dim=0)
     columns = values.reshape(values.shape[0], -1).unbind(1)
     return torch.stack([torch.cumsum(column, dim=0) for column in columns], dim=1).reshape(values.shape)
