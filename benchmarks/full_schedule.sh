@@ -40,10 +40,13 @@ common() {  # steps: the splatfacto fields ns-prune-compare sets at schedule sca
     --optimizers.means.scheduler.max-steps 30000 --pipeline.model.warmup-length 500 --pipeline.model.refine-every 100
     --pipeline.model.resolution-schedule 3000 --pipeline.model.sh-degree-interval 1000 --pipeline.model.stop-screen-size-at 4000"
 }
+checkpoint_steps() {  # the step N of each step-N.ckpt name read on stdin
+  sed -n 's/^step-0*\([0-9][0-9]*\)\.ckpt$/\1/p'
+}
 train() {  # METHOD NAME END ARGS...: train run NAME up to step END-1, from its latest checkpoint when it has one
   local method=$1 name=$2 end=$3; shift 3
   local ckpts=$OUT/runs/compare/$method/$name/nerfstudio_models last resume=()
-  last=$(ls "$ckpts" 2>/dev/null | sed -n 's/^step-0*\([0-9][0-9]*\)\.ckpt$/\1/p' | sort -n | tail -1 || true)
+  last=$(ls "$ckpts" 2>/dev/null | checkpoint_steps | sort -n | tail -1 || true)
   if [ -n "$last" ]; then
     if [ $((last + 1)) -ge "$end" ]; then echo "$name: trained to step $last already"; return 0; fi
     # nerfstudio prefers --load-dir to --load-checkpoint and counts --max-num-iterations from the loaded step.
@@ -66,7 +69,7 @@ vedal_variant() {  # NAME ARGS...: vedal-gs with ARGS, from $BRANCH when given (
     train vedal-gs "$name" 30000 $(common 30000) $(vedal_schedule 29999) "$@"; return
   fi
   local from
-  from=$(basename "$BRANCH" | sed -n 's/^.*step-0*\([0-9][0-9]*\)\.ckpt$/\1/p')
+  from=$(basename "$BRANCH" | checkpoint_steps)
   if [ -z "$from" ] || [ "$from" -ge 7000 ]; then echo "BRANCH must be a step-N.ckpt with N < 7000: $BRANCH" >&2; exit 2; fi
   train vedal-gs "$name" 30000 $(common $((30000 - from - 1))) $(vedal_schedule 29999) "$@" --load-checkpoint "$BRANCH"
 }

@@ -180,7 +180,7 @@ class ViewerPage:
             time.sleep(0.25)
         last = "none captured" if previous is None else (
             f"std {float(previous.std()):.1f}, mean {float(previous.mean()):.1f}, "
-            f"{len(np.unique(previous.astype(np.int32).sum(axis=-1) // 12))} brightness levels, shape "
+            f"{brightness_levels(previous)} brightness levels, shape "
             f"{previous.shape}, kept as {self.keep_frame(previous, what)}")
         raise AssertionError(f"{self.name}: timed out after {timeout:.0f} s waiting for a frame: {what} (the frame "
                              f"changed {changes} times; the last one: {last})")
@@ -207,10 +207,14 @@ class ViewerPage:
             self.driver.save_screenshot(str(Path(SCREENSHOT_DIR) / f"viewer_{name}.png"))
 
 
+def brightness_levels(frame: np.ndarray) -> int:
+    """How many distinct brightness levels (R+G+B in steps of 12) a frame shows."""
+    return len(np.unique(frame.astype(np.int32).sum(axis=-1) // 12))
+
+
 def not_blank(frame: np.ndarray) -> bool:
     """A picture, not a flat fill: spread-out values and many distinct brightness levels."""
-    levels = np.unique(frame.astype(np.int32).sum(axis=-1) // 12)
-    return float(frame.std()) > 12.0 and len(levels) > 20
+    return float(frame.std()) > 12.0 and brightness_levels(frame) > 20
 
 
 def differs(a: np.ndarray, b: np.ndarray, by: float = 4.0) -> bool:
