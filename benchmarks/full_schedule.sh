@@ -6,7 +6,7 @@
 # 2 cores slow each other several-fold). The lanes use the arguments ns-prune-compare uses at --schedule-scale 1,
 # so their runs can be handed back to it with --runs for one table:
 #   lane splatfacto : splatfacto 40k (ns-prune-compare's splatfacto-40k run, keeping its step-29999 checkpoint)
-#   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k
+#   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k (not with WITH_DENSIFY=0)
 #   lane pup        : pup-gs from the splatfacto lane's step-29999 checkpoint, once per score in $SCORES
 #                     (BASE_SEED=42 with another SEED: only the refinement repeated, from seed 42's checkpoint)
 #   lane densify    : only the densify-to-7k baseline (to balance the cores; the vedal lane skips it once done)
@@ -81,7 +81,8 @@ case "$LANE" in
     train splatfacto-portable "splatfacto-40k-s$SEED" 40000 $(common 10000) --save-only-latest-checkpoint False ;;
   vedal)
     train vedal-gs "vedal-gs-s$SEED" 30000 $(common 30000) $(vedal_schedule 29999)
-    densify_baseline ;;
+    # WITH_DENSIFY=0: the baseline is left to a `densify` lane (a queue that hands it to whichever core is free)
+    [ "${WITH_DENSIFY:-1}" = 0 ] || densify_baseline ;;
   vedal-early-removal)
     # The same 30k steps with the hard removal 3,000 steps before the end, so that the survivors train on after it.
     train vedal-gs "vedal-gs-removal27k-s$SEED" 30000 $(common 30000) $(vedal_schedule 26999) ;;
