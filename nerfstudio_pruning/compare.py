@@ -98,6 +98,8 @@ class CompareConfig:
     """Every run is repeated with each seed; the table shows mean ± half the range over seeds."""
     seed: Optional[int] = None
     """One seed (the same as --seeds SEED; kept for older command lines)."""
+    merge: Tuple[Path, ...] = ()
+    """results.json files of earlier comparisons (e.g. one per seed, made on different machines) to combine into one table, json and plot in --output-dir; nothing is trained or evaluated, and the other options are ignored."""
     eval_warmup: int = 1
     """Renders per eval view discarded before timing."""
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
@@ -424,8 +426,8 @@ def draw(records: List[RunRecord], images: Dict[str, torch.Tensor], path: Path, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = min(3, max(1, len(images)))
-    rows = max(1, math.ceil(len(images) / columns))
+    columns = min(3, len(images))  # no images (a merge of results.json files): the plot alone
+    rows = max(1, math.ceil(len(images) / max(columns, 1)))
     fig = plt.figure(figsize=(5.0 + 2.8 * columns, max(4.2, 2.2 * rows)))
     grid = fig.add_gridspec(rows, 1 + columns, width_ratios=[1.8] + [1] * columns)
     ax = fig.add_subplot(grid[:, 0])
@@ -679,6 +681,10 @@ def table_notes(cfg: CompareConfig, sched: Schedule, scene: Scene, seeds: Tuple[
 
 
 def run(cfg: CompareConfig) -> List[RunRecord]:
+    if cfg.merge:
+        from nerfstudio_pruning.compare_merge import merge
+
+        return merge(cfg)
     # Everything that can be refused is checked before anything is trained or written.
     for method in cfg.methods:
         if method not in METHODS:
@@ -728,21 +734,27 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
             images.setdefault(r.row, image)
     add_x_fewer(records)
     notes = table_notes(cfg, sched, scene, seeds, records, plan.notes, jobs)
-    table = markdown_table(records, notes)
-    (output_dir / "results.md").write_text(f"# Pruning comparison on {cfg.scene}\n\n{table}")
     payload = {
         "scene": cfg.scene, "dataparser": scene.dataparser, "random_init": scene.random_init, "schedule_scale": scale,
         "schedule": {"steps_30k": sched.steps_30k, "steps_40k": sched.steps_40k, "pup_refine": list(sched.refine),
                      "densify_stop": sched.densify_stop},
         "device": cfg.device, "seeds": list(seeds), "seed": seeds[0], "spread": SPREAD,
-        "runs": [r.to_json() for r in records], "rows": aggregates(records), "notes": notes,
     }
+    write_outputs(output_dir, cfg.scene, records, notes, payload, images, scale)
+    return records
+
+
+def write_outputs(output_dir: Path, scene: str, records: List[RunRecord], notes: List[str], payload: dict,
+                  images: Dict[str, torch.Tensor], scale: float) -> None:
+    """results.md, results.json (payload plus the runs and rows) and compare.png, as every comparison writes them."""
+    table = markdown_table(records, notes)
+    (output_dir / "results.md").write_text(f"# Pruning comparison on {scene}\n\n{table}")
+    payload = {**payload, "runs": [r.to_json() for r in records], "rows": aggregates(records), "notes": notes}
     (output_dir / "results.json").write_text(json.dumps(payload, indent=2))
     draw(records, images, output_dir / "compare.png", scale)
     print("\n" + table)
     print(f"[compare] table: {output_dir / 'results.md'}\n[compare] json:  {output_dir / 'results.json'}\n"
           f"[compare] plot:  {output_dir / 'compare.png'}")
-    return records
 
 
 def entrypoint() -> None:

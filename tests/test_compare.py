@@ -269,3 +269,54 @@ def test_30k_row_is_a_30k_run(e2e_root, two_seeds, tmp_path):
     for key in a:
         if torch.is_tensor(a[key]):
             assert torch.equal(a[key], b[key]), key
+
+
+def comparison_file(path, seed, rows, scale=1.0):
+    """A results.json as ns-prune-compare writes it, holding one run per row: {row: (method, baseline, psnr, n)}."""
+    runs = [{"label": f"{row}/s{seed}", "row": row, "method": method, "seed": seed, "config": f"/gone/{row}/config.yml",
+             "baseline": baseline, "scoring_seconds": 2.0 if baseline else None,
+             "metrics": {"psnr": psnr, "num_gaussians": float(n), "x_fewer": 99.0}}
+            for row, (method, baseline, psnr, n) in rows.items()]
+    path.write_text(json.dumps({"scene": "default", "dataparser": "nsp-default-scene", "schedule_scale": scale,
+                                "device": "cpu", "seeds": [seed], "runs": runs, "notes": [f"seed {seed} note"]}))
+    return path
+
+
+def test_merge_makes_one_table_from_comparisons_made_apart(tmp_path):
+    from nerfstudio_pruning.compare import run
+
+    a = comparison_file(tmp_path / "a.json", 42, {"splatfacto (40k)": ("splatfacto-portable", None, 25.0, 1000),
+                                                  "pup-gs": ("pup-gs", "splatfacto (40k)", 24.0, 100),
+                                                  "pup-gs-random": ("pup-gs", "splatfacto (40k)", 23.0, 100)})
+    b = comparison_file(tmp_path / "b.json", 43, {"splatfacto (40k)": ("splatfacto-portable", None, 26.0, 2000),
+                                                  "pup-gs": ("pup-gs", "splatfacto (40k)", 25.0, 250)})
+    out = tmp_path / "merged"
+    run(CompareConfig(merge=(a, b), output_dir=out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [42, 43] and [m["notes"] for m in results["merged_from"]] == [["seed 42 note"], ["seed 43 note"]]
+    pup = results["rows"]["pup-gs"]["metrics"]
+    assert pup["psnr"]["mean"] == pytest.approx(24.5) and pup["psnr"]["spread"] == pytest.approx(0.5)
+    # x fewer is recomputed per seed against the merged baseline, not carried over from the files.
+    assert sorted(pup["x_fewer"]["values"]) == pytest.approx([8.0, 10.0])
+    table = (out / "results.md").read_text()
+    assert "| pup-gs | 24.50 ± 0.50 |" in table and "pup-gs-random (seed 42)" in table
+    assert Image.open(out / "compare.png").size[0] > 100
+
+
+@pytest.mark.parametrize("case", ["same-run-twice", "other-schedule", "not-results", "missing"])
+def test_merge_refuses_files_that_do_not_share_a_table(case, tmp_path):
+    a = comparison_file(tmp_path / "a.json", 42, {"splatfacto (40k)": ("splatfacto-portable", None, 25.0, 1000)})
+    b = tmp_path / "b.json"
+    if case == "same-run-twice":
+        comparison_file(b, 42, {"splatfacto (40k)": ("splatfacto-portable", None, 26.0, 1000)})
+    elif case == "other-schedule":
+        comparison_file(b, 43, {"splatfacto (40k)": ("splatfacto-portable", None, 26.0, 1000)}, scale=1 / 30)
+    elif case == "not-results":
+        b.write_text("{\"rows\": {}}")
+    out = tmp_path / "out"
+    proc = subprocess.run([str(BIN / "ns-prune-compare"), "--merge", str(a), str(b), "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --merge") and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
