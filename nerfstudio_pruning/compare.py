@@ -98,6 +98,8 @@ class CompareConfig:
     """Every run is repeated with each seed; the table shows mean ± half the range over seeds."""
     seed: Optional[int] = None
     """One seed (the same as --seeds SEED; kept for older command lines)."""
+    train: bool = True
+    """--no-train: train nothing; evaluate only the runs given by --runs and leave out the rows that would need training (said in the notes). For runs finished in different sessions: such tables combine later with --merge."""
     merge: Tuple[Path, ...] = ()
     """results.json files of earlier comparisons (e.g. one per seed, made on different machines) to combine into one table, json and plot in --output-dir; nothing is trained or evaluated, and the other options are ignored."""
     eval_warmup: int = 1
@@ -607,6 +609,18 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
     return plan
 
 
+def given_runs_only(plan: Plan) -> Plan:
+    """The plan without its jobs: the rows of the given runs only (--no-train)."""
+    kept = [r for r in plan.records if r.job is None]
+    if not kept:
+        raise CompareError("--no-train needs --runs: nothing to evaluate")
+    left_out = list(dict.fromkeys(r.label for r in plan.records if r.job is not None))
+    notes = list(plan.notes)
+    if left_out:
+        notes.append(f"--no-train: left out, since they would have to be trained: {', '.join(left_out)}.")
+    return Plan(records=kept, notes=notes, step_views=[v for v in plan.step_views if v[0].job is None])
+
+
 def train(cfg: CompareConfig, job: Job, scene: Scene, output_dir: Path, progress: RunProgress) -> None:
     job.log = output_dir / "logs" / f"{job.dirname}.log"
     args = common_train_args(cfg, job.dirname, job.max_steps, output_dir, job.seed, job.overrides, job.steps_per_save)
@@ -701,6 +715,8 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
     except SceneError as err:
         raise CompareError(str(err)) from None
     plan = make_plan(cfg, sched, seeds, given, output_dir, scene.random_init)
+    if not cfg.train:
+        plan = given_runs_only(plan)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"[compare] schedule scale {scale:.4g} ({sched.steps_30k}/{sched.steps_40k} steps), device {cfg.device}, "

@@ -33,7 +33,7 @@ def record_of(run: dict, path: Path) -> RunRecord:
     known = set(RunRecord.__dataclass_fields__)
     try:
         fields = {k: v for k, v in run.items() if k in known}
-        for key in PATH_FIELDS:
+        for key in PATH_FIELDS:  # compared as paths when one run is in two files
             if fields.get(key) is not None:
                 fields[key] = Path(fields[key])
         record = RunRecord(**fields)
@@ -56,15 +56,21 @@ def merge(cfg: CompareConfig) -> List[RunRecord]:
                 raise CompareError(f"--merge: {path} has {key} {data.get(key)!r} but {first_path} has "
                                    f"{first.get(key)!r}; only comparisons of one scene and schedule can share a table")
     records: List[RunRecord] = []
-    origin: Dict[Tuple[str, int], Path] = {}
+    origin: Dict[Tuple[str, int], Tuple[Path, RunRecord]] = {}
+    repeated: List[str] = []
     for path, data in results:
         for run in data["runs"]:
             record = record_of(run, path)
             key = (record.row, record.seed)
             if key in origin:
-                raise CompareError(f"--merge: row {record.row!r} seed {record.seed} is in both {origin[key]} and "
-                                   f"{path}; merge files whose runs differ")
-            origin[key] = path
+                first_path, first_record = origin[key]
+                # One checkpoint evaluated by two comparisons (e.g. a seed's table and a two-seed table): one run.
+                if (first_record.config, first_record.step) == (record.config, record.step):
+                    repeated.append(record.label)
+                    continue
+                raise CompareError(f"--merge: row {record.row!r} seed {record.seed} is another run in {first_path} "
+                                   f"than in {path}; merge files whose runs differ")
+            origin[key] = (path, record)
             records.append(record)
     # Rows in the order a single comparison would list them: first appearance across the files.
     order = list(dict.fromkeys(r.row for r in records))
@@ -84,6 +90,8 @@ def merge(cfg: CompareConfig) -> List[RunRecord]:
     partial = [f"{row} (seed {', '.join(map(str, s))})" for row, s in by_row.items() if len(s) < len(seeds)]
     if partial:
         notes.append("Rows with fewer seeds than the table, so no spread: " + "; ".join(partial) + ".")
+    if repeated:
+        notes.append("The same checkpoint in several files, taken from the first: " + ", ".join(repeated) + ".")
     notes.append(f"Device: {', '.join(devices)}.")
 
     output_dir = cfg.output_dir.resolve()

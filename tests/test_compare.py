@@ -288,8 +288,12 @@ def test_merge_makes_one_table_from_comparisons_made_apart(tmp_path):
     a = comparison_file(tmp_path / "a.json", 42, {"splatfacto (40k)": ("splatfacto-portable", None, 25.0, 1000),
                                                   "pup-gs": ("pup-gs", "splatfacto (40k)", 24.0, 100),
                                                   "pup-gs-random": ("pup-gs", "splatfacto (40k)", 23.0, 100)})
+    # b also holds seed 42's baseline, the same run as a's (as a two-seed table holds a one-seed table's runs).
     b = comparison_file(tmp_path / "b.json", 43, {"splatfacto (40k)": ("splatfacto-portable", None, 26.0, 2000),
                                                   "pup-gs": ("pup-gs", "splatfacto (40k)", 25.0, 250)})
+    data = json.loads(b.read_text())
+    data["runs"].append(json.loads(a.read_text())["runs"][0])
+    b.write_text(json.dumps(data))
     out = tmp_path / "merged"
     run(CompareConfig(merge=(a, b), output_dir=out))
     results = json.loads((out / "results.json").read_text())
@@ -300,15 +304,19 @@ def test_merge_makes_one_table_from_comparisons_made_apart(tmp_path):
     assert sorted(pup["x_fewer"]["values"]) == pytest.approx([8.0, 10.0])
     table = (out / "results.md").read_text()
     assert "| pup-gs | 24.50 ± 0.50 |" in table and "pup-gs-random (seed 42)" in table
+    assert "several files, taken from the first: splatfacto (40k)/s42" in table and len(results["runs"]) == 5
     assert Image.open(out / "compare.png").size[0] > 100
 
 
-@pytest.mark.parametrize("case", ["same-run-twice", "other-schedule", "not-results", "missing"])
+@pytest.mark.parametrize("case", ["same-row-other-run", "other-schedule", "not-results", "missing"])
 def test_merge_refuses_files_that_do_not_share_a_table(case, tmp_path):
     a = comparison_file(tmp_path / "a.json", 42, {"splatfacto (40k)": ("splatfacto-portable", None, 25.0, 1000)})
     b = tmp_path / "b.json"
-    if case == "same-run-twice":
+    if case == "same-row-other-run":
         comparison_file(b, 42, {"splatfacto (40k)": ("splatfacto-portable", None, 26.0, 1000)})
+        data = json.loads(b.read_text())
+        data["runs"][0]["config"] = "/elsewhere/config.yml"
+        b.write_text(json.dumps(data))
     elif case == "other-schedule":
         comparison_file(b, 43, {"splatfacto (40k)": ("splatfacto-portable", None, 26.0, 1000)}, scale=1 / 30)
     elif case == "not-results":
@@ -319,4 +327,34 @@ def test_merge_refuses_files_that_do_not_share_a_table(case, tmp_path):
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --merge") and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_train_false_evaluates_the_given_runs_only(two_seeds, e2e_root, tmp_path):
+    _, runs_dir = two_seeds
+    first = json.loads((runs_dir / "results.json").read_text())
+    config = {r["row"]: r["config"] for r in first["runs"] if r["seed"] == 0}
+    out = tmp_path / "given"
+    proc = ns("ns-prune-compare", [
+        "--scene", "default", "--output-dir", str(out), "--schedule-scale", TINY, "--seeds", "0", "--no-train",
+        "--methods", "splatfacto-portable", "pup-gs", "vedal-gs", "--pup-scores", "opacity",
+        "--runs", f"splatfacto-portable={config['splatfacto (40k)']}", f"pup-gs-opacity={config['pup-gs-opacity']}",
+    ], cwd=e2e_root)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["row"] for r in results["runs"]] == ["splatfacto (30k)", "splatfacto (40k)", "pup-gs-opacity"]
+    assert not (out / "runs").exists() and "training" not in proc.stdout
+    # The same checkpoints evaluated again: the same numbers as the comparison that trained them.
+    before = {r["row"]: r["metrics"]["psnr"] for r in first["runs"] if r["seed"] == 0}
+    for r in results["runs"]:
+        assert r["metrics"]["psnr"] == pytest.approx(before[r["row"]], abs=1e-4), r["row"]
+    notes = (out / "results.md").read_text()
+    assert "left out" in notes and "vedal-gs/s0" in notes and "splatfacto (densify to 7k)/s0" in notes
+
+
+def test_train_false_without_runs_is_refused(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([str(BIN / "ns-prune-compare"), "--no-train", "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: --no-train needs --runs: nothing to evaluate"], proc.stderr
     assert not out.exists()
