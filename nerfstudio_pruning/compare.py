@@ -643,6 +643,10 @@ def train(cfg: CompareConfig, job: Job, scene: Scene, output_dir: Path, progress
         raise RuntimeError(f"ns-train {job.method} finished but wrote no {config}; see {job.log}")
 
 
+def seeds_note(seeds) -> str:
+    return f"Seeds {', '.join(map(str, seeds))}: each cell is the mean ± {SPREAD}; results.json keeps every run."
+
+
 def table_notes(cfg: CompareConfig, sched: Schedule, scene: Scene, seeds: Tuple[int, ...], records: List[RunRecord],
                 plan_notes: List[str], jobs: Dict[str, Job]) -> List[str]:
     rows = {r.row for r in records}
@@ -652,7 +656,7 @@ def table_notes(cfg: CompareConfig, sched: Schedule, scene: Scene, seeds: Tuple[
              f"{sched.steps_40k}, '7k' {sched.densify_stop}; device {cfg.device}; render time is the median over the "
              "eval views after warm-up."]
     if len(seeds) > 1:
-        notes.append(f"Seeds {', '.join(map(str, seeds))}: each cell is the mean ± {SPREAD}; results.json keeps every run.")
+        notes.append(seeds_note(seeds))
     else:
         notes.append(f"Seed {seeds[0]}.")
     if ROW_30K in rows and continued:

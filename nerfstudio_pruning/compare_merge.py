@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from nerfstudio_pruning.compare import SPREAD, CompareConfig, CompareError, RunRecord, add_x_fewer, write_outputs
+from nerfstudio_pruning.compare import (SPREAD, CompareConfig, CompareError, RunRecord, add_x_fewer, rows_of, seeds_note,
+                                        write_outputs)
 
 PATH_FIELDS = ("config", "eval_config")
 
@@ -24,8 +25,8 @@ def read_results(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CompareError(f"--merge: {path} is not a results.json ({err})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or "schedule_scale" not in data:
-        raise CompareError(f"--merge: {path} is not an ns-prune-compare results.json (no runs or schedule_scale)")
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not data["runs"] or "schedule_scale" not in data:
+        raise CompareError(f"--merge: {path} is not an ns-prune-compare results.json (no runs, or no schedule_scale)")
     return data
 
 
@@ -63,12 +64,12 @@ def merge(cfg: CompareConfig) -> List[RunRecord]:
             record = record_of(run, path)
             key = (record.row, record.seed)
             if key in origin:
-                first_path, first_record = origin[key]
+                seen_path, seen = origin[key]
                 # One checkpoint evaluated by two comparisons (e.g. a seed's table and a two-seed table): one run.
-                if (first_record.config, first_record.step) == (record.config, record.step):
+                if (seen.config, seen.step) == (record.config, record.step):
                     repeated.append(record.label)
                     continue
-                raise CompareError(f"--merge: row {record.row!r} seed {record.seed} is another run in {first_path} "
+                raise CompareError(f"--merge: row {record.row!r} seed {record.seed} is another run in {seen_path} "
                                    f"than in {path}; merge files whose runs differ")
             origin[key] = (path, record)
             records.append(record)
@@ -83,11 +84,9 @@ def merge(cfg: CompareConfig) -> List[RunRecord]:
              f"{first['schedule_scale']:.4g}; nothing re-evaluated. Each file's own notes are kept in results.json "
              "under merged_from; render ms were measured by each comparison on its own machine and load."]
     if len(seeds) > 1:
-        notes.append(f"Seeds {', '.join(map(str, seeds))}: each cell is the mean ± {SPREAD}.")
-    by_row: Dict[str, List[int]] = {}
-    for r in records:
-        by_row.setdefault(r.row, []).append(r.seed)
-    partial = [f"{row} (seed {', '.join(map(str, s))})" for row, s in by_row.items() if len(s) < len(seeds)]
+        notes.append(seeds_note(seeds))
+    partial = [f"{row} (seed {', '.join(str(r.seed) for r in recs)})" for row, recs in rows_of(records).items()
+               if len(recs) < len(seeds)]
     if partial:
         notes.append("Rows with fewer seeds than the table, so no spread: " + "; ".join(partial) + ".")
     if repeated:
