@@ -16,6 +16,8 @@
 #                     With BRANCH=a checkpoint of the default vedal-gs run from before step 7000, these variants
 #                     start there: until fine-tuning starts at 7000 vedal-gs trains as splatfacto does, and neither
 #                     kl_weight nor the gate acts on anything (the kept copy must be named step-N.ckpt, N < 7000)
+#   lane vedal-branch : that checkpoint made on purpose: vedal-gs's default run stopped at step 6999, so that every
+#                     variant's 23k fine-tuning steps start from one model (BRANCH=<its run>/nerfstudio_models/step-000006999.ckpt)
 # Every run saves a checkpoint each $SAVE_EVERY steps (default 1000) and a lane started again continues each
 # unfinished run from its latest checkpoint (resume is exact), so a lane can be stopped and restarted at will.
 # Usage: bash benchmarks/full_schedule.sh LANE SCENE OUT [SEED] [CORE]
@@ -92,6 +94,8 @@ case "$LANE" in
     for W in ${KL_WEIGHTS:?KL_WEIGHTS: the kl_weight values, e.g. KL_WEIGHTS="0.25 0.5 2 4"}; do
       vedal_variant "vedal-gs-kl$W-s$SEED" --pipeline.model.kl-weight "$W"
     done ;;
+  vedal-branch)
+    train vedal-gs "vedal-gs-branch-s$SEED" 7000 $(common 7000) $(vedal_schedule 29999) ;;
   vedal-no-gate)
     vedal_variant "vedal-gs-no-gate-s$SEED" --pipeline.model.use-gate False ;;
   pup)
@@ -106,5 +110,5 @@ case "$LANE" in
       train pup-gs "pup-gs-$SCORE-$SUFFIX" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
-  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|vedal-early-removal|vedal-kl|vedal-no-gate|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|vedal-early-removal|vedal-branch|vedal-kl|vedal-no-gate|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
 esac
