@@ -5,7 +5,8 @@
 # 2-threaded queue (at ~190k Gaussians a step costs about as much on 1 thread as on 2, and two numba pools on
 # 2 cores slow each other several-fold). The lanes use the arguments ns-prune-compare uses at --schedule-scale 1,
 # so their runs can be handed back to it with --runs for one table:
-#   lane splatfacto : splatfacto 40k (ns-prune-compare's splatfacto-40k run, keeping its step-29999 checkpoint)
+#   lane splatfacto : splatfacto 40k (ns-prune-compare's splatfacto-40k run, keeping its step-29999 checkpoint;
+#                     ONLY_30K=1 stops at that checkpoint, for more pup-gs scores when the 40k row exists)
 #   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k (not with WITH_DENSIFY=0)
 #   lane pup        : pup-gs from the splatfacto lane's step-29999 checkpoint, once per score in $SCORES
 #                     (BASE_SEED=42 with another SEED: only the refinement repeated, from seed 42's checkpoint)
@@ -80,6 +81,8 @@ case "$LANE" in
     # Two legs: the first keeps only its latest checkpoint and ends at step 29999 (pup-gs starts there), the
     # second keeps all of its own, so the step-29999 checkpoint stays.
     train splatfacto-portable "splatfacto-40k-s$SEED" 30000 $(common 30000) --save-only-latest-checkpoint True
+    # ONLY_30K=1: stop at the checkpoint the pup lane starts from (the 40k row measured already)
+    [ "${ONLY_30K:-0}" = 0 ] || exit 0
     train splatfacto-portable "splatfacto-40k-s$SEED" 40000 $(common 10000) --save-only-latest-checkpoint False ;;
   vedal)
     train vedal-gs "vedal-gs-s$SEED" 30000 $(common 30000) $(vedal_schedule 29999)
