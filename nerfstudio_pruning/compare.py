@@ -512,6 +512,11 @@ class Plan:
 def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given: Dict[Tuple[str, int], Path],
               output_dir: Path, random_init: bool) -> Plan:
     plan = Plan()
+    unused = dict(given)  # a given run no row takes would otherwise vanish from the table without a word
+
+    def take(key: Tuple[str, int]) -> Optional[Path]:
+        return unused.pop(key, None)
+
     extra_init = ["--pipeline.model.random-init", "True"] if random_init else []
     s30, s40 = sched.steps_30k, sched.steps_40k
     refine_total = sum(sched.refine)
@@ -532,7 +537,7 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
 
         start_30k: Optional[Path] = None  # the checkpoint pup-gs starts from
         if want_base:
-            base = given.get(("splatfacto-portable", seed))
+            base = take(("splatfacto-portable", seed))
             if base is None:
                 j40 = job("splatfacto (40k)", "splatfacto-portable", "splatfacto-40k", s40,
                           steps_per_save=max(s30 - 1, 1), keep_all_checkpoints=True)
@@ -566,7 +571,7 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
         if "pup-gs" in cfg.methods:
             for score in cfg.pup_scores:
                 label = "pup-gs" if score == "fisher" else f"pup-gs-{score}"
-                pup = given.get((label, seed))
+                pup = take((label, seed))
                 if pup is not None:
                     record(label, "pup-gs", pup, baseline=ROW_40K)
                     continue
@@ -576,7 +581,7 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
                                "--pipeline.model.score", score])
                 record(label, "pup-gs", j.config(cfg, output_dir), j, baseline=ROW_40K)
         if "vedal-gs" in cfg.methods:
-            dens = given.get(("splatfacto-densify", seed))
+            dens = take(("splatfacto-densify", seed))
             if dens is None:
                 j = job("splatfacto (densify to 7k)", "splatfacto-portable", "splatfacto-densify-7k", s30,
                         overrides={"pipeline.model.stop-split-at": str(sched.densify_stop)})
@@ -585,13 +590,13 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
             else:
                 record(ROW_DENSIFY, "splatfacto-portable", dens)
             vedal_extra = sched.vedal_args()
-            vedal = given.get(("vedal-gs", seed))
+            vedal = take(("vedal-gs", seed))
             if vedal is not None:
                 record("vedal-gs", "vedal-gs", vedal, baseline=ROW_DENSIFY)
             else:
                 j = job("vedal-gs", "vedal-gs", "vedal-gs", s30, extra=list(vedal_extra))
                 record("vedal-gs", "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
-            ablation = given.get(("vedal-gs-no-gate", seed))
+            ablation = take(("vedal-gs-no-gate", seed))
             if ablation is not None:
                 record("vedal-gs-no-gate", "vedal-gs", ablation, baseline=ROW_DENSIFY)
             elif cfg.gate_ablation:
@@ -600,12 +605,16 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
                 record("vedal-gs-no-gate", "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
             for w in cfg.kl_weights:
                 label = f"vedal-gs-kl{w:g}"
-                swept = given.get((label, seed))
+                swept = take((label, seed))
                 if swept is not None:
                     record(label, "vedal-gs", swept, baseline=ROW_DENSIFY, kl_weight=w)
                     continue
                 j = job(label, "vedal-gs", label, s30, extra=vedal_extra + ["--pipeline.model.kl-weight", str(w)])
                 record(label, "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY, kl_weight=w)
+    if unused:
+        names = ", ".join(f"{key}/s{seed}" for key, seed in unused)
+        raise CompareError(f"--runs {names}: no row of this comparison takes it (--methods and --pup-scores decide "
+                           f"the rows: pup-gs is the 'fisher' score, splatfacto-densify belongs to vedal-gs)")
     return plan
 
 

@@ -250,6 +250,24 @@ def test_runs_of_variants_must_be_asked_for(tmp_path):
             parse_runs(CompareConfig(output_dir=tmp_path, pup_scores=("fisher", "speedy"), runs=(item,)), (42,))
 
 
+def test_a_given_run_no_row_takes_is_refused(tmp_path):
+    """--runs pup-gs=... is the Fisher row: with 'fisher' left out of --pup-scores it must not vanish silently."""
+    from nerfstudio_pruning.compare import Schedule, make_plan
+
+    config = tmp_path / "config.yml"
+    config.write_text("")
+    (tmp_path / "nerfstudio_models").mkdir()
+    (tmp_path / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"")
+    given = {("splatfacto-portable", 42): config, ("pup-gs", 42): config}
+    sched = Schedule.of(float(TINY))
+    taken = make_plan(CompareConfig(output_dir=tmp_path, methods=("pup-gs",)), sched, (42,), given, tmp_path, False)
+    assert "pup-gs" in {r.row for r in taken.records}
+    for cfg in (CompareConfig(output_dir=tmp_path, methods=("pup-gs",), pup_scores=("lightgaussian",)),
+                CompareConfig(output_dir=tmp_path, methods=("vedal-gs",))):
+        with pytest.raises(CompareError, match=r"--runs .*pup-gs/s42.*: no row of this comparison takes it"):
+            make_plan(cfg, sched, (42,), given, tmp_path, False)
+
+
 def test_30k_row_is_a_30k_run(e2e_root, two_seeds, tmp_path):
     """The 40-step run's step-29 checkpoint (the '30k' row, pup-gs's start) is what a 30-step run ends with."""
     import torch

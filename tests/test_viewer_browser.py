@@ -91,9 +91,10 @@ def chromium():
 class ViewerPage:
     """The viewer's page as a user sees it: controls found by their visible labels, the frame from screenshots."""
 
-    def __init__(self, driver, url: str, name: str) -> None:
+    def __init__(self, driver, viewer: tuple, name: str) -> None:
         from selenium.webdriver.common.by import By
 
+        url, self.viewer_proc, self.viewer_log = viewer
         self.driver, self.name, self.By = driver, name, By
         driver.get(url)
         self.wait_for(lambda: "Connected" in driver.find_element(By.TAG_NAME, "body").text, "the page to connect")
@@ -166,24 +167,36 @@ class ViewerPage:
         x0, y0, x1, y1 = int(r["x"]), int(r["y"]), int(r["x"] + r["width"]), int(r["y"] + r["height"])
         return page[y0 + 8:y1 - 90, x0 + 8:x1 - 8]
 
-    def wait_for_frame(self, condition: Callable[[np.ndarray], bool], what: str, timeout: float = 60.0) -> np.ndarray:
+    def wait_for_frame(self, condition: Callable[[np.ndarray], bool], what: str, timeout: float = 60.0,
+                       nudge_after: float | None = None) -> np.ndarray:
         """The displayed frame once `condition` holds for it and it stayed the same for a second (the viewer
-        sends a low-resolution frame first, then the full-resolution one)."""
-        unchanged_since, previous, changes = time.time(), None, 0
+        sends a low-resolution frame first, then the full-resolution one). With `nudge_after`, a frame that stays
+        unchanged and unsatisfying that long gets one wheel step, as a user moves a viewer that shows nothing."""
+        unchanged_since, previous, changes, nudges = time.time(), None, 0, 0
         deadline = time.time() + timeout
         while time.time() < deadline:
             current = self.frame()
             if previous is None or not np.array_equal(current, previous):
                 unchanged_since, previous, changes = time.time(), current, changes + 1
             elif time.time() - unchanged_since >= 1.0 and condition(current):
+                if nudges:
+                    print(f"\n{self.name}: '{what}' came after {nudges} nudge(s) of the camera")
                 return current
+            elif nudge_after is not None and time.time() - unchanged_since >= nudge_after:
+                self.zoom_out(1)
+                unchanged_since, nudges = time.time(), nudges + 1
             time.sleep(0.25)
         last = "none captured" if previous is None else (
-            f"std {float(previous.std()):.1f}, mean {float(previous.mean()):.1f}, "
-            f"{brightness_levels(previous)} brightness levels, shape "
-            f"{previous.shape}, kept as {self.keep_frame(previous, what)}")
+            f"{frame_summary(previous)}, kept as {self.keep_frame(previous, what)}")
         raise AssertionError(f"{self.name}: timed out after {timeout:.0f} s waiting for a frame: {what} (the frame "
-                             f"changed {changes} times; the last one: {last})")
+                             f"changed {changes} times, {nudges} nudges of the camera; the last one: {last}); "
+                             f"{self.viewer_state()}")
+
+    def viewer_state(self) -> str:
+        """Whether ns-viewer still runs, and the end of its log: a render thread that died says why there."""
+        code = self.viewer_proc.poll()
+        alive = "ns-viewer is running" if code is None else f"ns-viewer exited {code}"
+        return f"{alive}; its log ends:\n{self.viewer_log.read_text()[-3000:]}"
 
     def keep_frame(self, frame: np.ndarray, what: str) -> Path:
         """A frame a check timed out on, as a PNG (in NSP_VIEWER_SCREENSHOTS when set) to look at afterwards."""
@@ -210,6 +223,11 @@ class ViewerPage:
 def brightness_levels(frame: np.ndarray) -> int:
     """How many distinct brightness levels (R+G+B in steps of 12) a frame shows."""
     return len(np.unique(frame.astype(np.int32).sum(axis=-1) // 12))
+
+
+def frame_summary(frame: np.ndarray) -> str:
+    return (f"frame std {float(frame.std()):.1f}, mean {float(frame.mean()):.1f}, "
+            f"{brightness_levels(frame)} brightness levels, shape {frame.shape}")
 
 
 def not_blank(frame: np.ndarray) -> bool:
@@ -245,13 +263,14 @@ def browser():
 
 @pytest.fixture(scope="module")
 def viewers(browser, vedal_run, pup_run, e2e_root):
-    """ns-viewer on the final checkpoints of both runs, started together so that their start-ups overlap."""
+    """ns-viewer on the final checkpoints of both runs, started together so that their start-ups overlap: for each,
+    (its URL, the process, its log file)."""
     with ExitStack() as stack:
         started = {name: stack.enter_context(ns_viewer(run / "config.yml", e2e_root))
                    for name, (_, run) in (("vedal", vedal_run), ("pup", pup_run))}
         for url, proc, log in started.values():
             wait_until_served(url, proc, log)
-        yield {name: url for name, (url, _, _) in started.items()}
+        yield started
 
 
 def check_score_output(page: ViewerPage, output: str, rgb: np.ndarray) -> np.ndarray:
@@ -276,7 +295,7 @@ def test_vedal_gs_in_the_browser(browser, viewers):
     started = time.time()
     page = ViewerPage(browser, viewers["vedal"], "vedal")
     # The first frame of the session may wait for the viewer's first render on a busy machine.
-    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180)
+    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180, nudge_after=45)
     page.save("vedal_rgb")
     check_score_output(page, "retention", rgb)
 
@@ -294,13 +313,13 @@ def test_vedal_gs_in_the_browser(browser, viewers):
     assert thumb.get_attribute("aria-valuenow") == "0.99"
     page.wait_for_frame(lambda f: not_blank(f) and differs(f, rgb, by=2.0), "the rgb frame at threshold 0.99")
     page.save("vedal_rgb_threshold_099")
-    print(f"\nvedal-gs page: {time.time() - started:.1f} s; {shown_count(page)[2]}")
+    print(f"\nvedal-gs page: {time.time() - started:.1f} s; rgb {frame_summary(rgb)}; {shown_count(page)[2]}")
 
 
 def test_pup_gs_in_the_browser(browser, viewers):
     started = time.time()
     page = ViewerPage(browser, viewers["pup"], "pup")
-    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180)
+    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180, nudge_after=45)
     check_score_output(page, "sensitivity", rgb)
     assert page.find("//strong[normalize-space()=\"Output type 'sensitivity'\"]") is not None  # its legend
-    print(f"\npup-gs page: {time.time() - started:.1f} s")
+    print(f"\npup-gs page: {time.time() - started:.1f} s; rgb {frame_summary(rgb)}")
