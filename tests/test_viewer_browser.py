@@ -13,6 +13,7 @@ import io
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -45,7 +46,9 @@ def _free_port() -> int:
 def ns_viewer(config: Path, cwd: Path) -> Iterator[tuple]:
     """ns-viewer on `config`, on a free port: yields (its URL, the process, its log file)."""
     port = _free_port()
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    # PYTHONFAULTHANDLER: on SIGABRT the process writes every thread's stack to its log (see ViewerPage.viewer_state).
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     log = cwd / f"ns-viewer-{port}.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "ns-viewer"), "--load-config", str(config),
@@ -193,10 +196,18 @@ class ViewerPage:
                              f"{self.viewer_state()}")
 
     def viewer_state(self) -> str:
-        """Whether ns-viewer still runs, and the end of its log: a render thread that died says why there."""
+        """Whether ns-viewer still ran, and the end of its log: a render thread that died says why there; one that
+        hangs shows where, since a running viewer is aborted here to make it write every thread's stack."""
         code = self.viewer_proc.poll()
-        alive = "ns-viewer is running" if code is None else f"ns-viewer exited {code}"
-        return f"{alive}; its log ends:\n{self.viewer_log.read_text()[-3000:]}"
+        alive = f"ns-viewer had exited {code}" if code is not None else "ns-viewer was running (aborted for its stacks)"
+        if code is None:
+            self.viewer_proc.send_signal(signal.SIGABRT)
+            try:
+                self.viewer_proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        log = self.viewer_log.read_text(errors="replace").split("\nExtension modules:")[0]  # faulthandler's module list
+        return f"{alive}; its log ends:\n{log[-8000:]}"
 
     def keep_frame(self, frame: np.ndarray, what: str) -> Path:
         """A frame a check timed out on, as a PNG (in NSP_VIEWER_SCREENSHOTS when set) to look at afterwards."""
