@@ -1,10 +1,11 @@
 """The vedal-gs gate over a run: eligible fraction and reversals at every gate update, read from the run's latest
 checkpoint, printed and plotted (not a test).
 
-Usage: python benchmarks/plot_gate_history.py RUN_DIR [OUT.png] [--rows N]
+Usage: python benchmarks/plot_gate_history.py RUN_DIR [RUN_DIR ...] [OUT.png] [--rows N]
 
 RUN_DIR is a vedal-gs run folder (the one holding config.yml and nerfstudio_models/) or its nerfstudio_models/
-folder. OUT.png defaults to RUN_DIR/gate_history.png. The gate state lives in the model's extra state,
+folder. OUT.png defaults to RUN_DIR/gate_history.png for one run; several runs (a sweep) are printed one after the
+other and drawn together, one colour each, in the OUT.png they require. The gate state lives in the model's extra state,
 checkpoint["pipeline"]["_model._extra_state"]["vedal"]["gate"]: `history` is one (step, eligible fraction,
 cumulative reversals) per gate update, `grant_count` and `reversal_count` the totals (see vedal/gate.py). The
 reversal rate is reversals / grants, as `ConvergenceGate.reversal_rate`. A run dir without checkpoints or without
@@ -18,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-USAGE_EPILOG = "example: python benchmarks/plot_gate_history.py outputs/scene/vedal-gs/2026-11-21_120000 gate.png"
+USAGE_EPILOG = ("example: python benchmarks/plot_gate_history.py outputs/scene/vedal-gs/2026-11-21_120000 gate.png; "
+                "a sweep: ... RUN_A RUN_B RUN_C sweep.png")
 
 
 class GateHistoryError(Exception):
@@ -104,6 +106,31 @@ def plot(history: Sequence[Tuple[int, float, int]], out: Path, title: str) -> No
     plt.close(fig)
 
 
+def plot_runs(runs: Sequence[Tuple[str, float, Sequence[Tuple[int, float, int]]]], out: Path) -> None:
+    """Several runs side by side: eligible fraction and cumulative reversals against the step, one colour a run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, rate, history in runs:
+        steps = [s for s, _, _ in history]
+        line, = left.plot(steps, [f for _, f, _ in history], marker=".", markersize=3, label=f"{name} ({rate:.3f})")
+        right.plot(steps, [r for _, _, r in history], marker=".", markersize=3, color=line.get_color())
+    left.set(xlabel="step", ylabel="eligible fraction", ylim=(0, 1), title="eligible fraction")
+    right.set(xlabel="step", ylabel="reversals (cumulative)", title="reversals")
+    right.set_ylim(bottom=0)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=min(len(runs), 4), fontsize=8,
+               frameon=False, title="run (reversal rate per grant)", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="plot_gate_history.py",
@@ -111,29 +138,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "update, and the reversal rate (reversals / grants), from a run's latest checkpoint.",
         epilog=USAGE_EPILOG,
     )
-    parser.add_argument("run_dir", type=Path, help="vedal-gs run folder (holding nerfstudio_models/), or that folder")
-    parser.add_argument("out", type=Path, nargs="?", help="PNG to write (default: RUN_DIR/gate_history.png)")
+    parser.add_argument("paths", type=Path, nargs="+", metavar="PATH",
+                        help="RUN_DIR [RUN_DIR ...] [OUT.png]: vedal-gs run folders (holding nerfstudio_models/) or those folders, then the PNG to "
+                             "write (default for one run: RUN_DIR/gate_history.png; required for several)")
     parser.add_argument("--rows", type=int, default=10, help="table rows to print, evenly spaced; 0 prints every "
                                                              "update (default 10)")
     args = parser.parse_args(argv)
-    run = args.run_dir
-    run_folder = run.parent if run.name == "nerfstudio_models" else run
-    out = args.out if args.out is not None else run_folder / "gate_history.png"
+    paths = list(args.paths)
+    out = paths.pop() if len(paths) > 1 and paths[-1].suffix.lower() == ".png" else None
+    folders = [run.parent if run.name == "nerfstudio_models" else run for run in paths]
+    if out is None and len(paths) > 1:
+        print(f"error: {len(paths)} runs are drawn in one picture: name it last (... OUT.png)", file=sys.stderr)
+        return 1
+    out = out if out is not None else folders[0] / "gate_history.png"
     try:
-        path, step, history, grants, reversals = read_history(run)
+        read = [read_history(run) for run in paths]
     except GateHistoryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    rate = reversals / grants if grants else 0.0
-    print(f"{path} (step {step}): {len(history)} gate updates, steps {history[0][0]} to {history[-1][0]}")
-    print(f"grants: {grants}  reversals: {reversals}  reversal rate: {rate:.4f} per grant")
-    print("step | eligible fraction | reversals so far")
-    for i in rows_to_show(history, args.rows):
-        s, fraction, so_far = history[i]
-        print(f"{s} | {fraction:.3f} | {so_far}")
+    drawn = []
+    for folder, (path, step, history, grants, reversals) in zip(folders, read):
+        rate = reversals / grants if grants else 0.0
+        if drawn:
+            print()
+        print(f"{path} (step {step}): {len(history)} gate updates, steps {history[0][0]} to {history[-1][0]}")
+        print(f"grants: {grants}  reversals: {reversals}  reversal rate: {rate:.4f} per grant")
+        print("step | eligible fraction | reversals so far")
+        for i in rows_to_show(history, args.rows):
+            s, fraction, so_far = history[i]
+            print(f"{s} | {fraction:.3f} | {so_far}")
+        drawn.append((folder.name, rate, history))
     try:
-        plot(history, out, f"vedal-gs gate: {run_folder.name} (reversal rate {rate:.3f})")
+        if len(drawn) == 1:
+            name, rate, history = drawn[0]
+            plot(history, out, f"vedal-gs gate: {name} (reversal rate {rate:.3f})")
+        else:
+            plot_runs(drawn, out)
     except OSError as err:
         print(f"error: cannot write {out}: {err.strerror or err}", file=sys.stderr)
         return 1

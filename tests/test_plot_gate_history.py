@@ -51,3 +51,18 @@ def test_usage(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("usage: plot_gate_history.py")
     proc = plot_gate_history("--help", cwd=tmp_path)
     assert proc.returncode == 0 and "reversal rate" in proc.stdout
+
+
+def test_several_runs_are_printed_in_turn_and_drawn_in_one_picture(vedal_run, tmp_path):
+    _, run = vedal_run
+    one = plot_gate_history(run, tmp_path / "one.png", cwd=tmp_path)
+    assert one.returncode == 0, one.stdout + one.stderr
+    block = one.stdout.splitlines()[:-1]  # without its "wrote ..." line
+    out = tmp_path / "sweep.png"
+    proc = plot_gate_history(run, run / "nerfstudio_models", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [*block, "", *block, f"wrote {out}"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+
+    proc = plot_gate_history(run, run, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr == "error: 2 runs are drawn in one picture: name it last (... OUT.png)\n"
