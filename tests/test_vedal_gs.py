@@ -165,6 +165,32 @@ def test_the_retention_output_is_rendered_only_while_the_viewer_shows_it():
     assert torch.allclose(grey, retention, atol=1e-5)
 
 
+# dynamo's bytecode tracer, and its fake-tensor run of an op: dynamo wraps an exception raised there differently.
+@pytest.mark.parametrize("where", ["torch/_dynamo/symbolic_convert.py", "torch/_subclasses/fake_tensor.py"])
+def test_a_viewer_interrupt_inside_torch_compile_reaches_the_viewer_as_its_own(where):
+    """ns-viewer stops a frame by raising IOChangeException from a trace function at the next Python line. Inside
+    torch.compile's tracing of splatfacto's get_viewmat, dynamo rewraps it, and the viewer's render thread died of
+    that (the browser test's pup-gs page, 1 load in 8). The frame must stop with the viewer's own exception, and the
+    next frame render."""
+    from nerfstudio.viewer_legacy.server.viewer_utils import IOChangeException, SetTrace
+
+    model = tiny_model()
+    model.eval()
+    torch._dynamo.reset()  # get_viewmat is compiled again by the next frame, as by the first of a process
+    inside_dynamo = []
+
+    def interrupt_inside_dynamo(frame, event, arg):
+        if event == "line" and frame.f_code.co_filename.replace("\\", "/").endswith(where):
+            inside_dynamo.append(frame.f_code.co_filename)
+            raise IOChangeException
+        return interrupt_inside_dynamo
+
+    with pytest.raises(IOChangeException), SetTrace(interrupt_inside_dynamo):
+        model.get_outputs_for_camera(tiny_camera())
+    assert inside_dynamo, "the frame never reached torch.compile: the test would pass without the fix"
+    assert model.get_outputs_for_camera(tiny_camera())["rgb"].shape == (SIZE, SIZE, 3)
+
+
 def test_pixels_of_the_value_image_are_weighted_means_of_the_gaussians_values():
     model = tiny_model()
     model.eval()

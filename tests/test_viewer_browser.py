@@ -170,29 +170,22 @@ class ViewerPage:
         x0, y0, x1, y1 = int(r["x"]), int(r["y"]), int(r["x"] + r["width"]), int(r["y"] + r["height"])
         return page[y0 + 8:y1 - 90, x0 + 8:x1 - 8]
 
-    def wait_for_frame(self, condition: Callable[[np.ndarray], bool], what: str, timeout: float = 60.0,
-                       nudge_after: float | None = None) -> np.ndarray:
+    def wait_for_frame(self, condition: Callable[[np.ndarray], bool], what: str, timeout: float = 60.0) -> np.ndarray:
         """The displayed frame once `condition` holds for it and it stayed the same for a second (the viewer
-        sends a low-resolution frame first, then the full-resolution one). With `nudge_after`, a frame that stays
-        unchanged and unsatisfying that long gets one wheel step, as a user moves a viewer that shows nothing."""
-        unchanged_since, previous, changes, nudges = time.time(), None, 0, 0
+        sends a low-resolution frame first, then the full-resolution one)."""
+        unchanged_since, previous, changes = time.time(), None, 0
         deadline = time.time() + timeout
         while time.time() < deadline:
             current = self.frame()
             if previous is None or not np.array_equal(current, previous):
                 unchanged_since, previous, changes = time.time(), current, changes + 1
             elif time.time() - unchanged_since >= 1.0 and condition(current):
-                if nudges:
-                    print(f"\n{self.name}: '{what}' came after {nudges} nudge(s) of the camera")
                 return current
-            elif nudge_after is not None and time.time() - unchanged_since >= nudge_after:
-                self.zoom_out(1)
-                unchanged_since, nudges = time.time(), nudges + 1
             time.sleep(0.25)
         last = "none captured" if previous is None else (
             f"{frame_summary(previous)}, kept as {self.keep_frame(previous, what)}")
         raise AssertionError(f"{self.name}: timed out after {timeout:.0f} s waiting for a frame: {what} (the frame "
-                             f"changed {changes} times, {nudges} nudges of the camera; the last one: {last}); "
+                             f"changed {changes} times; the last one: {last}); "
                              f"{self.viewer_state()}")
 
     def viewer_state(self) -> str:
@@ -306,7 +299,7 @@ def test_vedal_gs_in_the_browser(browser, viewers):
     started = time.time()
     page = ViewerPage(browser, viewers["vedal"], "vedal")
     # The first frame of the session may wait for the viewer's first render on a busy machine.
-    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180, nudge_after=45)
+    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180)
     page.save("vedal_rgb")
     check_score_output(page, "retention", rgb)
 
@@ -330,7 +323,7 @@ def test_vedal_gs_in_the_browser(browser, viewers):
 def test_pup_gs_in_the_browser(browser, viewers):
     started = time.time()
     page = ViewerPage(browser, viewers["pup"], "pup")
-    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180, nudge_after=45)
+    rgb = page.wait_for_frame(not_blank, "a non-blank rgb frame", timeout=180)
     check_score_output(page, "sensitivity", rgb)
     assert page.find("//strong[normalize-space()=\"Output type 'sensitivity'\"]") is not None  # its legend
     print(f"\npup-gs page: {time.time() - started:.1f} s; rgb {frame_summary(rgb)}")

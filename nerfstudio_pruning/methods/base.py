@@ -35,6 +35,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.methods.checkpoints import check_gaussian_checkpoint, use_python_float_learning_rates
+from nerfstudio_pruning.methods.viewer import viewer_interrupt
 from nerfstudio_pruning.removal import rebind_optimizers
 from nerfstudio_pruning.render import rasterization
 from nerfstudio_pruning.types import Gaussians, Views
@@ -210,6 +211,15 @@ class PortableSplatfactoModel(SplatfactoModel):
         if self.device.type != "cuda":
             camera = _camera_for_cpu_model(camera)
         return super().get_outputs(camera)
+
+    def get_outputs_for_camera(self, camera: Cameras, obb_box: Optional[Any] = None) -> Dict[str, Any]:
+        try:
+            return super().get_outputs_for_camera(camera, obb_box=obb_box)
+        except Exception as err:
+            interrupt = viewer_interrupt(err)
+            if interrupt is None or interrupt is err:
+                raise
+            raise interrupt from None  # ns-viewer's interrupt, rewrapped by torch.compile (methods/viewer.py)
 
     def step_cb(self, optimizers: Optimizers, step: int) -> None:
         super().step_cb(optimizers, step)

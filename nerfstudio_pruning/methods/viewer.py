@@ -12,6 +12,14 @@ viewer (ns-eval, ns-render, ns-export) there is no score output and no cost.
 Score outputs are scalar images [H, W, 1] (see `PortableSplatfactoModel.render_value_image`): nerfstudio's own
 Colormap, Invert, Normalize, Min and Max then apply to them, as to depth.
 
+Interrupted frames. The viewer stops a frame in progress when the camera moves by raising `IOChangeException` from a
+trace function at the next Python line of its render thread, and drops the frame when that exception reaches it.
+When the line is inside torch.compile's tracing (splatfacto's `get_viewmat` is compiled, and the first frame of a
+process, or one with new guards, compiles it), dynamo rewraps the exception as its own internal error, the
+viewer does not recognise it, and its render thread dies: no further frame for that browser tab (seen in the
+browser test, 1 page load in 8). `viewer_interrupt` finds the interrupt inside such an error, so that
+`PortableSplatfactoModel.get_outputs_for_camera` (the viewer's call) can raise it as the viewer expects.
+
 The slider. nerfstudio runs an element's callback under the lock its render thread holds for a whole frame, so a
 count updated there waits for the frame in progress (seconds, for a full-resolution frame of a large model on a
 CPU). `ThresholdSlider` also calls `on_move` directly, from viser's handler thread, before that lock is taken.
@@ -19,7 +27,7 @@ CPU). `ThresholdSlider` also calls `on_move` directly, from viser's handler thre
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from nerfstudio.viewer.viewer_elements import ViewerControl, ViewerElement, ViewerSlider
@@ -28,6 +36,23 @@ from viser import ViserServer
 # Each method's elements sit in their own folder of the control panel; these orders set their sequence there,
 # independently of the alphabetical order of attribute names in which nerfstudio installs them.
 ORDER_SLIDER, ORDER_COUNT, ORDER_LEGEND = 1.0, 2.0, 3.0
+
+
+def viewer_interrupt(err: BaseException) -> Optional[BaseException]:
+    """The viewer's `IOChangeException` that `err` (raised while rendering) wraps, if any, else None."""
+    from nerfstudio.viewer_legacy.server.viewer_utils import IOChangeException  # what the viewer of 1.1.5 raises
+
+    # dynamo chains it as the cause of one error and the context of another, some levels deep: follow both links.
+    pending, seen = [err], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        if isinstance(current, IOChangeException):
+            return current
+        seen.add(id(current))
+        pending += [current.__cause__, current.__context__]
+    return None
 
 
 class ViewerOutputs(ViewerControl):
