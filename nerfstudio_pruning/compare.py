@@ -764,7 +764,10 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
     add_x_fewer(records)
     notes = table_notes(cfg, sched, scene, seeds, records, plan.notes, jobs)
     payload = {
-        "scene": cfg.scene, "dataparser": scene.dataparser, "random_init": scene.random_init, "schedule_scale": scale,
+        # An absolute path, so that tables made from other folders can be merged (compare_merge.same_scene).
+        "scene": cfg.scene if cfg.scene == "default" else str(Path(cfg.scene).resolve()),
+        "downscale_factor": cfg.downscale_factor,
+        "dataparser": scene.dataparser, "random_init": scene.random_init, "schedule_scale": scale,
         "schedule": {"steps_30k": sched.steps_30k, "steps_40k": sched.steps_40k, "pup_refine": list(sched.refine),
                      "densify_stop": sched.densify_stop},
         "device": cfg.device, "seeds": list(seeds), "seed": seeds[0], "spread": SPREAD,

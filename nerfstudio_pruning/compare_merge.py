@@ -9,6 +9,7 @@ a single comparison would show. Nothing is trained or evaluated, so the eval-vie
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -45,6 +46,14 @@ def record_of(run: dict, path: Path) -> RunRecord:
     return record
 
 
+def normalised(key: str, value):
+    """A scene path as an absolute path (files written before scenes were recorded absolute hold the path as typed,
+    relative to the folder the comparison ran in: taken as this one); other values as they are."""
+    if key == "scene" and isinstance(value, str) and value != "default":
+        return os.path.normpath(os.path.abspath(value))
+    return value
+
+
 def merge(cfg: CompareConfig) -> List[RunRecord]:
     files = [Path(p) for p in cfg.merge]
     if len(set(p.resolve() for p in files)) != len(files):
@@ -52,8 +61,10 @@ def merge(cfg: CompareConfig) -> List[RunRecord]:
     results = [(p, read_results(p)) for p in files]
     first_path, first = results[0]
     for path, data in results[1:]:
-        for key in ("scene", "schedule_scale"):
-            if data.get(key) != first.get(key):
+        for key in ("scene", "schedule_scale", "downscale_factor"):
+            if key == "downscale_factor" and not (key in data and key in first):
+                continue  # files written before the factor was recorded
+            if normalised(key, data.get(key)) != normalised(key, first.get(key)):
                 raise CompareError(f"--merge: {path} has {key} {data.get(key)!r} but {first_path} has "
                                    f"{first.get(key)!r}; only comparisons of one scene and schedule can share a table")
     records: List[RunRecord] = []

@@ -289,14 +289,15 @@ def test_30k_row_is_a_30k_run(e2e_root, two_seeds, tmp_path):
             assert torch.equal(a[key], b[key]), key
 
 
-def comparison_file(path, seed, rows, scale=1.0):
+def comparison_file(path, seed, rows, scale=1.0, scene="default", **fields):
     """A results.json as ns-prune-compare writes it, holding one run per row: {row: (method, baseline, psnr, n)}."""
     runs = [{"label": f"{row}/s{seed}", "row": row, "method": method, "seed": seed, "config": f"/gone/{row}/config.yml",
              "baseline": baseline, "scoring_seconds": 2.0 if baseline else None,
              "metrics": {"psnr": psnr, "num_gaussians": float(n), "x_fewer": 99.0}}
             for row, (method, baseline, psnr, n) in rows.items()]
-    path.write_text(json.dumps({"scene": "default", "dataparser": "nsp-default-scene", "schedule_scale": scale,
-                                "device": "cpu", "seeds": [seed], "runs": runs, "notes": [f"seed {seed} note"]}))
+    path.write_text(json.dumps({"scene": scene, "dataparser": "nsp-default-scene", "schedule_scale": scale,
+                                "device": "cpu", "seeds": [seed], "runs": runs, "notes": [f"seed {seed} note"],
+                                **fields}))
     return path
 
 
@@ -326,7 +327,20 @@ def test_merge_makes_one_table_from_comparisons_made_apart(tmp_path):
     assert Image.open(out / "compare.png").size[0] > 100
 
 
-@pytest.mark.parametrize("case", ["same-row-other-run", "other-schedule", "not-results", "missing"])
+def test_merge_takes_a_scene_typed_relative_and_absolute_as_one(tmp_path, monkeypatch):
+    from nerfstudio_pruning.compare import run
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scene").mkdir()
+    rows = {"splatfacto (40k)": ("splatfacto-portable", None, 25.0, 1000)}
+    a = comparison_file(tmp_path / "a.json", 42, rows, scene="scene")  # as typed on the command line
+    b = comparison_file(tmp_path / "b.json", 43, rows, scene=str(tmp_path / "scene"), downscale_factor=4)
+    run(CompareConfig(merge=(a, b), output_dir=tmp_path / "merged"))
+    assert json.loads((tmp_path / "merged" / "results.json").read_text())["seeds"] == [42, 43]
+
+
+@pytest.mark.parametrize("case", ["same-row-other-run", "other-schedule", "other-downscale", "other-scene",
+                                  "not-results", "missing"])
 def test_merge_refuses_files_that_do_not_share_a_table(case, tmp_path):
     a = comparison_file(tmp_path / "a.json", 42, {"splatfacto (40k)": ("splatfacto-portable", None, 25.0, 1000)})
     b = tmp_path / "b.json"
@@ -337,6 +351,11 @@ def test_merge_refuses_files_that_do_not_share_a_table(case, tmp_path):
         b.write_text(json.dumps(data))
     elif case == "other-schedule":
         comparison_file(b, 43, {"splatfacto (40k)": ("splatfacto-portable", None, 26.0, 1000)}, scale=1 / 30)
+    elif case in ("other-downscale", "other-scene"):
+        fields = {"downscale_factor": 2} if case == "other-downscale" else {"scene": str(tmp_path / "elsewhere")}
+        comparison_file(a, 42, {"splatfacto (40k)": ("splatfacto-portable", None, 25.0, 1000)}, downscale_factor=4)
+        comparison_file(b, 43, {"splatfacto (40k)": ("splatfacto-portable", None, 26.0, 1000)},
+                        **{"downscale_factor": 4, **fields})
     elif case == "not-results":
         b.write_text("{\"rows\": {}}")
     out = tmp_path / "out"
