@@ -108,7 +108,8 @@ def merge(cfg: CompareConfig) -> List[RunRecord]:
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"[compare] merging {len(records)} runs from {len(files)} results.json files into {output_dir}", flush=True)
     payload = {
-        "scene": first.get("scene"), "dataparser": first.get("dataparser"), "random_init": first.get("random_init"),
+        "scene": first.get("scene"), "downscale_factor": next((d["downscale_factor"] for _, d in results if "downscale_factor" in d), None),
+        "dataparser": first.get("dataparser"), "random_init": first.get("random_init"),
         "schedule_scale": first["schedule_scale"], "schedule": first.get("schedule"), "device": ", ".join(devices),
         "seeds": seeds, "seed": seeds[0], "spread": SPREAD,
         "merged_from": [{"file": str(p), "seeds": data.get("seeds"), "device": data.get("device"),
