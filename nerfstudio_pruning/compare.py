@@ -467,6 +467,12 @@ def draw(records: List[RunRecord], images: Dict[str, torch.Tensor], path: Path, 
 
 
 # -- plan --------------------------------------------------------------------------------------------------------
+def absolute_scene(scene: str) -> str:
+    """The scene as results.json records it and --merge compares it: 'default', or an absolute path (a path as typed
+    is relative to the folder the comparison ran in, and tables made from other folders must still merge)."""
+    return scene if scene == "default" else str(Path(scene).resolve())
+
+
 def variant_labels(cfg: CompareConfig) -> List[str]:
     """Row labels of the variant runs this comparison asks for (the keys --runs accepts for them)."""
     labels = [f"pup-gs-{score}" for score in cfg.pup_scores if score != "fisher"]
@@ -764,8 +770,7 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
     add_x_fewer(records)
     notes = table_notes(cfg, sched, scene, seeds, records, plan.notes, jobs)
     payload = {
-        # An absolute path, so that tables made from other folders can be merged (compare_merge.same_scene).
-        "scene": cfg.scene if cfg.scene == "default" else str(Path(cfg.scene).resolve()),
+        "scene": absolute_scene(cfg.scene),
         "downscale_factor": cfg.downscale_factor,
         "dataparser": scene.dataparser, "random_init": scene.random_init, "schedule_scale": scale,
         "schedule": {"steps_30k": sched.steps_30k, "steps_40k": sched.steps_40k, "pup_refine": list(sched.refine),

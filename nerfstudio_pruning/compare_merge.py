@@ -9,12 +9,11 @@ a single comparison would show. Nothing is trained or evaluated, so the eval-vie
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from nerfstudio_pruning.compare import (SPREAD, CompareConfig, CompareError, RunRecord, add_x_fewer, rows_of, seeds_note,
-                                        write_outputs)
+from nerfstudio_pruning.compare import (SPREAD, CompareConfig, CompareError, RunRecord, absolute_scene, add_x_fewer,
+                                        rows_of, seeds_note, write_outputs)
 
 PATH_FIELDS = ("config", "eval_config")
 
@@ -47,11 +46,9 @@ def record_of(run: dict, path: Path) -> RunRecord:
 
 
 def normalised(key: str, value):
-    """A scene path as an absolute path (files written before scenes were recorded absolute hold the path as typed,
-    relative to the folder the comparison ran in: taken as this one); other values as they are."""
-    if key == "scene" and isinstance(value, str) and value != "default":
-        return os.path.normpath(os.path.abspath(value))
-    return value
+    """A value as --merge compares it: scenes as absolute paths (files written before scenes were recorded absolute
+    hold the path as typed, relative to the folder the comparison ran in: taken as this one)."""
+    return absolute_scene(value) if key == "scene" and isinstance(value, str) else value
 
 
 def merge(cfg: CompareConfig) -> List[RunRecord]:
@@ -108,7 +105,8 @@ def merge(cfg: CompareConfig) -> List[RunRecord]:
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"[compare] merging {len(records)} runs from {len(files)} results.json files into {output_dir}", flush=True)
     payload = {
-        "scene": first.get("scene"), "downscale_factor": next((d["downscale_factor"] for _, d in results if "downscale_factor" in d), None),
+        "scene": normalised("scene", first.get("scene")),
+        "downscale_factor": next((d["downscale_factor"] for _, d in results if "downscale_factor" in d), None),
         "dataparser": first.get("dataparser"), "random_init": first.get("random_init"),
         "schedule_scale": first["schedule_scale"], "schedule": first.get("schedule"), "device": ", ".join(devices),
         "seeds": seeds, "seed": seeds[0], "spread": SPREAD,
