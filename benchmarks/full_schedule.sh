@@ -14,11 +14,16 @@
 #   lane vedal-early-removal : vedal-gs with the hard removal at step 26999 of 30000 (3k steps train the survivors)
 #   lane vedal-kl   : vedal-gs once per weight in $KL_WEIGHTS (ns-prune-compare's --kl-weights rows)
 #   lane vedal-no-gate : vedal-gs without the gate (ns-prune-compare's --gate-ablation row)
+#   lane vedal-cap  : vedal-gs once per gate cap in $CAPS (ns-prune-compare's --eligible-caps rows)
 #                     With BRANCH=a checkpoint of the default vedal-gs run from before step 7000, these variants
 #                     start there: until fine-tuning starts at 7000 vedal-gs trains as splatfacto does, and neither
 #                     kl_weight nor the gate acts on anything (the kept copy must be named step-N.ckpt, N < 7000)
 #   lane vedal-branch : that checkpoint made on purpose: vedal-gs's default run stopped at step 6999, so that every
 #                     variant's 23k fine-tuning steps start from one model (BRANCH=<its run>/nerfstudio_models/step-000006999.ckpt)
+#                     A cap acts only from the first gate refresh at which the eligible fraction would pass the
+#                     default cap (0.85; about step 15k on buddha at 1/4), so the vedal-cap lane also takes a later
+#                     BRANCH from a default-weight run (the vedal-kl lane's kl 1), taken before that refresh: check
+#                     it with benchmarks/plot_gate_history.py (every eligible fraction up to it under 0.85)
 # Every run saves a checkpoint each $SAVE_EVERY steps (default 1000) and a lane started again continues each
 # unfinished run from its latest checkpoint (resume is exact), so a lane can be stopped and restarted at will.
 # Usage: bash benchmarks/full_schedule.sh LANE SCENE OUT [SEED] [CORE]
@@ -71,9 +76,9 @@ vedal_variant() {  # NAME ARGS...: vedal-gs with ARGS, from $BRANCH when given (
   if [ -z "${BRANCH:-}" ]; then
     train vedal-gs "$name" 30000 $(common 30000) $(vedal_schedule 29999) "$@"; return
   fi
-  local from
+  local from limit=${BRANCH_BEFORE:-7000}
   from=$(basename "$BRANCH" | checkpoint_steps)
-  if [ -z "$from" ] || [ "$from" -ge 7000 ]; then echo "BRANCH must be a step-N.ckpt with N < 7000: $BRANCH" >&2; exit 2; fi
+  if [ -z "$from" ] || [ "$from" -ge "$limit" ]; then echo "BRANCH must be a step-N.ckpt with N < $limit: $BRANCH" >&2; exit 2; fi
   train vedal-gs "$name" 30000 $(common $((30000 - from - 1))) $(vedal_schedule 29999) "$@" --load-checkpoint "$BRANCH"
 }
 case "$LANE" in
@@ -101,6 +106,10 @@ case "$LANE" in
     train vedal-gs "vedal-gs-branch-s$SEED" 7000 $(common 7000) $(vedal_schedule 29999) ;;
   vedal-no-gate)
     vedal_variant "vedal-gs-no-gate-s$SEED" --pipeline.model.use-gate False ;;
+  vedal-cap)
+    for CAP in ${CAPS:?CAPS: the gate caps (max_eligible_fraction), e.g. CAPS="0.95"}; do
+      BRANCH_BEFORE=30000 vedal_variant "vedal-gs-cap$CAP-s$SEED" --pipeline.model.gate.max-eligible-fraction "$CAP"
+    done ;;
   pup)
     # BASE_SEED: the splatfacto run to start from (default: SEED). Another seed from the same checkpoint repeats
     # only the refinement, the noise that matters when scores are compared on one trained model.
@@ -113,5 +122,5 @@ case "$LANE" in
       train pup-gs "pup-gs-$SCORE-$SUFFIX" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
-  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|vedal-early-removal|vedal-branch|vedal-kl|vedal-no-gate|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
+  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|vedal-early-removal|vedal-branch|vedal-kl|vedal-no-gate|vedal-cap|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
 esac

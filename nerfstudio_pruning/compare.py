@@ -87,9 +87,13 @@ class CompareConfig:
     methods: Tuple[str, ...] = METHODS
     """Methods to compare. pup-gs brings its baselines splatfacto (30k) and (40k), vedal-gs brings splatfacto (densify to 7k); splatfacto-portable alone gives the 30k and 40k rows."""
     runs: Tuple[str, ...] = ()
-    """Existing runs to use instead of training, as KEY=path/to/config.yml, or KEY/sSEED=... with several seeds. KEY: splatfacto-portable (a 40k run that kept its 30k checkpoint, or a 30k run, which is then continued to 40k), pup-gs, vedal-gs, splatfacto-densify, and the variants' row labels (pup-gs-speedy with --pup-scores speedy, vedal-gs-kl2 with --kl-weights 2, vedal-gs-no-gate with --gate-ablation)."""
+    """Existing runs to use instead of training, as KEY=path/to/config.yml, or KEY/sSEED=... with several seeds. KEY: splatfacto-portable (a 40k run that kept its 30k checkpoint, or a 30k run, which is then continued to 40k), pup-gs, vedal-gs, splatfacto-densify, and the variants' row labels (pup-gs-speedy with --pup-scores speedy, vedal-gs-kl2 with --kl-weights 2, vedal-gs-cap0.95 with --eligible-caps 0.95, vedal-gs-no-gate with --gate-ablation)."""
     kl_weights: Tuple[float, ...] = ()
     """Extra vedal-gs runs, one per KL weight, drawn as a rate-distortion curve."""
+    eligible_caps: Tuple[float, ...] = ()
+    """Extra vedal-gs runs at the default KL weight, one per gate cap (--pipeline.model.gate.max-eligible-fraction):
+    no Gaussian outside the cap can be removed, so vedal-gs removes at most 1/(1 - cap) x; at a strong enough KL
+    weight the cap, not the weight, sets the size (docs/results.md)."""
     gate_ablation: bool = False
     """Also run vedal-gs with the gate disabled (synchronous variational pruning, the paper's ablation)."""
     pup_scores: Tuple[str, ...] = ("fisher",)
@@ -477,6 +481,7 @@ def variant_labels(cfg: CompareConfig) -> List[str]:
     """Row labels of the variant runs this comparison asks for (the keys --runs accepts for them)."""
     labels = [f"pup-gs-{score}" for score in cfg.pup_scores if score != "fisher"]
     labels += [f"vedal-gs-kl{w:g}" for w in cfg.kl_weights]
+    labels += [f"vedal-gs-cap{c:g}" for c in cfg.eligible_caps]
     return labels + (["vedal-gs-no-gate"] if cfg.gate_ablation else [])
 
 
@@ -617,6 +622,15 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
                     continue
                 j = job(label, "vedal-gs", label, s30, extra=vedal_extra + ["--pipeline.model.kl-weight", str(w)])
                 record(label, "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY, kl_weight=w)
+            for cap in cfg.eligible_caps:
+                label = f"vedal-gs-cap{cap:g}"
+                capped = take((label, seed))
+                if capped is not None:
+                    record(label, "vedal-gs", capped, baseline=ROW_DENSIFY)
+                    continue
+                j = job(label, "vedal-gs", label, s30,
+                        extra=vedal_extra + ["--pipeline.model.gate.max-eligible-fraction", str(cap)])
+                record(label, "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
     if unused:
         names = ", ".join(f"{key}/s{seed}" for key, seed in unused)
         raise CompareError(f"--runs {names}: no row of this comparison takes it (--methods and --pup-scores decide "
@@ -724,6 +738,9 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
             raise CompareError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not cfg.methods:
         raise CompareError("--methods is empty")
+    for cap in cfg.eligible_caps:
+        if not 0 < cap <= 1:
+            raise CompareError(f"--eligible-caps are fractions of the Gaussians in (0, 1], got {cap:g}")
     scale = cfg.scale()
     sched = Schedule.of(scale)
     seeds = cfg.seed_list()

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import made_once
 from e2e import BIN, ns
 
-from nerfstudio_pruning.compare import CompareConfig, CompareError, parse_runs
+from nerfstudio_pruning.compare import CompareConfig, CompareError, parse_runs, run
 
 # 1/1000 of the papers' schedules: splatfacto '30k' = 30 steps, '40k' = 40, pup-gs refines 5 + 5 steps.
 TINY = "0.001"
@@ -243,9 +243,11 @@ def test_runs_of_variants_must_be_asked_for(tmp_path):
     (tmp_path / "nerfstudio_models").mkdir()
     (tmp_path / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"")
     asked = CompareConfig(output_dir=tmp_path, pup_scores=("fisher", "speedy"), kl_weights=(2.0,),
-                          runs=(f"pup-gs-speedy={config}", f"vedal-gs-kl2={config}"))
-    assert set(parse_runs(asked, (42,))) == {("pup-gs-speedy", 42), ("vedal-gs-kl2", 42)}
-    for item in (f"pup-gs-random={config}", f"vedal-gs-kl3={config}", f"vedal-gs-no-gate={config}"):
+                          eligible_caps=(0.95,),
+                          runs=(f"pup-gs-speedy={config}", f"vedal-gs-kl2={config}", f"vedal-gs-cap0.95={config}"))
+    assert set(parse_runs(asked, (42,))) == {("pup-gs-speedy", 42), ("vedal-gs-kl2", 42), ("vedal-gs-cap0.95", 42)}
+    for item in (f"pup-gs-random={config}", f"vedal-gs-kl3={config}", f"vedal-gs-no-gate={config}",
+                 f"vedal-gs-cap0.9={config}"):
         with pytest.raises(CompareError, match="--runs expects KEY=path/to/config.yml"):
             parse_runs(CompareConfig(output_dir=tmp_path, pup_scores=("fisher", "speedy"), runs=(item,)), (42,))
 
@@ -266,6 +268,34 @@ def test_a_given_run_no_row_takes_is_refused(tmp_path):
                 CompareConfig(output_dir=tmp_path, methods=("vedal-gs",))):
         with pytest.raises(CompareError, match=r"--runs .*pup-gs/s42.*: no row of this comparison takes it"):
             make_plan(cfg, sched, (42,), given, tmp_path, False)
+
+
+def test_vedal_variants_train_with_their_own_knob(tmp_path):
+    """A KL-sweep row passes its weight and a cap row its gate cap to ns-train, each beside the default vedal-gs."""
+    from nerfstudio_pruning.compare import Schedule, make_plan
+
+    cfg = CompareConfig(output_dir=tmp_path, methods=("vedal-gs",), kl_weights=(2.0,), eligible_caps=(0.95,))
+    plan = make_plan(cfg, Schedule.of(float(TINY)), (42,), {}, tmp_path, False)
+    extra = {j.label: j.extra for j in plan.jobs}
+    assert set(extra) == {"splatfacto (densify to 7k)/s42", "vedal-gs/s42", "vedal-gs-kl2/s42", "vedal-gs-cap0.95/s42"}
+
+    def value(args, option):
+        return args[args.index(option) + 1] if option in args else None
+
+    assert value(extra["vedal-gs-kl2/s42"], "--pipeline.model.kl-weight") == "2.0"
+    assert value(extra["vedal-gs-cap0.95/s42"], "--pipeline.model.gate.max-eligible-fraction") == "0.95"
+    assert value(extra["vedal-gs-cap0.95/s42"], "--pipeline.model.kl-weight") is None
+    assert value(extra["vedal-gs/s42"], "--pipeline.model.gate.max-eligible-fraction") is None
+    records = {r.row: r for r in plan.records}
+    assert records["vedal-gs-cap0.95"].baseline == "splatfacto (densify to 7k)"
+    assert records["vedal-gs-cap0.95"].kl_weight is None  # a point of its own, not on the KL sweep's curve
+
+
+@pytest.mark.parametrize("cap", [0.0, 1.5])
+def test_an_eligible_cap_outside_0_1_is_refused(cap, tmp_path):
+    with pytest.raises(CompareError, match=r"--eligible-caps are fractions of the Gaussians in \(0, 1\]"):
+        run(CompareConfig(output_dir=tmp_path / "out", methods=("vedal-gs",), eligible_caps=(cap,)))
+    assert not (tmp_path / "out").exists()
 
 
 def test_30k_row_is_a_30k_run(e2e_root, two_seeds, tmp_path):
