@@ -738,6 +738,10 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
             raise CompareError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not cfg.methods:
         raise CompareError("--methods is empty")
+    vedal_variants = [name for name, asked in (("--kl-weights", cfg.kl_weights), ("--eligible-caps", cfg.eligible_caps),
+                                               ("--gate-ablation", cfg.gate_ablation)) if asked]
+    if vedal_variants and "vedal-gs" not in cfg.methods:
+        raise CompareError(f"{', '.join(vedal_variants)}: vedal-gs rows, and --methods leaves vedal-gs out")
     for cap in cfg.eligible_caps:
         if not 0 < cap <= 1:
             raise CompareError(f"--eligible-caps are fractions of the Gaussians in (0, 1], got {cap:g}")

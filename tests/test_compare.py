@@ -291,6 +291,12 @@ def test_vedal_variants_train_with_their_own_knob(tmp_path):
     assert records["vedal-gs-cap0.95"].kl_weight is None  # a point of its own, not on the KL sweep's curve
 
 
+def test_vedal_variants_without_vedal_gs_are_refused(tmp_path):
+    with pytest.raises(CompareError, match="--kl-weights, --eligible-caps: vedal-gs rows, and --methods leaves vedal-gs out"):
+        run(CompareConfig(output_dir=tmp_path / "out", methods=("pup-gs",), kl_weights=(2.0,), eligible_caps=(0.9,)))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("cap", [0.0, 1.5])
 def test_an_eligible_cap_outside_0_1_is_refused(cap, tmp_path):
     with pytest.raises(CompareError, match=r"--eligible-caps are fractions of the Gaussians in \(0, 1\]"):
