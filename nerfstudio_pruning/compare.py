@@ -703,6 +703,9 @@ def table_notes(cfg: CompareConfig, sched: Schedule, scene: Scene, seeds: Tuple[
         notes.append(f"Read vedal-gs against {ROW_DENSIFY}: both train {sched.steps_30k} steps with densification, "
                      f"culling and opacity resets stopped at step {sched.densify_stop} (vedal-gs's fine-tuning start), "
                      "so the two differ by the pruning alone.")
+    if any(row.startswith("vedal-gs-cap") for row in rows):
+        notes.append("vedal-gs-capC: vedal-gs at its default KL weight with the gate's cap (max_eligible_fraction) at C "
+                     "instead of 0.85; only gated Gaussians can be removed, so it removes at most a fraction C.")
     if any(r.baseline for r in records):
         notes.append("'x fewer' is the Gaussian count of the row a run is read against (same seed) over the run's.")
     sources = {r.scoring_source for r in records if r.method in ("pup-gs", "vedal-gs")}

@@ -272,7 +272,9 @@ def test_a_given_run_no_row_takes_is_refused(tmp_path):
 
 def test_vedal_variants_train_with_their_own_knob(tmp_path):
     """A KL-sweep row passes its weight and a cap row its gate cap to ns-train, each beside the default vedal-gs."""
-    from nerfstudio_pruning.compare import Schedule, make_plan
+    from types import SimpleNamespace
+
+    from nerfstudio_pruning.compare import Schedule, make_plan, table_notes
 
     cfg = CompareConfig(output_dir=tmp_path, methods=("vedal-gs",), kl_weights=(2.0,), eligible_caps=(0.95,))
     plan = make_plan(cfg, Schedule.of(float(TINY)), (42,), {}, tmp_path, False)
@@ -289,6 +291,9 @@ def test_vedal_variants_train_with_their_own_knob(tmp_path):
     records = {r.row: r for r in plan.records}
     assert records["vedal-gs-cap0.95"].baseline == "splatfacto (densify to 7k)"
     assert records["vedal-gs-cap0.95"].kl_weight is None  # a point of its own, not on the KL sweep's curve
+    scene = SimpleNamespace(name="default", dataparser="nsp-default-scene", random_init=False, notes=[])
+    notes = table_notes(cfg, Schedule.of(float(TINY)), scene, (42,), plan.records, [], {j.label: j for j in plan.jobs})
+    assert any(note.startswith("vedal-gs-capC: vedal-gs at its default KL weight") for note in notes)
 
 
 def test_vedal_variants_without_vedal_gs_are_refused(tmp_path):
