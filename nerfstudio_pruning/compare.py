@@ -91,9 +91,7 @@ class CompareConfig:
     kl_weights: Tuple[float, ...] = ()
     """Extra vedal-gs runs, one per KL weight, drawn as a rate-distortion curve."""
     eligible_caps: Tuple[float, ...] = ()
-    """Extra vedal-gs runs at the default KL weight, one per gate cap (--pipeline.model.gate.max-eligible-fraction):
-    no Gaussian outside the cap can be removed, so vedal-gs removes at most 1/(1 - cap) x; at a strong enough KL
-    weight the cap, not the weight, sets the size (docs/results.md)."""
+    """Extra vedal-gs runs at the default KL weight, one per gate cap (--pipeline.model.gate.max-eligible-fraction, default 0.85). Only gated Gaussians can be removed, so a cap C allows at most 1/(1 - C) x fewer; at the default weight on our scenes the cap, not the weight, sets the size (docs/results.md)."""
     gate_ablation: bool = False
     """Also run vedal-gs with the gate disabled (synchronous variational pruning, the paper's ablation)."""
     pup_scores: Tuple[str, ...] = ("fisher",)
