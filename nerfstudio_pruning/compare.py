@@ -475,12 +475,22 @@ def absolute_scene(scene: str) -> str:
     return scene if scene == "default" else str(Path(scene).resolve())
 
 
+def vedal_variants(cfg: CompareConfig) -> List[Tuple[str, List[str], Optional[float]]]:
+    """The vedal-gs variant rows this comparison asks for: (row label, ns-train arguments beside vedal-gs's schedule,
+    KL weight for the rows drawn as the KL sweep's curve)."""
+    variants: List[Tuple[str, List[str], Optional[float]]] = []
+    if cfg.gate_ablation:
+        variants.append(("vedal-gs-no-gate", ["--pipeline.model.use-gate", "False"], None))
+    variants += [(f"vedal-gs-kl{w:g}", ["--pipeline.model.kl-weight", str(w)], w) for w in cfg.kl_weights]
+    variants += [(f"vedal-gs-cap{c:g}", ["--pipeline.model.gate.max-eligible-fraction", str(c)], None)
+                 for c in cfg.eligible_caps]
+    return variants
+
+
 def variant_labels(cfg: CompareConfig) -> List[str]:
     """Row labels of the variant runs this comparison asks for (the keys --runs accepts for them)."""
     labels = [f"pup-gs-{score}" for score in cfg.pup_scores if score != "fisher"]
-    labels += [f"vedal-gs-kl{w:g}" for w in cfg.kl_weights]
-    labels += [f"vedal-gs-cap{c:g}" for c in cfg.eligible_caps]
-    return labels + (["vedal-gs-no-gate"] if cfg.gate_ablation else [])
+    return labels + [label for label, _, _ in vedal_variants(cfg)]
 
 
 def parse_runs(cfg: CompareConfig, seeds: Tuple[int, ...]) -> Dict[Tuple[str, int], Path]:
@@ -605,30 +615,14 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
             else:
                 j = job("vedal-gs", "vedal-gs", "vedal-gs", s30, extra=list(vedal_extra))
                 record("vedal-gs", "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
-            ablation = take(("vedal-gs-no-gate", seed))
-            if ablation is not None:
-                record("vedal-gs-no-gate", "vedal-gs", ablation, baseline=ROW_DENSIFY)
-            elif cfg.gate_ablation:
-                j = job("vedal-gs-no-gate", "vedal-gs", "vedal-gs-no-gate", s30,
-                        extra=vedal_extra + ["--pipeline.model.use-gate", "False"])
-                record("vedal-gs-no-gate", "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
-            for w in cfg.kl_weights:
-                label = f"vedal-gs-kl{w:g}"
-                swept = take((label, seed))
-                if swept is not None:
-                    record(label, "vedal-gs", swept, baseline=ROW_DENSIFY, kl_weight=w)
+            # A variant not asked for has no label --runs accepts (parse_runs), so no given run is left untaken here.
+            for label, args, weight in vedal_variants(cfg):
+                given_run = take((label, seed))
+                if given_run is not None:
+                    record(label, "vedal-gs", given_run, baseline=ROW_DENSIFY, kl_weight=weight)
                     continue
-                j = job(label, "vedal-gs", label, s30, extra=vedal_extra + ["--pipeline.model.kl-weight", str(w)])
-                record(label, "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY, kl_weight=w)
-            for cap in cfg.eligible_caps:
-                label = f"vedal-gs-cap{cap:g}"
-                capped = take((label, seed))
-                if capped is not None:
-                    record(label, "vedal-gs", capped, baseline=ROW_DENSIFY)
-                    continue
-                j = job(label, "vedal-gs", label, s30,
-                        extra=vedal_extra + ["--pipeline.model.gate.max-eligible-fraction", str(cap)])
-                record(label, "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY)
+                j = job(label, "vedal-gs", label, s30, extra=vedal_extra + args)
+                record(label, "vedal-gs", j.config(cfg, output_dir), j, baseline=ROW_DENSIFY, kl_weight=weight)
     if unused:
         names = ", ".join(f"{key}/s{seed}" for key, seed in unused)
         raise CompareError(f"--runs {names}: no row of this comparison takes it (--methods and --pup-scores decide "
