@@ -38,9 +38,13 @@ def latest_checkpoint(run: Path) -> Path:
     return checkpoints[-1]
 
 
+def extra_state(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    return (checkpoint.get("pipeline") or {}).get("_model._extra_state") or {}
+
+
 def gate_state(checkpoint: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     """The gate's state dict, or None when the checkpoint holds none (another method)."""
-    extra = (checkpoint.get("pipeline") or {}).get("_model._extra_state") or {}
+    extra = extra_state(checkpoint)
     vedal = extra.get("vedal")
     if isinstance(vedal, dict) and isinstance(vedal.get("gate"), dict):
         return vedal["gate"]
@@ -60,6 +64,9 @@ def read_history(run: Path) -> Tuple[Path, int, List[Tuple[int, float, int]], in
     gate = gate_state(checkpoint)
     if gate is None:
         raise GateHistoryError(f"{path} holds no vedal-gs gate state (is {run} a vedal-gs run?)")
+    if (extra_state(checkpoint).get("vedal") or {}).get("use_gate") is False:
+        raise GateHistoryError(f"{run} is the no-gate ablation: every Gaussian was gated, and its gate only kept the "
+                               "importance EMA that kl_weight is relative to")
     history = [(int(s), float(f), int(r)) for s, f, r in gate.get("history", [])]
     step = int(checkpoint.get("step", -1))
     if not history:

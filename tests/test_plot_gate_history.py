@@ -46,6 +46,22 @@ def test_a_run_without_gate_state_or_checkpoints_is_one_error_line(splatfacto_ru
     assert proc.stderr == f"error: {tmp_path} has no checkpoints (no nerfstudio_models/step-*.ckpt): pass a vedal-gs run folder\n"
 
 
+def test_the_no_gate_ablation_is_one_error_line(vedal_run, tmp_path):
+    """Without the gate the gate object only keeps kl_weight's unit: its eligibility is no history of the run."""
+    _, run = vedal_run
+    latest = sorted((run / "nerfstudio_models").glob("step-*.ckpt"))[-1]
+    checkpoint = torch.load(latest, map_location="cpu", weights_only=True)
+    checkpoint["pipeline"]["_model._extra_state"]["vedal"]["use_gate"] = False
+    ablation = tmp_path / "no-gate"
+    (ablation / "nerfstudio_models").mkdir(parents=True)
+    torch.save(checkpoint, ablation / "nerfstudio_models" / latest.name)
+    proc = plot_gate_history(ablation, tmp_path / "gate.png", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr == (f"error: {ablation} is the no-gate ablation: every Gaussian was gated, and its gate only "
+                           "kept the importance EMA that kl_weight is relative to\n")
+    assert not (tmp_path / "gate.png").exists()
+
+
 def test_usage(tmp_path):
     proc = plot_gate_history(cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("usage: plot_gate_history.py")

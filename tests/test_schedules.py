@@ -137,6 +137,32 @@ def test_kl_weight_relative_to_the_mean_importance_makes_the_gate_and_the_kl_ter
         assert kl_c == pytest.approx(kl_1, rel=1e-6) and threshold_1 == threshold_c == pytest.approx(2.0 * math.log(4.0))
 
 
+def test_without_the_gate_every_gaussian_is_gated_under_the_gated_runs_lambda_kl():
+    """The ablation differs from the gated run in the mask only: the same measurements give the same lambda_KL (it
+    once stayed 0 without the gate, so the ablation removed nothing), and in 'loss' units nothing is measured."""
+    torch.manual_seed(0)
+    n, n_views = 50, 7
+    base = torch.rand(n, dtype=torch.float64) ** 4
+    gate = ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=0.8, max_eligible_fraction=0.7)
+    gated_run, ablation = _controller(gate=gate), _controller(gate=gate, use_gate=False)
+    for step in range(0, 40):
+        for vedal in (gated_run, ablation):
+            vedal.before_step(step, n, n_views, lambda views: base * len(views))
+    assert 0 < int(gated_run.gated_mask(n).sum()) < n and ablation.gated_mask(n).all()
+    assert ablation.kl_lambda() == gated_run.kl_lambda() == pytest.approx(float((0.8 * base).mean()))
+    logits = torch.randn(n)
+    assert float(ablation.regulariser(logits, ablation.gated_mask(n))["retention_kl"]) > 0
+    assert ablation.report()["gate"] is None and gated_run.report()["gate"]["grants"] > 0
+    assert "reversal_rate" not in ablation.scalars(logits, ablation.gated_mask(n), 39)
+    assert ablation.state_dict()["use_gate"] is False and gated_run.state_dict()["use_gate"] is True
+
+    absolute = _controller(use_gate=False, kl_weight_units="loss", kl_weight=1e-6)
+    asked = []
+    for step in range(0, 40):
+        absolute.before_step(step, n, n_views, lambda views: asked.append(views) or base * len(views))
+    assert asked == [] and absolute.gated_mask(n).all() and absolute.kl_lambda() == 1e-6
+
+
 def test_the_kl_scale_is_restored_with_the_gate():
     vedal = _controller()
     for step in range(0, 40):

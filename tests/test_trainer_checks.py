@@ -56,8 +56,9 @@ def test_scoring_downscale_of_each_method():
     assert scoring_downscale(registry.pup_gs.config.pipeline.model, 128, 96) == 1
     vedal = registry.vedal_gs.config.pipeline.model
     assert scoring_downscale(vedal) == 1
-    vedal_ungated = type(vedal)(use_gate=False)
-    assert scoring_downscale(vedal_ungated) is None  # the ablation measures no importance
+    # The ablation measures importance for kl_weight's unit, and only for that: in 'loss' units it scores nothing.
+    assert scoring_downscale(type(vedal)(use_gate=False)) == 1
+    assert scoring_downscale(type(vedal)(use_gate=False, kl_weight_units="loss")) is None
     assert scoring_downscale(registry.splatfacto_portable.config.pipeline.model) is None
 
 

@@ -201,13 +201,13 @@ class PruningTrainer(Trainer):
 
 def scoring_downscale(model_config, width: int = 0, height: int = 0) -> Optional[float]:
     """The downscale at which the method scores Gaussians on training views of this size (pup-gs: fisher_downscale
-    down to its floor, or as configured when no size is given; vedal-gs with its gate: importance_downscale), or
-    None when it scores nothing (splatfacto, VEDAL's ungated ablation)."""
+    down to its floor, or as configured when no size is given; vedal-gs: importance_downscale), or None when it
+    scores nothing (splatfacto; VEDAL's ungated ablation with kl_weight in 'loss' units)."""
     if isinstance(model_config, PupScheduleConfig):
         if width and height and hasattr(model_config, "score_downscale"):
             return model_config.score_downscale(width, height)
         return int(getattr(model_config, "fisher_downscale", 1))
-    if isinstance(model_config, VedalConfig) and model_config.use_gate:
+    if isinstance(model_config, VedalConfig) and model_config.measures_importance():
         return int(model_config.importance_downscale)
     return None
 

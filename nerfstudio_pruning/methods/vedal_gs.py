@@ -178,8 +178,8 @@ class VedalGSModel(PortableSplatfactoModel):
         self.vedal.finish(logits[~prune], step=step, gaussians_before=n_before)
         CONSOLE.print(
             f"[bold]vedal-gs[/bold]: hard removal at step {step}: removed {removed} of {n_before} Gaussians, "
-            f"{self.num_points} remain (gated fraction was {float(gated.float().mean()):.3f}, "
-            f"gate reversal rate {self.vedal.gate.reversal_rate:.4f})"
+            f"{self.num_points} remain (gated fraction was {float(gated.float().mean()):.3f}"
+            + (f", gate reversal rate {self.vedal.gate.reversal_rate:.4f})" if self.config.use_gate else ", no gate)")
         )
         writer.put_scalar("vedal/removed", removed, step)
         self.log_state(step)

@@ -114,7 +114,9 @@ class VedalConfig:
     """Seed of the fixed shuffled order in which the refreshes visit the training views."""
     use_gate: bool = True
     """False: synchronous variational pruning, the paper's ablation: every Gaussian is gated (under the KL prior
-    and the sampled mask) from the start of fine-tuning and no importance is measured."""
+    and the sampled mask) from the start of fine-tuning. Importance is still measured as with the gate, but only
+    for the unit of kl_weight (the mean of its EMA), so that a weight means the same lambda_KL in both arms;
+    nothing is measured with kl_weight_units 'loss'."""
     gate: ConvergenceGateConfig = field(default_factory=ConvergenceGateConfig)
     """Convergence gate: EMA decay, convergence test, adaptive threshold and eligibility cap."""
     min_gaussians: int = 64
@@ -146,6 +148,10 @@ class VedalConfig:
             tau_end=self.temperature_end,
             anneal_steps=self.hard_prune_step - self.finetune_start_step,
         )
+
+    def measures_importance(self) -> bool:
+        """Whether the run measures leave-one-out importance: for the gate, or without it for kl_weight's unit."""
+        return self.use_gate or self.kl_weight_units == "mean-importance"
 
     def log_prior_odds(self) -> float:
         """log((1 - pi) / pi): Proposition 1 lets a gated Gaussian go below Delta = lambda_KL x this."""
@@ -264,9 +270,12 @@ class VedalController:
         return False
 
     def refresh(self, step: int, num_gaussians: int, n_views: int, measure: MeasureImportance) -> None:
-        """Measure importance on this refresh's views and update the gate once a pass is complete (when gating is
-        on)."""
-        if self.config.use_gate:
+        """Measure importance on this refresh's views and update the gate once a pass is complete.
+
+        Without the gate (the ablation) the gate object still folds in each pass: its EMA is what kl_weight is
+        relative to, and an ablation whose lambda_KL stayed at 0 would remove nothing; its eligibility is unused
+        (`gated_mask`)."""
+        if self.config.measures_importance():
             n = num_gaussians
             if self.gate.num_gaussians != n:
                 # Only a model changed behind VEDAL's back (e.g. by hand) gets here; densification is off.
@@ -430,8 +439,6 @@ class VedalController:
             "num_gaussians": logits.numel(),
             "gated_fraction": float(gated.sum()) / n,
             "would_remove": int(self.hard_prune_mask(logits, gated).sum()),
-            "reversal_count": self.gate.reversal_count,
-            "reversal_rate": self.gate.reversal_rate,
             "mean_p": float(parts["mean_p"]),
             "kl_sum_gated": float(parts["kl_sum"]),
             "kl_term": float(parts["kl"]),
@@ -440,6 +447,8 @@ class VedalController:
             "prune_threshold_importance": self.prune_threshold_importance(),
             "kl_lambda": self.kl_lambda(),
         }
+        if self.config.use_gate:
+            scalars.update(reversal_count=self.gate.reversal_count, reversal_rate=self.gate.reversal_rate)
         if gated.any():
             scalars["mean_p_gated"] = float(torch.sigmoid(logits[gated]).mean())
         scalars.update(self.importance_summary)
@@ -449,13 +458,15 @@ class VedalController:
         """What VEDAL has done in the run so far, as plain numbers (the body of the run's pruning.json).
 
         importance_passes counts leave-one-out measurements, one per refresh (importance_views views each), and
-        importance_seconds the time spent in them; the gate's counts are of the Gaussians present now."""
+        importance_seconds the time spent in them; the gate's counts are of the Gaussians present now (None
+        without the gate: every Gaussian was gated, whatever the unused gate object counted)."""
         gate = self.gate
         return {
             "importance_seconds": float(self.importance_seconds),
             "importance_passes": int(self.importance_passes),
-            "gate": {"eligible_fraction": float(gate.eligible_fraction), "grants": int(gate.grant_count),
-                     "reversals": int(gate.reversal_count)},
+            "gate": None if not self.config.use_gate else {
+                "eligible_fraction": float(gate.eligible_fraction), "grants": int(gate.grant_count),
+                "reversals": int(gate.reversal_count)},
             "hard_prune": None if self.hard_prune_record is None else dict(self.hard_prune_record),
         }
 
@@ -469,6 +480,8 @@ class VedalController:
         frozen, window = self.frozen_logits, self.window
         return {
             "format": STATE_FORMAT,
+            # Read by benchmarks/plot_gate_history.py: without the gate its history is not the run's eligibility.
+            "use_gate": bool(self.config.use_gate),
             "gate": self.gate.state_dict(),
             "finetune_started_at": int(self.finetune_started_at),
             "last_refresh_step": int(self.last_refresh_step),
