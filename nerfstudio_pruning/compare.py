@@ -698,6 +698,9 @@ def table_notes(cfg: CompareConfig, sched: Schedule, scene: Scene, seeds: Tuple[
     if any(row.startswith("vedal-gs-cap") for row in rows):
         notes.append("vedal-gs-capC: vedal-gs at its default KL weight with the gate's cap (max_eligible_fraction) at C "
                      "instead of 0.85; only gated Gaussians can be removed, so it removes at most a fraction C.")
+    if "vedal-gs-no-gate" in rows:
+        notes.append("vedal-gs-no-gate: the paper's ablation, every Gaussian under the KL prior from the fine-tuning "
+                     "start, no gate; its importance passes (scoring s) only set the unit of kl_weight.")
     if any(r.baseline for r in records):
         notes.append("'x fewer' is the Gaussian count of the row a run is read against (same seed) over the run's.")
     sources = {r.scoring_source for r in records if r.method in ("pup-gs", "vedal-gs")}

@@ -276,10 +276,12 @@ def test_vedal_variants_train_with_their_own_knob(tmp_path):
 
     from nerfstudio_pruning.compare import Schedule, make_plan, table_notes
 
-    cfg = CompareConfig(output_dir=tmp_path, methods=("vedal-gs",), kl_weights=(2.0,), eligible_caps=(0.95,))
+    cfg = CompareConfig(output_dir=tmp_path, methods=("vedal-gs",), kl_weights=(2.0,), eligible_caps=(0.95,),
+                        gate_ablation=True)
     plan = make_plan(cfg, Schedule.of(float(TINY)), (42,), {}, tmp_path, False)
     extra = {j.label: j.extra for j in plan.jobs}
-    assert set(extra) == {"splatfacto (densify to 7k)/s42", "vedal-gs/s42", "vedal-gs-kl2/s42", "vedal-gs-cap0.95/s42"}
+    assert set(extra) == {"splatfacto (densify to 7k)/s42", "vedal-gs/s42", "vedal-gs-kl2/s42", "vedal-gs-cap0.95/s42",
+                          "vedal-gs-no-gate/s42"}
 
     def value(args, option):
         return args[args.index(option) + 1] if option in args else None
@@ -294,6 +296,8 @@ def test_vedal_variants_train_with_their_own_knob(tmp_path):
     scene = SimpleNamespace(name="default", dataparser="nsp-default-scene", random_init=False, notes=[])
     notes = table_notes(cfg, Schedule.of(float(TINY)), scene, (42,), plan.records, [], {j.label: j for j in plan.jobs})
     assert any(note.startswith("vedal-gs-capC: vedal-gs at its default KL weight") for note in notes)
+    assert value(extra["vedal-gs-no-gate/s42"], "--pipeline.model.use-gate") == "False"
+    assert any(note.startswith("vedal-gs-no-gate: the paper's ablation") for note in notes)
 
 
 def test_vedal_variants_without_vedal_gs_are_refused(tmp_path):
