@@ -388,7 +388,8 @@ class VedalController:
 
     def kl_lambda(self) -> float:
         """lambda_KL in the units of Delta: kl_weight itself, or kl_weight x the mean importance EMA (0 until the
-        gate has its first observation, when nothing is gated yet).
+        gate has its first observation: with the gate nothing is gated yet; without it every Gaussian already is,
+        and for that first pass the head feels only reconstruction and the sparsity term).
 
         The mean is taken once per gate update (`_update_importance_scale`) and recomputed from the gate's state on
         loading, so a resumed run gets the same value without saving it."""
