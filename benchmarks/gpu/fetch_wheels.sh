@@ -3,7 +3,9 @@
 # with CUDA, nvcc and ninja, and no registry). Into benchmarks/gpu/wheels/ (ignored by git: carry it to the GPU
 # machine, e.g. with the device tool's carry=["benchmarks/gpu/wheels"]).
 #
-#   bash benchmarks/gpu/fetch_wheels.sh               # cp312 manylinux x86_64 + pure-Python wheels: 25 wheels, 40.5 MiB
+#   bash benchmarks/gpu/fetch_wheels.sh               # cp312 manylinux x86_64 + pure-Python wheels: 25 wheels, 40.5 MiB,
+#                                                     # split in two: wheels/ (what the GPU image lacks, ~7 MiB, and
+#                                                     # this checkout's own wheel) and wheels-on-image/ (what it has)
 #   bash benchmarks/gpu/fetch_wheels.sh --python 3.11 # the same versions for cp311, into cache/wheels-cp311/
 #                                                     # (this machine's python: the CPU dry run and the test)
 #   bash benchmarks/gpu/fetch_wheels.sh --with-numba  # also numba + llvmlite for the compiled CPU kernel (over
@@ -57,6 +59,12 @@ PACKAGES=(
   "imageio==2.38.1"          # blender/dycheck dataparsers (imported with every dataparser)
   "appdirs==1.4.4"           # colmap_utils (imported with the colmap dataparser)
 )
+# Installed on the GPU image ('cuda', /work/.library/device/KINDS.md; the H200 and H100 runs installed none of
+# them): for cp312 their wheels go to wheels-on-image/, carried only to a machine without them (run_all.sh installs
+# from there too when present). wheels/ then holds the ~7 MiB the image lacks, leaving room in the device tool's
+# 64 MiB for the evidence stage's data and gsplat's carried build.
+ON_IMAGE=(numpy tqdm rich markdown-it-py mdurl pygments jaxtyping wadler-lindig pillow pyyaml tensorboard protobuf
+          absl-py torchmetrics lightning-utilities packaging imageio)
 if [[ $NUMBA == 1 ]]; then
   PACKAGES+=("numba==0.68.1" "llvmlite==0.50.0")
 fi
@@ -64,5 +72,25 @@ fi
 $PIP download --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp --abi "$TAG" \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
   --platform manylinux_2_27_x86_64 --platform any --dest "$WHEELS" "${PACKAGES[@]}"
+if [[ "$PY_VERSION" == 3.12 ]]; then
+  mkdir -p wheels-on-image
+  for name in "${ON_IMAGE[@]}"; do
+    norm="$(echo "$name" | tr - _)"
+    for wheel in "$WHEELS"/*.whl; do
+      dist="$(basename "$wheel" | cut -d- -f1 | tr '[:upper:]' '[:lower:]')"
+      [[ "$dist" == "$norm" ]] && mv -f "$wheel" wheels-on-image/
+    done
+  done
+  # This checkout as a wheel: run_all.sh's `install` stage installs it on the GPU machine and checks that torch
+  # is untouched (issue 32). Built from the checkout's files without build isolation (no registry needed).
+  rm -f "$WHEELS"/nerfstudio_pruning-*.whl
+  BUILD="$(mktemp -d)"
+  (cd ../.. && git ls-files -z 2>/dev/null | tar --null -T - -cf - 2>/dev/null || tar -cf - pyproject.toml README.md nerfstudio_pruning) \
+    | tar -xf - -C "$BUILD"
+  $PIP wheel --quiet --no-deps --no-build-isolation --no-index -w "$WHEELS" "$BUILD"
+  rm -rf "$BUILD"
+  ls -l wheels-on-image
+  du -sh wheels-on-image
+fi
 ls -l "$WHEELS"
 du -sh "$WHEELS"

@@ -31,8 +31,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 KIT_DIR = Path(__file__).resolve().parent
 REPO_ROOT = KIT_DIR.parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # this checkout's package, without installing it
+# this checkout's package, without installing it; NSP_KIT_INSTALLED=1 (the install check): the installed one
+if str(REPO_ROOT) not in sys.path and os.environ.get("NSP_KIT_INSTALLED") != "1":
+    sys.path.insert(0, str(REPO_ROOT))
 
 
 def _numba_available() -> bool:

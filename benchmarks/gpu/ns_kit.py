@@ -12,6 +12,12 @@ benchmarks/gpu/cache/gsplat_cuda when it matches, else gsplat's own JIT build), 
 it. Without numba the CPU rasterizer is the torch one (kit_common sets NSP_CPU_RASTERIZER=torch).
 
     python benchmarks/gpu/ns_kit.py imports      # import the plugin, both methods, ns-train/eval/export: [PASS]/[FAIL]
+    python benchmarks/gpu/ns_kit.py compare --scene DIR ...   # ns-prune-compare, its runs through this launcher
+
+`compare` runs the plugin's `ns-prune-compare` console script (from the installed package's metadata, else from
+this checkout's pyproject.toml) as a user would; it starts `ns-train` from the folder of `sys.executable`, which
+on the GPU machine has none, so that folder becomes benchmarks/gpu/cache/kit-bin: `ns-train`, `ns-eval`,
+`ns-export` that run through this launcher, and `python`, the running interpreter (shell scripts that exec it).
 
 This launcher appends benchmarks/gpu/shims (stand-ins for packages nerfstudio imports at module level but the kit
 never uses, see shims/README.md) to sys.path, after the real packages; run_all.sh puts the installed wheels on
@@ -31,28 +37,31 @@ sys.path.insert(0, str(KIT_DIR))
 
 SHIMS = KIT_DIR / "shims"
 COMMANDS = {"train": "nerfstudio.scripts.train", "eval": "nerfstudio.scripts.eval",
-            "export": "nerfstudio.scripts.exporter"}
+            "export": "nerfstudio.scripts.exporter", "compare": "ns-prune-compare"}
+KIT_BIN = KIT_DIR / "cache" / "kit-bin"
 GROUPS = {"nerfstudio.method_configs": "NERFSTUDIO_METHOD_CONFIGS",
           "nerfstudio.dataparser_configs": "NERFSTUDIO_DATAPARSER_CONFIGS"}
 
 
 def plugin_entry_points() -> dict:
-    """{group: {name: "module:attr"}} of this checkout's pyproject.toml."""
+    """{group: {name: "module:attr"}} of this checkout's pyproject.toml (and its console scripts as "scripts")."""
     try:
         import tomllib
     except ImportError:  # Python < 3.11: the same table, read by hand
         return _entry_points_by_hand((REPO_ROOT / "pyproject.toml").read_text())
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    return {group: dict(project.get("entry-points", {}).get(group, {})) for group in GROUPS}
+    return {**{group: dict(project.get("entry-points", {}).get(group, {})) for group in GROUPS},
+            "scripts": dict(project.get("scripts", {}))}
 
 
 def _entry_points_by_hand(text: str) -> dict:
-    out: dict = {group: {} for group in GROUPS}
+    out: dict = {group: {} for group in (*GROUPS, "scripts")}
     current = None
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("["):
             current = next((g for g in GROUPS if line == f'[project.entry-points."{g}"]'), None)
+            current = "scripts" if line == "[project.scripts]" else current
         elif current and "=" in line:
             name, value = (part.strip().strip('"') for part in line.split("=", 1))
             out[current][name] = value
@@ -65,6 +74,32 @@ def register_plugin() -> None:
         wanted = {name: target for name, target in plugin_entry_points()[group].items() if name not in installed}
         if wanted and variable not in os.environ:
             os.environ[variable] = ",".join(f"{name}={target}" for name, target in wanted.items())
+
+
+def console_script(name: str):
+    """The function of the plugin's console script `name`: from the installed package's metadata when the plugin
+    is installed (NSP_KIT_INSTALLED=1, the install check), else from this checkout's pyproject.toml."""
+    import importlib
+
+    if os.environ.get("NSP_KIT_INSTALLED") == "1":
+        found = [ep for ep in entry_points(group="console_scripts") if ep.name == name]
+        if not found:
+            sys.exit(f"error: no installed console script {name}")
+        return found[0].load()
+    module, _, attr = plugin_entry_points()["scripts"][name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_kit_bin() -> Path:
+    """benchmarks/gpu/cache/kit-bin: `python` (this interpreter) and ns-train, ns-eval, ns-export through this
+    launcher, as shell scripts that exec the interpreter (a symlink elsewhere would lose its virtual environment)."""
+    KIT_BIN.mkdir(parents=True, exist_ok=True)
+    for name, command in (("python", None), ("ns-train", "train"), ("ns-eval", "eval"), ("ns-export", "export")):
+        launcher = f' "{Path(__file__).resolve()}" {command}' if command else ""
+        path = KIT_BIN / name
+        path.write_text(f'#!/bin/sh\nexec "{sys.executable}"{launcher} "$@"\n')
+        path.chmod(0o755)
+    return KIT_BIN
 
 
 def use_shims() -> None:
@@ -127,9 +162,14 @@ def main() -> None:
         sys.exit(check_imports())
     if torch.cuda.is_available():
         print(f"gsplat CUDA extension: {kit_common.load_gsplat_cuda()}", flush=True)
-    module = __import__(COMMANDS[command], fromlist=["entrypoint"])
-    sys.argv = [f"ns-{command}", *args]
-    module.entrypoint()
+    if command == "compare":
+        entrypoint = console_script(COMMANDS[command])
+        sys.executable = str(make_kit_bin() / "python")  # ns-prune-compare starts <its folder>/ns-train
+        sys.argv = [COMMANDS[command], *args]
+    else:
+        entrypoint = __import__(COMMANDS[command], fromlist=["entrypoint"]).entrypoint
+        sys.argv = [f"ns-{command}", *args]
+    entrypoint()
 
 
 if __name__ == "__main__":

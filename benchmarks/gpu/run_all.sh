@@ -18,6 +18,11 @@
 #   pairs   (d) check_pairs_and_layers.py
 #   methods (e) run_methods.py: ns-train pup-gs and vedal-gs on the built-in scene (ns-prune-compare's schedule
 #           scaled by METHODS_SCALE, default 0.01: 300 steps), ns-eval and ns-export gaussian-splat of each
+#   install install_check.py: the plugin's wheel installed from the carried wheels leaves torch, its CUDA build,
+#           triton and nvidia-* as they were before this command installed anything; `ns-train pup-gs --help`
+#   evidence[:SCENE[-PART]]  run_evidence.py: ns-prune-compare on a carried capture (benchmarks/gpu/evidence_data,
+#           made by prepare_evidence_data.py): SCENE bonsai (default) or buddha_gray67, PART pup or vedal (default
+#           both); schedule EVIDENCE_SCALE, default the largest that fits what is left of KIT_BUDGET
 #
 # KIT_DEVICE=cpu runs every script on CPU (a dry run where there is no GPU, e.g. with PYTHON=a clean venv's python
 # and KIT_WHEELS=benchmarks/gpu/cache/wheels-cp311 from `fetch_wheels.sh --python 3.11`).
@@ -58,10 +63,13 @@ install_wheels() {
   if [[ ${#wheels[@]} -eq 0 ]]; then
     echo "no wheels in $KIT_WHEELS: run benchmarks/gpu/fetch_wheels.sh where there is a registry, and carry the folder"
   fi
+  # wheels-on-image/ (fetch_wheels.sh): what the GPU image has, carried only to a machine without it
+  wheels+=("${KIT_WHEELS%/}-on-image"/*.whl)
   for wheel in "${wheels[@]}"; do
     local name check
     name="$(basename "$wheel" | cut -d- -f1)"
     case "$name" in
+      nerfstudio_pruning) continue ;;  # this checkout, from the working tree; the `install` stage installs the wheel
       markdown_it_py) check="import markdown_it" ;;
       pillow) check="import PIL" ;;
       pyyaml) check="import yaml" ;;
@@ -121,7 +129,7 @@ run_script() {  # script [args...]
     echo "[SKIP] $1: KIT_BUDGET=$KIT_BUDGET s is spent (kept $PACK_RESERVE s to pack the results)"
     return 1
   fi
-  timeout "$limit" "$PY" "$KIT/$1.py" "${DEVICE_ARGS[@]}" "${@:2}"
+  KIT_STAGE_LIMIT="$limit" timeout "$limit" "$PY" "$KIT/$1.py" "${DEVICE_ARGS[@]}" "${@:2}"
 }
 
 run_stage() {
@@ -135,11 +143,18 @@ run_stage() {
       run_script bench_scoring_memory --out "$RESULTS" || status=1 ;;
     pairs) run_script check_pairs_and_layers --out "$RESULTS" || status=1 ;;
     methods) run_script run_methods --out "$RESULTS" ${METHODS_SCALE:+--scale "$METHODS_SCALE"} || status=1 ;;
+    install) KIT_SITE="$SITE" run_script install_check check --before "$RESULTS/torch_before.json" --out "$RESULTS" || status=1 ;;
+    evidence|evidence:*)
+      local what="${stage#evidence}" parts=(pup vedal)
+      what="${what#:}"; what="${what:-bonsai}"
+      [[ "$what" == *-pup || "$what" == *-vedal ]] && parts=("${what##*-}") && what="${what%-*}"
+      run_script run_evidence --out "$RESULTS" --scene "$what" --parts "${parts[@]}" \
+        ${EVIDENCE_SCALE:+--scale "$EVIDENCE_SCALE"} ${EVIDENCE_DATA:+--data "$EVIDENCE_DATA"} || status=1 ;;
     quick)
       for script in check_rasterizer_parity check_scores bench_pair_memory bench_scoring_memory check_pairs_and_layers run_methods; do
         run_script "$script" --quick --out "$RESULTS/quick" || status=1
       done ;;
-    *) echo "unknown stage $stage (setup quick parity scores memory pairs methods)"; status=2 ;;
+    *) echo "unknown stage $stage (setup quick parity scores memory pairs methods install evidence[:SCENE[-PART]])"; status=2 ;;
   esac
   if [[ -f "$CACHE/gsplat_cuda/gsplat_cuda.so" && ! -d "$RESULTS/gsplat_cuda" ]]; then
     mkdir -p "$RESULTS/gsplat_cuda" && cp "$CACHE/gsplat_cuda/"* "$RESULTS/gsplat_cuda/"
@@ -148,7 +163,9 @@ run_stage() {
 }
 
 cd "$REPO"
-install_wheels 2>&1 | tee "$RESULTS/install.log"
+# torch as the machine has it, before anything is installed (the `install` stage compares against it)
+[[ " ${stages[*]} " == *" install "* ]] && "$PY" "$KIT/install_check.py" fingerprint --out "$RESULTS/torch_before.json"
+install_wheels 2>&1 | tee "$RESULTS/wheels.log"
 overall=0
 for stage in "${stages[@]}"; do
   echo "=== $stage ($(date +%T))"

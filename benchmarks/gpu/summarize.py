@@ -1,4 +1,6 @@
-"""Collect the kit's JSON results into one summary.md (machine, every check, the memory table).
+"""Collect the kit's JSON results into one summary.md (machine, every check, the memory table), and the evidence
+stage's ns-prune-compare tables (evidence/<scene>-<part>/results.md, and -merged) under the card's name and the
+versions, ready to paste into docs/results.md.
 
     python benchmarks/gpu/summarize.py RESULTS_DIR
 """
@@ -13,7 +15,8 @@ from pathlib import Path
 def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
-    return str(value)
+    text = " / ".join(line.strip() for line in str(value).splitlines() if line.strip())
+    return (text[:297] + "...") if len(text) > 300 else text.replace("|", "\\|")
 
 
 def _is_result(path: Path) -> bool:
@@ -45,7 +48,23 @@ def summarize(folder: Path) -> str:
             lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
             lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |" for row in rows]
         lines.append("")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + evidence_tables(folder, files)) + "\n"
+
+
+def evidence_tables(folder: Path, files) -> list:
+    """The ns-prune-compare tables of the evidence stage, each under a heading naming the card and the versions."""
+    tables = sorted((folder / "evidence").glob("*/results.md"))
+    if not tables:
+        return []
+    env = next((json.loads(p.read_text())["environment"] for p in files if p.name.startswith("evidence_")), {})
+    card = env.get("gpu") or f"CPU ({env.get('cpu', '?')}, {env.get('cpu_threads', '?')} threads)"
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "torch_cuda", "gsplat", "python") if env.get(k))
+    lines = ["# Evidence: ns-prune-compare on real captures", "",
+             f"On {card}; {versions}; commit {env.get('commit', '?')}; {env.get('date', '')}.", ""]
+    for table in tables:
+        body = table.read_text().split("\n", 1)[-1].strip()  # its own title names the scene's path on the machine
+        lines += [f"## {table.parent.name} ({card})", "", body, ""]
+    return lines
 
 
 if __name__ == "__main__":
