@@ -60,7 +60,7 @@ def read_points(path: Path):
     return xyz, rgb
 
 
-def write_points(path: Path, xyz: np.ndarray, rgb: np.ndarray) -> None:
+def write_points(path: Path, xyz: np.ndarray, rgb: np.ndarray, text: bool = False) -> None:
     from plyfile import PlyData, PlyElement
 
     data = np.empty(len(xyz), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"),
@@ -69,7 +69,7 @@ def write_points(path: Path, xyz: np.ndarray, rgb: np.ndarray) -> None:
         data[c] = xyz[:, i]
     for i, c in enumerate(("red", "green", "blue")):
         data[c] = rgb[:, i]
-    PlyData([PlyElement.describe(data, "vertex")]).write(str(path))
+    PlyData([PlyElement.describe(data, "vertex")], text=text).write(str(path))
 
 
 def make_copy(source: Path, dest: Path, factor: int, views: int = 0, points: int = 0) -> dict:

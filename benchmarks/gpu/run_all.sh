@@ -41,7 +41,7 @@ PY="${PYTHON:-python3}"
 CACHE="$KIT/cache"
 KIT_WHEELS="${KIT_WHEELS:-$KIT/wheels}"
 SITE="$CACHE/site-py$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-RESULTS="$KIT/results/gpu_kit"
+RESULTS="${KIT_RESULTS:-$KIT/results/gpu_kit}"  # KIT_RESULTS: another folder (the CPU dry run in the tests)
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
 # KIT_BUDGET: seconds for the whole command. Scripts are cut so that PACK_RESERVE seconds are left to pack the
 # results: an outer `timeout` alone ends the call before packing, and the device tool then brings back nothing.
@@ -177,7 +177,7 @@ for stage in "${stages[@]}"; do
 done
 "$PY" "$KIT/summarize.py" "$RESULTS" > /dev/null && echo "summary: $RESULTS/summary.md"
 if [[ -n "${OUT:-}" ]]; then
-  tar czf "$OUT/gpu_kit.tgz" --exclude=gsplat_cuda.so -C "$(dirname "$RESULTS")" gpu_kit
+  tar czf "$OUT/gpu_kit.tgz" --exclude=gsplat_cuda.so -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
   cp "$RESULTS/summary.md" "$OUT/" 2>/dev/null
   [[ -d "$RESULTS/gsplat_cuda" ]] && cp "$RESULTS/gsplat_cuda/"* "$OUT/"
   echo "packed: $OUT/gpu_kit.tgz"

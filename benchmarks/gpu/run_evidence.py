@@ -17,10 +17,11 @@ are in the results folder; else where they were brought back).
 
 Schedule: `--scale` (ns-prune-compare's --schedule-scale; 1 = the papers' 30k/40k), or, left out, the largest of
 1, 1/2, 1/4, ... 1/64 whose estimated time fits what is left of the stage's budget (KIT_STAGE_LIMIT, set by
-run_all.sh), from the rates in RATES, replaced by the ones measured by earlier parts of the same call. A part
-estimated not to fit even at 1/64 is skipped and says so. If a part runs out of time anyway, the runs it finished
-(those with a checkpoint) are evaluated with `--no-train --runs KEY=config ...`, so a partial table still comes
-back. Each part's record (schedule, estimates, measured rates, seconds) goes to <out>/evidence.json.
+run_all.sh), from the rates in RATES, replaced by the ones measured by earlier parts (of this call, or of another
+given as EVIDENCE_RATES='{"steps_per_s": 95, "score_view_s": 0.02}'). A part estimated not to fit even at 1/64
+still runs at 1/64 when TRY_S seconds are left, to measure the rates on the real capture; with less it is skipped
+and says so. If a part runs out of time, the runs it finished (those with a checkpoint) are evaluated with
+`--no-train --runs KEY=config ...`, so a partial table still comes back. Each part's record (schedule, estimates, measured rates, seconds) goes to <out>/evidence.json.
 
 With `--device cpu` (KIT_DEVICE=cpu) and the tiny copies of `prepare_evidence_data.py --tiny`, the same command
 lines run in a minute or two on a CPU: the dry run (tests/test_gpu_kit.py).
@@ -55,6 +56,7 @@ RATES = {
     "cuda": {"steps_per_s": 80.0, "start_s": 25.0, "score_view_s": 0.5, "eval_row_s": 12.0},
     "cpu": {"steps_per_s": 8.0, "start_s": 10.0, "score_view_s": 0.05, "eval_row_s": 4.0},
 }
+TRY_S = 120.0
 SCENES = {"bonsai": "bonsai", "buddha": "buddha_gray67", "buddha_gray67": "buddha_gray67"}
 
 
@@ -111,25 +113,34 @@ def finished_runs(output: Path) -> Dict[str, Path]:
     return found
 
 
-def measured_rates(output: Path, base: Dict[str, float], seconds: float, work: Work) -> Dict[str, float]:
-    """Rates from a finished part: steps per second of its splatfacto-portable run(s) (from the logs' step counts
-    and results.json's train s), scoring seconds per view from its pruning.json files."""
+def measured_rates(output: Path, base: Dict[str, float], views: int) -> Dict[str, float]:
+    """Rates measured by a part's run folders, finished or cut: steps per second of its splatfacto-portable runs
+    (last checkpoint's step over the time from config.yml, written when training starts, to that checkpoint) and
+    scoring seconds per view from the pruning.json of pup-gs (rounds over all training views) and vedal-gs
+    (importance passes of 8 views)."""
     rates = dict(base)
-    try:
-        data = json.loads((output / "results.json").read_text())
-    except (OSError, ValueError):
-        return rates
-    steps = data.get("schedule", {})
-    splat = [r for r in data.get("runs", []) if r.get("method") == "splatfacto-portable" and r.get("train_seconds")]
-    if splat:
-        run = max(splat, key=lambda r: r["train_seconds"])
-        n = steps.get("steps_40k") if "40k" in run.get("row", "") else steps.get("steps_30k")
-        if n:
-            rates["steps_per_s"] = n / max(run["train_seconds"] - base["start_s"], 1e-3)
-    scored = [(r.get("scoring_seconds"), r.get("pruning") or {}) for r in data.get("runs", []) if r.get("scoring_seconds")]
-    views = work.scored_views / max(1, len(scored)) if scored else 0
-    if scored and views:
-        rates["score_view_s"] = sum(s for s, _ in scored) / (views * len(scored))
+    speeds, scoring, scored = [], 0.0, 0
+    for config in output.glob("runs/*/*/*/config.yml"):
+        checkpoints = sorted((config.parent / "nerfstudio_models").glob("step-*.ckpt"))
+        method = config.parent.parent.name
+        if method == "splatfacto-portable" and checkpoints:
+            seconds = checkpoints[-1].stat().st_mtime - config.stat().st_mtime
+            if seconds > 0:
+                speeds.append((int(checkpoints[-1].stem.split("-")[1]) + 1) / seconds)
+        try:
+            pruning = json.loads((config.parent / "pruning.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if pruning.get("rounds"):
+            scoring += sum(r["scoring_seconds"] for r in pruning["rounds"])
+            scored += views * len(pruning["rounds"])
+        elif pruning.get("importance_passes") and pruning.get("importance_seconds") is not None:
+            scoring += pruning["importance_seconds"]
+            scored += 8 * pruning["importance_passes"]
+    if speeds:
+        rates["steps_per_s"] = min(speeds)
+    if scored:
+        rates["score_view_s"] = scoring / scored
     return rates
 
 
@@ -164,16 +175,19 @@ def main() -> int:
     views = train_views(scene)
     rates = dict(RATES[args.device])
     rates.update(record.get("measured_rates", {}).get(args.device, {}))
+    rates.update(json.loads(os.environ.get("EVIDENCE_RATES") or "{}"))
     salvage = SALVAGE_S[args.device]
-    tables = []
     for part in args.parts:
         left = deadline - time.monotonic() - salvage
         scale = args.scale
+        fits = True
         if scale is None:
             scale = next((s for s in LADDER if part_work(part, s, views).seconds(rates) <= left), None)
+            if scale is None and left >= TRY_S:
+                scale, fits = LADDER[-1], False  # run to measure; the salvage keeps what finishes
         work = part_work(part, scale or LADDER[-1], views)
         entry = {"scene": name, "part": part, "scale": scale, "train_views": views, "rates_assumed": dict(rates),
-                 "estimate_s": round(work.seconds(rates), 1), "left_s": round(left, 1), **work.__dict__}
+                 "estimate_s": round(work.seconds(rates), 1), "left_s": round(left, 1), "fits": fits, **work.__dict__}
         if scale is None:
             results.skip(f"{name} {part}", f"estimated {work.seconds(rates):.0f} s even at 1/{1 / LADDER[-1]:g}, "
                                            f"{left:.0f} s left")
@@ -183,7 +197,7 @@ def main() -> int:
         shutil.rmtree(output, ignore_errors=True)
         output.mkdir(parents=True)
         print(f"[evidence] {name} {part}: schedule x{scale:g}, estimated {work.seconds(rates):.0f} s of {left:.0f} s "
-              f"left ({work.steps} steps, {work.scored_views} scored views, rates {rates})", flush=True)
+              f"left{'' if fits else ' (does not fit: run to measure the rates, finished runs kept)'} ({work.steps} steps, {work.scored_views} scored views, rates {rates})", flush=True)
         log = args.out / f"evidence_{name}_{part}.log"
         started = time.monotonic()
         code = run_compare(compare_args(part, scene, scale, output, args.device), log, deadline - salvage)
@@ -212,15 +226,13 @@ def main() -> int:
             for file in ("results.json", "results.md", "compare.png"):
                 if (output / file).is_file():
                     shutil.copy2(output / file, keep / file)
-            tables.append(keep / "results.json")
-            if code == 0:
-                rates = measured_rates(output, rates, seconds, work)
-                entry["rates_measured"] = rates
-                record.setdefault("measured_rates", {})[args.device] = rates
             for row in json.loads((output / "results.json").read_text()).get("runs", []):
                 results.measure(scene=name, part=part, scale=scale, row=row.get("row"), **{
                     k: row.get("metrics", {}).get(k) for k in ("psnr", "ssim", "num_gaussians", "fps")},
                     train_s=row.get("train_seconds"), scoring_s=row.get("scoring_seconds"))
+        rates = measured_rates(work_root / part, rates, views)
+        entry["rates_measured"] = rates
+        record.setdefault("measured_rates", {})[args.device] = rates
         record.setdefault("parts", []).append(entry)
         record_path.write_text(json.dumps(record, indent=1) + "\n")
     merged = args.out / "evidence" / f"{name}-merged"
