@@ -160,7 +160,7 @@ def main() -> None:
     use_shims()
     if command == "imports":
         sys.exit(check_imports())
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not {"--help", "-h"} & set(args):  # --help renders nothing: no build
         print(f"gsplat CUDA extension: {kit_common.load_gsplat_cuda()}", flush=True)
     if command == "compare":
         entrypoint = console_script(COMMANDS[command])
