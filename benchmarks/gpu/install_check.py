@@ -96,11 +96,12 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(KIT_DIR))
+    import torch
     from kit_common import Results
 
     out = args.out or KIT_DIR / "results"
     out.mkdir(parents=True, exist_ok=True)
-    results = Results("install", args.device or "cpu", out)
+    results = Results("install", args.device or ("cuda" if torch.cuda.is_available() else "cpu"), out)
     before = json.loads(args.before.read_text()) if args.before and args.before.is_file() else None
     if before is None:
         before = fingerprint(bare_env())
