@@ -286,10 +286,10 @@ def test_evidence_plan_fits_the_budget_and_maps_finished_runs(tmp_path):
     budget = evidence.part_work("vedal", 0.25, 263).seconds(rates) + 1
     chosen = next(s for s in evidence.LADDER if evidence.part_work("vedal", s, 263).seconds(rates) <= budget)
     assert chosen == 0.25
-    for method, run, ckpt in (("splatfacto-portable", "splatfacto-s42", True),
+    for method, run, ckpt in (("splatfacto-portable", "splatfacto-40k-s42", True),
                               ("splatfacto-portable", "splatfacto-densify-7k-s42", True),
-                              ("pup-gs", "pup-gs-lightgaussian", True), ("pup-gs", "pup-gs", False),
-                              ("vedal-gs", "vedal-gs", True)):
+                              ("pup-gs", "pup-gs-lightgaussian-s42", True), ("pup-gs", "pup-gs-s42", False),
+                              ("vedal-gs", "vedal-gs-s42", True)):
         folder = tmp_path / "runs" / "evidence-pup" / method / run
         (folder / "nerfstudio_models").mkdir(parents=True)
         (folder / "config.yml").write_text("x")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def finished_runs(output: Path) -> Dict[str, Path]:
     for config in sorted(output.glob("runs/*/*/*/config.yml")):
         if not any((config.parent / "nerfstudio_models").glob("step-*.ckpt")):
             continue
-        method, run = config.parent.parent.name, config.parent.name
+        method, run = config.parent.parent.name, re.sub(r"-s-?\d+$", "", config.parent.name)  # <run>-s<seed>
         if method == "splatfacto-portable":
             key = "splatfacto-densify" if "densify" in run else ("splatfacto-portable" if "continued" not in run else None)
         else:
@@ -208,12 +209,9 @@ def main() -> int:
             print(f"[evidence] {name} {part}: {status} after {seconds:.0f} s; evaluating its finished runs "
                   f"{sorted(runs)} with --no-train", flush=True)
             if runs:
-                scores = ["--pup-scores", "fisher", "lightgaussian"] if part == "pup" else []
-                methods = ["splatfacto-portable", "pup-gs"] if part == "pup" else ["vedal-gs"]
-                salvage_args = ["--scene", str(scene), "--methods", *methods, *scores, "--schedule-scale", f"{scale:g}",
-                                "--seeds", str(SEED), "--device", args.device, "--output-dir", str(output / "partial"),
-                                "--no-train", "--runs", *(f"{k}={v}" for k, v in runs.items())]
-                if run_compare(salvage_args, args.out / f"evidence_{name}_{part}_partial.log", deadline) == 0:
+                partial = compare_args(part, scene, scale, output / "partial", args.device) + [
+                    "--no-train", "--runs", *(f"{k}={v}" for k, v in runs.items())]
+                if run_compare(partial, args.out / f"evidence_{name}_{part}_partial.log", deadline) == 0:
                     status += ", partial table of finished runs"
                     output = output / "partial"
         done = results.check(f"{name} {part}: ns-prune-compare wrote its table", (output / "results.json").is_file(),
