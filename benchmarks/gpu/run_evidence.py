@@ -204,7 +204,9 @@ def main() -> int:
         code = run_compare(compare_args(part, scene, scale, output, args.device), log, deadline - salvage)
         seconds = time.monotonic() - started
         status = "complete" if code == 0 else f"exit {code}"
-        if code != 0:
+        if code != 0 and (output / "results.json").is_file():
+            status += " after writing its table"  # results.json comes last but for compare.png: nothing to salvage
+        elif code != 0:
             runs = finished_runs(output)
             print(f"[evidence] {name} {part}: {status} after {seconds:.0f} s; evaluating its finished runs "
                   f"{sorted(runs)} with --no-train", flush=True)
