@@ -250,6 +250,23 @@ def test_a_ply_in_colmap_s_frame_is_placed_by_the_dataparser_transform(trained_p
     assert line.endswith("pass --pipeline.model.init-ply-frame dataset"), line
 
 
+def test_a_degree_0_ply_loads_into_a_degree_0_model(trained_ply, default_scene, tmp_path, single_thread):
+    """At SH degree 0 splatfacto keeps colours as logits, the PLY as a DC coefficient (upstream #3377 was a
+    misaligned degree-0 export): the model holds the PLY's colours."""
+    source, _ = trained_ply
+    c0 = 0.28209479177387814
+    dc = ((source.sh[:, :1] * c0 + 0.5).clamp(0.02, 0.98) - 0.5) / c0
+    flat = source.with_tensors(sh=dc, sh_degree=0)
+    ply = inria_ply(tmp_path / "sh0.ply", flat)
+    assert read_gaussians_ply(ply).sh_degree == 0
+    config = trainer_config("pup-gs", default_scene, tmp_path / "out", ply, sh_degree=0)
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    model = trainer.pipeline.model
+    assert torch.allclose(model.colors, (dc[:, 0] * c0 + 0.5), atol=1e-5)
+    assert torch.allclose(model.gaussians().sh, dc, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", ["missing property", "NaN", "other SH degree", "empty"])
 def test_ns_train_refuses_a_bad_ply_before_writing_anything(default_scene, tmp_path, capsys, case):
     from nerfstudio.scripts.train import main
@@ -277,13 +294,13 @@ def test_ply_and_checkpoint_together_are_refused(trained_ply, splatfacto_run, de
 def test_pup_gs_prunes_a_ply_post_hoc_and_exports_it_in_the_same_layout(trained_ply, default_scene, tmp_path):
     source, ply = trained_ply
     outputs = tmp_path / "outputs"
-    proc = ns("ns-train", ["pup-gs", *quick_train_args("ply", 40, outputs), "--pipeline.model.init-ply", str(ply),
-                           "--pipeline.model.refine-steps", "20", "20", "nsp-default-scene", "--data",
+    proc = ns("ns-train", ["pup-gs", *quick_train_args("ply", 10, outputs), "--pipeline.model.init-ply", str(ply),
+                           "--pipeline.model.refine-steps", "5", "5", "nsp-default-scene", "--data",
                            str(default_scene)], cwd=tmp_path)
-    assert "this run trains steps 30000 to 30039" in proc.stdout.replace("\n", " ")
+    assert "this run trains steps 30000 to 30009" in proc.stdout.replace("\n", " ")
     run = run_dir(outputs, "ply", "pup-gs")
     rounds = json.loads((run / "pruning.json").read_text())["rounds"]
-    assert [r["step"] for r in rounds] == [30000, 30020]
+    assert [r["step"] for r in rounds] == [30000, 30005]
     assert rounds[0]["gaussians_before"] == len(source)
     assert rounds[-1]["gaussians_after"] == len(source) - round(0.8 * len(source)) - round(
         0.5 * (len(source) - round(0.8 * len(source))))
@@ -301,11 +318,10 @@ def test_pup_gs_prunes_a_ply_post_hoc_and_exports_it_in_the_same_layout(trained_
 def test_vedal_gs_fine_tunes_a_ply_without_densifying(trained_ply, default_scene, tmp_path):
     source, ply = trained_ply
     outputs = tmp_path / "outputs"
-    proc = ns("ns-train", ["vedal-gs", *quick_train_args("ply", 30, outputs), "--pipeline.model.init-ply", str(ply),
-                           "--pipeline.model.finetune-start-step", "500", "--pipeline.model.hard-prune-step", "529",
-                           "--pipeline.model.importance-every", "10", "--pipeline.model.importance-views", "21",
-                           "--pipeline.model.importance-downscale", "2", "nsp-default-scene", "--data",
-                           str(default_scene)], cwd=tmp_path)
+    proc = ns("ns-train", ["vedal-gs", *quick_train_args("ply", 10, outputs), "--pipeline.model.init-ply", str(ply),
+                           "--pipeline.model.finetune-start-step", "500", "--pipeline.model.hard-prune-step", "509",
+                           "--pipeline.model.importance-views", "6", "--pipeline.model.importance-downscale", "2",
+                           "nsp-default-scene", "--data", str(default_scene)], cwd=tmp_path)
     out = proc.stdout.replace("\n", " ")
     assert f"fine-tuning from step 500 with {len(source)} Gaussians" in out
     report = json.loads((run_dir(outputs, "ply", "vedal-gs") / "pruning.json").read_text())
