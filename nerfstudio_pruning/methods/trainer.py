@@ -8,7 +8,9 @@ line (`InputError`, exit status 1) before anything is loaded, trained or overwri
 training images or one without pixels, training images of several sizes for a method that scores Gaussians on
 them (pup-gs, vedal-gs; found at the first scoring, thousands of steps in, otherwise), a scoring downscale that
 leaves no pixel, a dataset without seed points, a checkpoint that holds no Gaussians, an empty model, or one
-trained on another scene. An `InputError` raised during training (a pruning schedule the model cannot satisfy,
+trained on another scene; a PLY for `--pipeline.model.init-ply` that is not a usable 3DGS PLY of the configured SH
+degree (checked before ns-train writes its config.yml), or one that fits the training images better in the other
+world frame. An `InputError` raised during training (a pruning schedule the model cannot satisfy,
 NaN scores) first saves a checkpoint of the model as it was, so no training is lost.
 
 After every checkpoint, and when training ends, it writes the model's `pruning_report()` (pup-gs's rounds, vedal-gs's
