@@ -23,14 +23,15 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, Optional, Type
+from pathlib import Path
+from typing import Any, Dict, Iterator, Literal, Optional, Type
 from unittest import mock
 
 import nerfstudio.models.splatfacto as splatfacto_module
 import torch
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.optimizers import Optimizers
-from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from nerfstudio.models.splatfacto import RGB2SH, SH2RGB, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_pruning.errors import InputError
@@ -114,6 +115,15 @@ class PortableSplatfactoModelConfig(SplatfactoModelConfig):
     """splatfacto's resolution schedule never trains below this many pixels on the longer image side. In a
     tiny image every Gaussian's screen radius (at least 2 px after the 0.3 px^2 dilation) exceeds splatfacto's
     split threshold (5% of the image), so densification would split every Gaussian at every refinement."""
+    init_ply: Optional[Path] = None
+    """Start from the Gaussians of a 3DGS PLY trained elsewhere (Inria's layout: Inria's 3DGS, gsplat,
+    `ns-export gaussian-splat`) instead of the dataset's seed points. The run begins where a trained model enters
+    the method: pup-gs at its pruning rounds (prune-start-step), vedal-gs at its fine-tuning (finetune-start-step),
+    splatfacto-portable after densification (stop-split-at); --max-num-iterations counts from there."""
+    init_ply_frame: Literal["dataset", "colmap"] = "dataset"
+    """World frame of init-ply: 'dataset': nerfstudio's dataparser frame, as ns-export writes it (train with the same
+    dataparser and options as the run it came from); 'colmap': the frame of the poses the dataparser read, as Inria's
+    3DGS writes it on COLMAP data, mapped by the dataparser's transform and scale as its seed points are."""
 
 
 class PortableSplatfactoModel(SplatfactoModel):
@@ -189,6 +199,28 @@ class PortableSplatfactoModel(SplatfactoModel):
             sh_degree=self.active_sh_degree() if sh_degree is None else sh_degree,
             rasterize_mode=self.config.rasterize_mode,
         )
+
+    def set_gaussians(self, gaussians: Gaussians) -> None:
+        """Replace the model's Gaussians (e.g. with a PLY's: `--pipeline.model.init-ply`). The inverse of
+        `gaussians()`; the optimizers are rebound to the new parameters at the next step (`step_cb`)."""
+        k = (self.config.sh_degree + 1) ** 2
+        if gaussians.sh.shape[1] < k:
+            raise InputError(f"the Gaussians have SH degree {gaussians.sh_degree}, this config has sh_degree "
+                             f"{self.config.sh_degree}: pass --pipeline.model.sh-degree {gaussians.sh_degree}")
+        like = self.gauss_params["means"]
+        sh = gaussians.sh[:, :k].to(like)
+        dc = sh[:, 0]
+        if self.config.sh_degree == 0:  # splatfacto stores degree-0 colours as logits
+            dc = torch.logit(SH2RGB(dc).clamp(1e-6, 1 - 1e-6))
+        values = {"means": gaussians.means, "scales": gaussians.log_scales, "quats": gaussians.quats,
+                  "features_dc": dc, "features_rest": sh[:, 1:], "opacities": gaussians.opacity_logits[:, None]}
+        for name, value in values.items():
+            self.gauss_params[name] = torch.nn.Parameter(value.detach().to(like).contiguous())
+
+    def first_step_from_trained_gaussians(self) -> int:
+        """The step at which a run that starts from trained Gaussians (`init_ply`) begins: splatfacto's first step
+        after densification, where every SH degree and the full resolution are on."""
+        return int(self.config.stop_split_at)
 
     def active_sh_degree(self) -> int:
         """SH degree training renders with now (splatfacto raises it by one every sh_degree_interval steps)."""

@@ -145,6 +145,10 @@ class PupGSModel(PortableSplatfactoModel):
         return {"method": "pup-gs", "rounds": [dict(record) for record in self.schedule.rounds],
                 "final_gaussians": int(self.num_points)}
 
+    def first_step_from_trained_gaussians(self) -> int:
+        # A PLY trained elsewhere enters where a splatfacto run would: at the first pruning round.
+        return int(self.config.prune_start_step)
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def update_to_step(self, step: int) -> None:
         self._loaded_step = step

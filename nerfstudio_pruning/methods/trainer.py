@@ -8,7 +8,9 @@ line (`InputError`, exit status 1) before anything is loaded, trained or overwri
 training images or one without pixels, training images of several sizes for a method that scores Gaussians on
 them (pup-gs, vedal-gs; found at the first scoring, thousands of steps in, otherwise), a scoring downscale that
 leaves no pixel, a dataset without seed points, a checkpoint that holds no Gaussians, an empty model, or one
-trained on another scene. An `InputError` raised during training (a pruning schedule the model cannot satisfy,
+trained on another scene; a PLY for `--pipeline.model.init-ply` that is not a usable 3DGS PLY of the configured SH
+degree (checked before ns-train writes its config.yml), or one that fits the training images better in the other
+world frame. An `InputError` raised during training (a pruning schedule the model cannot satisfy,
 NaN scores) first saves a checkpoint of the model as it was, so no training is lost.
 
 After every checkpoint, and when training ends, it writes the model's `pruning_report()` (pup-gs's rounds, vedal-gs's
@@ -22,9 +24,11 @@ and a meaningless ETA.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +50,20 @@ from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
 from nerfstudio_pruning.errors import InputError, PruningRefused
+from nerfstudio_pruning.gaussians_ply import in_frame, read_gaussians_ply
 from nerfstudio_pruning.methods.checkpoints import numpy_scalars_allowed
 from nerfstudio_pruning.methods.pipeline import PruningPipelineConfig, reseed_random_generators
 from nerfstudio_pruning.pup.schedule import PupScheduleConfig
+from nerfstudio_pruning.render import rasterization
 from nerfstudio_pruning.vedal.controller import VedalConfig
 
 PRUNING_REPORT = "pruning.json"
+# --pipeline.model.init-ply: its Gaussians are rendered on this many training views, at most this many pixels on
+# the longer side, in both world frames; a frame better by the margin is the right one; below the low mark a warning.
+PLY_CHECK_VIEWS = 4
+PLY_CHECK_SIDE = 256
+PLY_FRAME_MARGIN_DB = 3.0
+PLY_LOW_PSNR_DB = 15.0
 
 
 @dataclass
@@ -61,6 +73,10 @@ class PruningTrainerConfig(TrainerConfig):
     _target: Type = field(default_factory=lambda: PruningTrainer)
 
     def save_config(self) -> None:
+        # Nothing is written for a run whose PLY would be refused: ns-train saves config.yml before the trainer is
+        # set up, so the file is checked here, the first thing ns-train does with the config.
+        with _reported_in_one_line():
+            check_init_ply(self)
         # ns-eval, ns-export and ns-viewer read config.yml and look for load_step in this run's own checkpoint
         # folder, which never holds the step the run was resumed from: every save leaves it out, so no order of
         # saves (nerfstudio's before setup, any later one) can leave a config naming a checkpoint that is not there.
@@ -132,6 +148,9 @@ class PruningTrainer(Trainer):
                              else lambda width, height: scoring_downscale(model_config, width, height),
                              self.config.method_name)
         path = checkpoint_to_load(self.config)
+        if getattr(model_config, "init_ply", None) is not None:
+            check_init_ply(self.config, read=False)
+            return self._start_from_ply(model_config.init_ply)
         if path is None:
             self._check_model_to_train_from_scratch()
             return super()._load_checkpoint()
@@ -145,6 +164,70 @@ class PruningTrainer(Trainer):
         CONSOLE.print(f"continuing from step {self._start_step - 1}: this run trains steps {self._start_step} to {end} "
                       "(nerfstudio counts --max-num-iterations from the loaded step; the progress percentage and ETA "
                       "count this run's steps)", soft_wrap=True)
+
+    def _start_from_ply(self, ply: Path) -> None:
+        """Initialise the Gaussians from a PLY trained elsewhere and start at the first step of the phase that takes
+        a trained model (as a run loaded from a splatfacto checkpoint would), learning rates decayed to that step.
+
+        The PLY must be in the frame `init_ply_frame` names. Both frames are tried on a few training images: one
+        that clearly matches them better than the chosen one is a wrong choice, refused with the flag to pass."""
+        model, outputs = self.pipeline.model, self.pipeline.datamanager.train_dataparser_outputs
+        gaussians = read_gaussians_ply(ply, sh_degree=model.config.sh_degree)
+        transform, scale = outputs.dataparser_transform, float(outputs.dataparser_scale)
+        chosen = model.config.init_ply_frame
+        frames = {"dataset": gaussians}
+        identity = torch.allclose(transform[:3, :4].double().cpu(), torch.eye(4, dtype=torch.float64)[:3]) and scale == 1
+        if chosen == "colmap" or not identity:
+            frames["colmap"] = in_frame(gaussians, transform, scale)
+        psnr = {frame: self._psnr_on_training_views(g) for frame, g in frames.items()}
+        best = max(psnr, key=psnr.get)
+        if psnr[best] > psnr[chosen] + PLY_FRAME_MARGIN_DB:
+            raise InputError(f"{ply} matches the training images at {psnr[chosen]:.1f} dB PSNR in the {chosen} frame and "
+                             f"{psnr[best]:.1f} dB in the {best} frame: pass --pipeline.model.init-ply-frame {best}")
+        if psnr[chosen] < PLY_LOW_PSNR_DB:
+            CONSOLE.print(f"[yellow]{ply} matches the training images at only {psnr[chosen]:.1f} dB PSNR: is it this scene, "
+                          "trained with these dataparser options?", soft_wrap=True)
+        placed = frames[chosen]
+        model.set_gaussians(placed)
+        self._start_step = model.first_step_from_trained_gaussians()
+        advance_schedulers(self.optimizers, self._start_step)
+        end = self._start_step + self.config.max_num_iterations - 1
+        CONSOLE.print(f"initialised {len(placed)} Gaussians (SH degree {placed.sh_degree}) from {ply} ({psnr[chosen]:.1f} dB "
+                      f"PSNR on {PLY_CHECK_VIEWS} training views); this run trains steps {self._start_step} to {end} "
+                      "(--max-num-iterations counts from the first step of the phase a trained model enters)",
+                      soft_wrap=True)
+
+    @torch.no_grad()
+    def _psnr_on_training_views(self, gaussians) -> float:
+        """PSNR of `gaussians` against a few training images spread over the dataset, composited on black, at most
+        PLY_CHECK_SIDE pixels on the longer side."""
+        from nerfstudio.models.splatfacto import get_viewmat, resize_image
+
+        datamanager = self.pipeline.datamanager
+        images, cameras = datamanager.cached_train, datamanager.train_dataset.cameras
+        device = self.pipeline.model.device
+        g = gaussians
+        picks = sorted({int(i) for i in np.linspace(0, len(cameras) - 1, min(PLY_CHECK_VIEWS, len(cameras))).round()})
+        errors = []
+        for i in picks:
+            camera = copy.deepcopy(cameras[i:i + 1])
+            factor = max(1, math.ceil(max(int(camera.width), int(camera.height)) / PLY_CHECK_SIDE))
+            camera.rescale_output_resolution(1.0 / factor)
+            image = images[i]["image"]
+            image = (image.float() / 255.0 if image.dtype == torch.uint8 else image.float()).to(device)
+            if image.shape[-1] == 4:
+                image = image[..., :3] * image[..., 3:]
+            image = resize_image(image, factor) if factor > 1 else image
+            rendered, _, _ = rasterization(
+                means=g.means.to(device), quats=g.quats.to(device), scales=g.scales.to(device),
+                opacities=g.opacities.to(device), colors=g.sh.to(device), sh_degree=g.sh_degree,
+                viewmats=get_viewmat(camera.camera_to_worlds).to(device), Ks=camera.get_intrinsics_matrices().to(device),
+                width=int(camera.width), height=int(camera.height))
+            rendered = rendered[0].clamp(0, 1)
+            if rendered.shape != image.shape:
+                raise RuntimeError(f"rendered {tuple(rendered.shape)}, image {tuple(image.shape)}")
+            errors.append(float(((rendered - image) ** 2).mean()))
+        return -10.0 * math.log10(max(sum(errors) / len(errors), 1e-10))
 
     def _check_model_to_train_from_scratch(self) -> None:
         model = self.pipeline.model
@@ -276,6 +359,29 @@ def _print_this_runs_fraction(local_writer, first_step: int, steps: int) -> None
 
     local_writer._nsp_nerfstudio_print_stats = nerfstudio_print_stats
     local_writer._print_stats = print_stats
+
+
+def check_init_ply(config: TrainerConfig, read: bool = True) -> None:
+    """InputError unless no checkpoint is asked for besides the model's init_ply (if any), and (`read`) the file is a
+    usable 3DGS PLY of the configured SH degree. Reading checks every value: NaNs anywhere are refused."""
+    model_config = config.pipeline.model
+    ply = getattr(model_config, "init_ply", None)
+    if ply is None:
+        return
+    if config.load_dir is not None or config.load_checkpoint is not None:
+        raise InputError("--pipeline.model.init-ply and a checkpoint (--load-dir or --load-checkpoint) both give the "
+                         "Gaussians to start from; pass one of them")
+    if read:
+        read_gaussians_ply(ply, sh_degree=model_config.sh_degree)
+
+
+def advance_schedulers(optimizers, step: int) -> None:
+    """Set every learning-rate schedule to `step`, as after `step` training steps (a run starting mid-schedule)."""
+    for scheduler in optimizers.schedulers.values():
+        scheduler.last_epoch = step - 1
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no step was skipped here
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
 
 
 def checkpoint_to_load(config: TrainerConfig) -> Optional[Path]:

@@ -187,6 +187,10 @@ class VedalGSModel(PortableSplatfactoModel):
         self.refresh_kept_count()
         return removed
 
+    def first_step_from_trained_gaussians(self) -> int:
+        # A PLY trained elsewhere skips the densification phase: fine-tuning starts at the run's first step.
+        return int(self.config.finetune_start_step)
+
     # -- importance ----------------------------------------------------------------------------------------------
     def ground_truth(self, view: int, downscale: int) -> Tensor:
         """[H, W, 3] float training image of a view, composited on the background as the loss sees it."""
