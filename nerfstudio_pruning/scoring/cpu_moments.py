@@ -25,6 +25,7 @@ from nerfstudio_pruning.render.cpu.compositing import (
     LANES,
     candidate_buffers,
     front_to_back,
+    front_to_back_state,
     open_pixels,
     pixels_reached,
 )
@@ -174,11 +175,8 @@ def gradient_moment_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, 
         cam, txi, tyi, x0, y0, x1, y1 = tile_box(b, tile_w, tile_h, tile_size, width, height)
         tw = x1 - x0
         n_pix = tw * (y1 - y0)
-        trans = np.ones(n_pix, np.float64)  # the rasterizer's T: decides the cut
+        trans, done, row_done, last = front_to_back_state(n_pix, y1 - y0)  # trans: the rasterizer's T, the cut
         trans64 = np.ones(n_pix, np.float64)  # T from float64 alphas: the values
-        done = np.zeros(n_pix, np.uint8)
-        last = np.full(n_pix, -1, np.int64)
-        row_done = np.zeros(y1 - y0, np.int64)
         cand_p, cand_dx, cand_dy, alpha_buf, vis_buf = candidate_buffers(n_pix, lanes)
         q = np.empty(6, np.float64)
         beta = np.empty(n_chan, np.float64)

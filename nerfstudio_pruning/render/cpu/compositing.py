@@ -28,10 +28,11 @@ docs/compiled_rasterizer.md).
 One walk, three passes. The forward pass (`rasterize_tiles`), the backward pass (`backward_tiles`) and PUP's
 gradient moments (`scoring/cpu_moments.py`) list a Gaussian's pixels with the same helpers (`open_pixels` front
 to back, `pixels_reached` back to front), and the two front-to-back walks take each pair with the same step
-(`front_to_back`), so all three composite exactly the same pairs. The back-to-front steps stay in each kernel:
-the backward pass recovers T before a pair from float32 alphas by multiplying with 1 / (1 - alpha) (gsplat's
-order of operations), the moments from float64 alphas by dividing (the torch statistics' order), and the
-per-pair work between them is what the kernels differ in; sharing one step would change float results.
+(`front_to_back`, on the state `front_to_back_state` makes), so all three composite exactly the same pairs. The
+entry loops themselves stay in each kernel, and so do the back-to-front steps: numba would need the per-pair
+work passed in as a function, whose kernels it cannot cache; and the backward pass recovers T before a pair
+from float32 alphas by multiplying with 1 / (1 - alpha) (gsplat's order of operations), the moments from
+float64 alphas by dividing (the torch statistics' order), so one shared step would change float results.
 """
 
 from __future__ import annotations
@@ -202,6 +203,14 @@ def pixels_reached(gauss, rects, r, e, x0, y0, x1, y1, last, row_last, cand_p, c
 
 
 @inline
+def front_to_back_state(n_pix, n_tile_rows):
+    """A tile's state for a front-to-back walk: transmittance (1), done flags, done pixels per tile row (a finished
+    row is skipped whole) and each pixel's last composited entry (-1: none yet)."""
+    return (np.ones(n_pix, np.float64), np.zeros(n_pix, np.uint8), np.zeros(n_tile_rows, np.int64),
+            np.full(n_pix, -1, np.int64))
+
+
+@inline
 def front_to_back(trans, done, row_done, p, alpha, tw):
     """Pixel p of a tile `tw` pixels wide takes a pair of float32 `alpha` (> 0), front to back: returns the
     transmittance before the pair and moves trans[p] past it, or returns 0 where the pixel stops instead (T after
@@ -237,12 +246,9 @@ def rasterize_tiles(gauss, colors, rects, tile_offsets, tile_rows, width, height
         cam, txi, tyi, x0, y0, x1, y1 = tile_box(b, tile_w, tile_h, tile_size, width, height)
         tw = x1 - x0
         n_pix = tw * (y1 - y0)
-        trans = np.ones(n_pix, np.float64)
+        trans, done, row_done, last = front_to_back_state(n_pix, y1 - y0)
         acc = np.zeros(n_pix * n_chan, np.float64)
-        done = np.zeros(n_pix, np.uint8)
         count = np.zeros(n_pix, np.int32)
-        last = np.full(n_pix, -1, np.int64)
-        row_done = np.zeros(y1 - y0, np.int64)  # pixels done per tile row: a finished row is skipped whole
         cand_p, cand_dx, cand_dy, alpha_buf, vis_buf = candidate_buffers(n_pix, lanes)
         n_done = 0
         for e in range(tile_offsets[b], tile_offsets[b + 1]):
