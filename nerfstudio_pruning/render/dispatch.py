@@ -28,7 +28,7 @@ def rasterization(means: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor, Dict]
     """Render Gaussians exactly as `gsplat.rendering.rasterization` (same arguments and results)."""
     backend = backend_for(means)
     if backend == Backend.GSPLAT:
-        from gsplat.rendering import rasterization as gsplat_rasterization  # loads gsplat's CUDA extension
+        from gsplat.rendering import rasterization as gsplat_rasterization  # CUDA side: imported only where it runs
 
         return gsplat_rasterization(means, *args, **kwargs)
     if backend == Backend.COMPILED:

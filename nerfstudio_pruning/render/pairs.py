@@ -297,7 +297,7 @@ def find_pairs(
     if backend is None:
         backend = Backend.GSPLAT if on_gpu(proj.means2d) else Backend.TORCH
     if backend == Backend.GSPLAT:
-        from gsplat.cuda import _wrapper as gsplat_kernels
+        from gsplat.cuda import _wrapper as gsplat_kernels  # gsplat's CUDA side: imported only where it runs
 
         return find_pairs_with_tile_kernels(
             proj, n_cameras, width, height, tile_size, gsplat_kernels, call_budget=call_budget, stats=stats
