@@ -141,7 +141,7 @@ def child_compile(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     import torch
 
-    from nerfstudio_pruning.render import compiled_kernels
+    import nerfstudio_pruning.render.cpu as compiled_kernels
     from nerfstudio_pruning.render.compiled import compiled_find_pairs, compiled_rasterization
     from nerfstudio_pruning.render.projection import project
 
@@ -207,7 +207,9 @@ def child_breakdown(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from nerfstudio_pruning.render import compiled, compiled_kernels
+    from nerfstudio_pruning.render import compiled
+    from nerfstudio_pruning.render.cpu import compositing as compiled_kernels
+    from nerfstudio_pruning.render.cpu.launch import TILE_CHUNK, as_float32, launch
     from nerfstudio_pruning.render.projection import pack, project
 
     torch.set_num_threads(args.nthreads)
@@ -228,7 +230,7 @@ def child_breakdown(args: argparse.Namespace) -> dict:
                           sh_degree=SH_DEGREE)
         proj = pack(proj)
     bins = compiled.bin_tiles(proj, 1, args.res, args.res, 16)
-    colors = compiled._f32(proj.colors)
+    colors = as_float32(proj.colors)
     fwd = compiled.run_forward(bins, colors, None)
     v_image = weights.numpy()
     v_alpha = np.zeros((1, args.res, args.res), np.float32)
@@ -237,12 +239,12 @@ def child_breakdown(args: argparse.Namespace) -> dict:
     rows = np.empty((bins.gauss.shape[0], n_cols), np.float32)
 
     def backward() -> None:
-        compiled._launch(compiled_kernels.backward_tiles, bins.gauss, colors, *bins.kernel_args(),
-                         np.zeros((1, 3), np.float32), False, fwd.transmittance, fwd.last_ids, v_image, v_alpha,
-                         bins.row_offsets, grads, compiled_kernels.LANES, chunk=compiled.TILE_CHUNK)
+        launch(compiled_kernels.backward_tiles, bins.gauss, colors, *bins.kernel_args(), np.zeros((1, 3), np.float32),
+               False, fwd.transmittance, fwd.last_ids, v_image, v_alpha, bins.row_offsets, grads,
+               compiled_kernels.LANES, chunk=TILE_CHUNK)
 
     def reduce() -> None:
-        compiled._launch(compiled_kernels.reduce_rows, grads, bins.row_offsets, rows)
+        launch(compiled_kernels.reduce_rows, grads, bins.row_offsets, rows)
 
     out = {"entries": bins.n_entries}
     for name, fn in (("projection fwd+bwd (compiled)", projection_with(compiled.compiled_project)),
@@ -268,7 +270,7 @@ def exp_check() -> None:
     import torch
     from numba import njit
 
-    from nerfstudio_pruning.render.compiled_kernels import exp_neg_f32
+    from nerfstudio_pruning.render.cpu.compositing import exp_neg_f32
 
     @njit
     def kernel_exp(sigmas, out):

@@ -37,6 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from nerfstudio_pruning.render import rasterization
+    from nerfstudio_pruning.render.backend import Backend
     from nerfstudio_pruning.scoring import fisher
     from nerfstudio_pruning.scoring.baselines import lightgaussian_significance
     from nerfstudio_pruning.scoring.scores import floored_downscale
@@ -71,12 +72,12 @@ def main() -> None:
         return fisher.fisher_blocks(gaussians, views[view], downscale=downscale, progress=False, params=params)
 
     def pair_list_blocks(view: int):
-        compiled_rule = fisher.uses_compiled_kernels
-        fisher.uses_compiled_kernels = lambda _: False  # only the scoring module's choice; pairs stay compiled
+        compiled_rule = fisher.backend_for
+        fisher.backend_for = lambda _: Backend.TORCH  # only the scoring module's choice; pairs stay compiled
         try:
             return blocks(view)
         finally:
-            fisher.uses_compiled_kernels = compiled_rule
+            fisher.backend_for = compiled_rule
 
     cases = {
         "render": render,

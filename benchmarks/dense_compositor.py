@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from nerfstudio_pruning.render.pairs import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN
+from nerfstudio_pruning.render.constants import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN
 from nerfstudio_pruning.render.projection import project
 
 # Peak RSS growth of one forward+backward = fixed + per_entry * (pixels x visible Gaussians), float32, fitted to

@@ -173,7 +173,7 @@ def _quaternion_product(a: Tensor, b: Tensor) -> Tensor:
 
 def sh_basis(degree: int, directions: Tensor) -> Tensor:
     """[M, (degree+1)^2] the real SH basis the renderers use (gsplat's, Inria's) at unit `directions` [M, 3]."""
-    from nerfstudio_pruning.render.projection_kernels import _sh_basis
+    from nerfstudio_pruning.render.cpu.projection import _sh_basis
 
     dirs = directions.double().cpu().numpy()
     out = np.zeros((dirs.shape[0], sh_bases(degree)), dtype=np.float64)

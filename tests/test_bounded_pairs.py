@@ -20,11 +20,8 @@ import math
 import pytest
 import torch
 
+from nerfstudio_pruning.render.constants import ALPHA_MAX, ALPHA_MIN, MAX_PAIRS_PER_PIXEL, TRANSMITTANCE_MIN
 from nerfstudio_pruning.render.pairs import (
-    ALPHA_MAX,
-    ALPHA_MIN,
-    MAX_PAIRS_PER_PIXEL,
-    TRANSMITTANCE_MIN,
     EnumerationStats,
     Pairs,
     _candidate_pixel_rects,

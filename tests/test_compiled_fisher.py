@@ -18,9 +18,9 @@ import math
 import pytest
 import torch
 
-from nerfstudio_pruning.render import compiled
-from nerfstudio_pruning.render.compiled import compiled_gradient_moments
-from nerfstudio_pruning.render.pairs import enumerate_pairs
+from nerfstudio_pruning.render.dispatch import enumerate_pairs
+from nerfstudio_pruning.scoring import cpu_moments as compiled
+from nerfstudio_pruning.scoring.cpu_moments import compiled_gradient_moments
 from nerfstudio_pruning.scoring import fisher
 from nerfstudio_pruning.scoring.pair_stats import project_gaussians, sum_over_pairs, view_pair_statistics
 from nerfstudio_pruning.testing.synthetic import orbit_cameras, point_on_pixel_centre, random_gaussians

@@ -35,12 +35,15 @@ import pytest
 import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci, _spherical_harmonics
 
-from nerfstudio_pruning.render import compiled, compiled_kernels
+from nerfstudio_pruning.render import compiled
+from nerfstudio_pruning.render.cpu import compositing as compiled_kernels
 from nerfstudio_pruning.render.compiled import compiled_compositor, compiled_find_pairs, compiled_rasterization
-from nerfstudio_pruning.render.pairs import ALPHA_MAX, enumerate_pairs, find_pairs
+from nerfstudio_pruning.render.constants import ALPHA_MAX
+from nerfstudio_pruning.render.pairs import find_pairs
 from nerfstudio_pruning.render.projection import pack, project
-from nerfstudio_pruning.render.rasterize import rasterization
-from nerfstudio_pruning.render.reference import rasterize_with, torch_rasterization
+from nerfstudio_pruning.render.dispatch import enumerate_pairs, rasterization
+from nerfstudio_pruning.render.frontend import rasterize_with
+from nerfstudio_pruning.render.reference import torch_rasterization
 
 try:
     from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
@@ -76,7 +79,7 @@ def brute_force(means, quats, scales, opacities, sh, viewmats, Ks, width, height
                 backgrounds=None, antialiased=False, stats=None):
     """gsplat's per-pixel loop, one Gaussian at a time front to back, vectorised over the pixels of a camera.
 
-    Written from the CUDA kernels' rules, independently of pairs.py and compiled_kernels.py: tile rectangle
+    Written from the CUDA kernels' rules, independently of pairs.py and render/cpu/: tile rectangle
     from the 3-sigma radius, pixel centres at +0.5, alpha = min(0.999, o exp(-sigma)), skip sigma < 0 or
     alpha < 1/255, stop before the Gaussian that brings T to <= 1e-4. T is a float32 product, as in gsplat.
     `stats`, a dict, receives how many pixels were stopped and how many composited pairs had alpha clamped.
@@ -433,7 +436,7 @@ def test_kernels_load_from_numba_cache():
     img.sum().backward()  # in this process: compiled or loaded, and written to the cache either way
     script = textwrap.dedent(f"""
         import json, torch
-        from nerfstudio_pruning.render import compiled_kernels as k
+        import nerfstudio_pruning.render.cpu as k
         from nerfstudio_pruning.render.compiled import compiled_rasterization, compiled_find_pairs
         from nerfstudio_pruning.render.projection import project
         from {random_gaussians.__module__} import orbit_cameras, random_gaussians

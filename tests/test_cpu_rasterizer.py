@@ -6,7 +6,7 @@ import pytest
 import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci, _spherical_harmonics
 
-from nerfstudio_pruning.render.pairs import ALPHA_MAX
+from nerfstudio_pruning.render.constants import ALPHA_MAX
 from nerfstudio_pruning.render.reference import torch_rasterization as cpu_rasterization
 from nerfstudio_pruning.render import rasterization
 from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians

@@ -1,6 +1,6 @@
 """The dataparser specifications nerfstudio's entry points load, through `plugin_guard`."""
 
-from nerfstudio_pruning.methods.plugin_guard import guarded_load
+from nerfstudio_pruning.plugin_guard import guarded_load
 
 default_scene_dataparser = guarded_load("nerfstudio_pruning.data.dataparser", ("default_scene_dataparser",))[
     "default_scene_dataparser"

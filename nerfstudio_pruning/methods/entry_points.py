@@ -1,6 +1,6 @@
 """The method specifications nerfstudio's entry points load, through `plugin_guard`."""
 
-from nerfstudio_pruning.methods.plugin_guard import guarded_load
+from nerfstudio_pruning.plugin_guard import guarded_load
 
 # Importing the method configs makes nerfstudio discover dataparsers, which loads the dataparser entry points;
 # those live in their own module so that this one is never needed half-initialised.

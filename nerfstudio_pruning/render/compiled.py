@@ -2,92 +2,46 @@
 
 `compiled_rasterization` has the signature, outputs and `meta` keys of `reference.torch_rasterization` (and so
 of `gsplat.rendering.rasterization`). Projection and spherical harmonics run in the numba kernels of
-`projection_kernels.py` (`compiled_project`, the same results as `projection.project`, which it falls back to
+`cpu/projection.py` (`compiled_project`, the same results as `projection.project`, which it falls back to
 for what the kernels do not cover: explicit covariances, camera gradients, per-camera SH); the tile binning, the
-front-to-back compositing and its backward pass run in those of `compiled_kernels.py`; both are wrapped here as
-`torch.autograd.Function`s. `compiled_find_pairs` returns
-the same `Pairs` as `pairs.find_pairs`, enumerated from the same tile lists, for the scores.
+front-to-back compositing and its backward pass run in those of `cpu/binning.py` and `cpu/compositing.py`; both are
+wrapped here as `torch.autograd.Function`s. `compiled_find_pairs` returns the same `Pairs` as `pairs.find_pairs`,
+enumerated from the same tile lists, for the scores; PUP's gradient moments walk the same tile lists
+(`scoring/cpu_moments.py`).
 
-Threads: each call sets numba's thread count to `torch.get_num_threads()` (capped at numba's maximum), so one
-knob controls both libraries. numba runs on its OpenMP threading layer where available (unless
-NUMBA_THREADING_LAYER says otherwise), sharing torch's libgomp pool, so that torch's idle OpenMP threads do not
-spin against numba's; torch's thread count is restored if numba's first launch changed it. Kernel calls are
-serialised by a lock: the workqueue fallback aborts the process on concurrent parallel launches, e.g. a viewer
-thread rendering while training.
+Threads and the launch lock: `cpu/launch.py`.
 
 Bad input raises ValueError with one sentence: zero-size images, a tile size < 1, projected rows that reach the
 image with non-finite means2d/conics/opacities/depths, more than 2^31 - 1 tile-list entries, or (for
 `compiled_find_pairs`, which materialises them) more than 2^31 - 1 pairs. Memory is O(rows + tile-list entries
 + pixels) for rendering and O(pairs) more for `compiled_find_pairs`; never pixels x Gaussians.
 
-Precision: float32 per pair as gsplat, transmittance in float64 (see compiled_kernels.py); outputs are float32
+Precision: float32 per pair as gsplat, transmittance in float64 (see cpu/compositing.py); outputs are float32
 and are cast to the dtype of the inputs.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
 
-from nerfstudio_pruning.render import compiled_kernels as kernels
-from nerfstudio_pruning.render import projection_kernels
+from nerfstudio_pruning.render.constants import EPS2D, FAR_PLANE, NEAR_PLANE, TILE_SIZE
+from nerfstudio_pruning.render.cpu import binning, compositing, projection as cpu_projection
+from nerfstudio_pruning.render.cpu.launch import KERNEL_LOCK, TILE_CHUNK, as_float32, as_numpy, launch
+from nerfstudio_pruning.render.frontend import rasterize_with
 from nerfstudio_pruning.render.pairs import Pairs
 from nerfstudio_pruning.render.projection import ProjectedGaussians, flattened, project
-from nerfstudio_pruning.render.reference import rasterize_with
 
 # Tile-list entries are addressed with int32 in gsplat (flatten_ids, tile offsets); we keep its limit so that a
 # scene that would not render on the GPU fails the same way here, before allocating tens of GB.
 MAX_TILE_ENTRIES = 2**31 - 1
 # `compiled_find_pairs` materialises 16 bytes per pair; 2^31 pairs would be 32 GB.
 MAX_PAIRS = 2**31 - 1
-
-# numba runs its kernels on its OpenMP layer where it can, because on Linux that is the libgomp torch already
-# loaded: one pool of threads for both. With a pool of its own (the workqueue layer), torch's OpenMP threads keep
-# spinning for a while after each torch operation and take the cores from numba's threads: a training step at
-# 170k Gaussians took 102-115 ms with workqueue and 75-90 ms with the OpenMP layer (2 cores, docs/compiled_rasterizer.md).
-# The shared pool has one catch, handled in _launch: numba's first parallel launch sizes the pool with
-# omp_set_num_threads, which is torch's thread count too. NUMBA_THREADING_LAYER, when set, wins; without OpenMP
-# (e.g. a numba build without it) numba falls back to workqueue, whose concurrent launches _KERNEL_LOCK rules out.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "default"
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
-_KERNEL_LOCK = threading.Lock()
-# Tiles differ a lot in work (the centre of a view holds most pairs): handing them out one at a time keeps all
-# threads busy where numba's default static split into equal ranges would leave one idle. Row kernels keep the
-# static split (even work per row; dynamic scheduling of single rows costs more than it balances).
-TILE_CHUNK = 1
-
-
-def numba_threads() -> int:
-    """The thread count the kernels use: torch's, capped at what numba was started with."""
-    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-
-
-def _launch(kernel, *args, chunk: int = 0) -> None:
-    """Run a parallel kernel on `numba_threads()` threads; `chunk` > 0 hands out iterations dynamically."""
-    with _KERNEL_LOCK:
-        torch_threads = torch.get_num_threads()
-        numba.set_num_threads(numba_threads())
-        with numba.parallel_chunksize(chunk):
-            kernel(*args)
-        if torch.get_num_threads() != torch_threads:  # the OpenMP pool was just created at numba's size
-            torch.set_num_threads(torch_threads)
-
-
-def _f32(t: Tensor) -> np.ndarray:
-    return _as_numpy(t, torch.float32)
-
-
-def _as_numpy(t: Tensor, dtype: torch.dtype) -> np.ndarray:
-    return t.detach().to(device="cpu", dtype=dtype).contiguous().numpy()
 
 
 @dataclass
@@ -144,14 +98,14 @@ def bin_tiles(proj: ProjectedGaussians, n_cameras: int, width: int, height: int,
     tile_w = math.ceil(width / tile_size)
     tile_h = math.ceil(height / tile_size)
     n_rows = proj.means2d.shape[0]
-    gauss = np.empty((n_rows, kernels.GAUSS_COLUMNS), np.float32)
+    gauss = np.empty((n_rows, binning.GAUSS_COLUMNS), np.float32)
     rects = np.empty((n_rows, 4), np.int64)
     n_tiles = np.empty(n_rows, np.int64)
     not_finite = np.empty(n_rows, np.uint8)
     radii = proj.radii.detach().to(device="cpu", dtype=torch.int32).contiguous().numpy()
-    depths = _f32(proj.depths)
-    _launch(kernels.prepare_rows, _f32(proj.means2d), _f32(proj.conics), _f32(proj.opacities), depths, radii,
-            width, height, tile_size, tile_w, tile_h, gauss, rects, n_tiles, not_finite)
+    depths = as_float32(proj.depths)
+    launch(binning.prepare_rows, as_float32(proj.means2d), as_float32(proj.conics), as_float32(proj.opacities), depths,
+           radii, width, height, tile_size, tile_w, tile_h, gauss, rects, n_tiles, not_finite)
     camera_ids = proj.camera_ids.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
     _refuse_rows(proj, not_finite, camera_ids[n_tiles > 0], n_cameras)
     n_entries = int(n_tiles.sum())
@@ -163,10 +117,10 @@ def bin_tiles(proj: ProjectedGaussians, n_cameras: int, width: int, height: int,
     tile_offsets = np.empty(n_cameras * tile_w * tile_h + 1, np.int64)
     tile_rows = np.empty(n_entries, np.int32)
     row_offsets = np.empty(n_rows + 1, np.int64)
-    with _KERNEL_LOCK:
-        kernels.bin_rows(rects, n_tiles, camera_ids, tile_size, tile_w, tile_h, n_cameras, tile_offsets, tile_rows,
+    with KERNEL_LOCK:
+        binning.bin_rows(rects, n_tiles, camera_ids, tile_size, tile_w, tile_h, n_cameras, tile_offsets, tile_rows,
                          row_offsets)
-    _launch(kernels.sort_tiles, kernels.depth_sort_keys(depths), tile_offsets, tile_rows, chunk=TILE_CHUNK)
+    launch(binning.sort_tiles, binning.depth_sort_keys(depths), tile_offsets, tile_rows, chunk=TILE_CHUNK)
     return TileBins(gauss, rects, tile_offsets, tile_rows, row_offsets, n_cameras, width, height, tile_size,
                     tile_w, tile_h)
 
@@ -179,7 +133,7 @@ class ForwardResult:
     count: np.ndarray  # [C, H, W] int32
 
 
-def _no_background(n_cameras: int, channels: int) -> np.ndarray:
+def no_background(n_cameras: int, channels: int) -> np.ndarray:
     return np.zeros((n_cameras, channels), np.float32)
 
 
@@ -195,11 +149,11 @@ def run_forward(bins: TileBins, colors: np.ndarray, backgrounds: Optional[np.nda
     )
     emit = pair_offsets is not None
     unused = np.zeros(1, np.int64)
-    _launch(
-        kernels.rasterize_tiles, bins.gauss, colors, *bins.kernel_args(),
-        backgrounds if backgrounds is not None else _no_background(c, d), backgrounds is not None,
+    launch(
+        compositing.rasterize_tiles, bins.gauss, colors, *bins.kernel_args(),
+        backgrounds if backgrounds is not None else no_background(c, d), backgrounds is not None,
         emit, pair_offsets if emit else unused, pair_pixel if emit else unused, pair_row if emit else unused,
-        out.color, out.transmittance, out.last_ids, out.count, kernels.LANES, chunk=TILE_CHUNK,
+        out.color, out.transmittance, out.last_ids, out.count, compositing.LANES, chunk=TILE_CHUNK,
     )
     return out
 
@@ -213,8 +167,8 @@ class _CompositeTiles(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, means2d, conics, colors, opacities, backgrounds, bins, absgrad_target, info):
-        colors_np = _f32(colors)
-        bg_np = _f32(backgrounds) if backgrounds is not None else None
+        colors_np = as_float32(colors)
+        bg_np = as_float32(backgrounds) if backgrounds is not None else None
         fwd = run_forward(bins, colors_np, bg_np)
         info["n_pairs"] = int(fwd.count.sum(dtype=np.int64))
         ctx.bins = bins
@@ -233,24 +187,24 @@ class _CompositeTiles(torch.autograd.Function):
         bins: TileBins = ctx.bins
         fwd: ForwardResult = ctx.fwd
         n_chan = ctx.colors_np.shape[1]
-        n_cols = kernels.GRAD_COLORS + n_chan + 2
-        v_image_np = _f32(v_image)
-        v_alpha_np = _f32(v_alphas[..., 0])
+        n_cols = compositing.GRAD_COLORS + n_chan + 2
+        v_image_np = as_float32(v_image)
+        v_alpha_np = as_float32(v_alphas[..., 0])
         entry_grads = np.empty((bins.n_entries, n_cols), np.float32)
-        bg = ctx.bg_np if ctx.bg_np is not None else _no_background(bins.n_cameras, n_chan)
-        _launch(kernels.backward_tiles, bins.gauss, ctx.colors_np, *bins.kernel_args(), bg, ctx.bg_np is not None,
-                fwd.transmittance, fwd.last_ids, v_image_np, v_alpha_np, bins.row_offsets, entry_grads,
-                kernels.LANES, chunk=TILE_CHUNK)
+        bg = ctx.bg_np if ctx.bg_np is not None else no_background(bins.n_cameras, n_chan)
+        launch(compositing.backward_tiles, bins.gauss, ctx.colors_np, *bins.kernel_args(), bg, ctx.bg_np is not None,
+               fwd.transmittance, fwd.last_ids, v_image_np, v_alpha_np, bins.row_offsets, entry_grads,
+               compositing.LANES, chunk=TILE_CHUNK)
         row_grads = np.empty((bins.gauss.shape[0], n_cols), np.float32)
-        _launch(kernels.reduce_rows, entry_grads, bins.row_offsets, row_grads)
+        launch(compositing.reduce_rows, entry_grads, bins.row_offsets, row_grads)
         g = torch.from_numpy(row_grads)
         m_dtype, c_dtype, col_dtype, o_dtype, bg_dtype = ctx.dtypes
-        v_means2d = g[:, kernels.GRAD_MX:kernels.GRAD_MY + 1].to(m_dtype)
-        v_conics = g[:, kernels.GRAD_C0:kernels.GRAD_C2 + 1].to(c_dtype)
-        v_opacities = g[:, kernels.GRAD_OPACITY].to(o_dtype)
-        v_colors = g[:, kernels.GRAD_COLORS:kernels.GRAD_COLORS + n_chan].to(col_dtype)
+        v_means2d = g[:, compositing.GRAD_MX:compositing.GRAD_MY + 1].to(m_dtype)
+        v_conics = g[:, compositing.GRAD_C0:compositing.GRAD_C2 + 1].to(c_dtype)
+        v_opacities = g[:, compositing.GRAD_OPACITY].to(o_dtype)
+        v_colors = g[:, compositing.GRAD_COLORS:compositing.GRAD_COLORS + n_chan].to(col_dtype)
         if ctx.absgrad_target is not None and ctx.needs_input_grad[0]:
-            absgrad = g[:, kernels.GRAD_COLORS + n_chan:].to(m_dtype)
+            absgrad = g[:, compositing.GRAD_COLORS + n_chan:].to(m_dtype)
             ctx.absgrad_target.absgrad = absgrad.view_as(ctx.absgrad_target)
         v_backgrounds = None
         if ctx.needs_input_grad[4]:
@@ -265,7 +219,7 @@ def compiled_composite(
     n_cameras: int,
     width: int,
     height: int,
-    tile_size: int = 16,
+    tile_size: int = TILE_SIZE,
     backgrounds: Optional[Tensor] = None,
     absgrad_target: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, int]:
@@ -280,7 +234,7 @@ def compiled_composite(
 
 @torch.no_grad()
 def compiled_find_pairs(
-    proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int = 16
+    proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int = TILE_SIZE
 ) -> Pairs:
     """`pairs.find_pairs` from the compiled tile lists: the same pairs, sorted by pixel and front to back.
 
@@ -304,71 +258,11 @@ def compiled_find_pairs(
     return Pairs(pixel=torch.from_numpy(pixel).to(device), row=torch.from_numpy(row).to(device))
 
 
-# Tile-list entries whose gradient moments are held at once: 2^19 x 40 float64 = 160 MB with 3 colour channels.
-MOMENT_BATCH_ENTRIES = 1 << 19
-
-
-def _bin_batches(tile_offsets: np.ndarray, max_entries: int) -> List[Tuple[int, int]]:
-    """Consecutive ranges of bins holding at most `max_entries` entries each (a larger bin gets a range alone)."""
-    n_bins = tile_offsets.shape[0] - 1
-    batches, start = [], 0
-    while start < n_bins:
-        end = int(np.searchsorted(tile_offsets, tile_offsets[start] + max_entries, side="right")) - 1
-        end = min(max(end, start + 1), n_bins)
-        batches.append((start, end))
-        start = end
-    return batches
-
-
-@torch.no_grad()
-def compiled_gradient_moments(
-    proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int = 16,
-    backgrounds: Optional[Tensor] = None,
-) -> Tensor:
-    """[rows, 21 + 6 D + 1] float64: per projected row, the second moments of the pixel gradients with respect to
-    its projected quantities, summed over the pairs it composites, in the compact layout of
-    `compiled_kernels.gradient_moment_tiles` (PUP's M before expansion; `scoring.fisher` explains it).
-
-    One pass over the tile lists the renderer builds; nothing per pair is materialised. Backgrounds: None
-    (black), [D] or [C, D].
-    """
-    bins = bin_tiles(proj, n_cameras, width, height, tile_size)
-    colors = _f32(proj.colors)
-    n_chan = colors.shape[1]
-    if backgrounds is None:
-        bg = _no_background(n_cameras, n_chan)
-    else:
-        bg = _f32(backgrounds.reshape(-1, n_chan).expand(n_cameras, n_chan))
-    n_cols = kernels.moment_columns(n_chan)
-    out = np.zeros((bins.gauss.shape[0], n_cols), np.float64)
-    for bin_start, bin_end in _bin_batches(bins.tile_offsets, MOMENT_BATCH_ENTRIES):
-        e0, e1 = int(bins.tile_offsets[bin_start]), int(bins.tile_offsets[bin_end])
-        if e1 == e0:
-            continue
-        entry_moments = np.empty((e1 - e0, n_cols), np.float64)
-        _launch(kernels.gradient_moment_tiles, bins.gauss, colors, *bins.kernel_args(), bg, bin_start, bin_end, e0,
-                entry_moments, kernels.LANES, chunk=TILE_CHUNK)
-        with _KERNEL_LOCK:
-            kernels.add_entries_to_rows(entry_moments, bins.tile_rows, e0, out)
-    return torch.from_numpy(out).to(proj.means2d.device)
-
-
-@torch.no_grad()
-def compiled_add_fisher_blocks(moments: Tensor, jac: Tensor, seen: Tensor, total: Tensor) -> None:
-    """total[seen] += the symmetric part of jac^T M jac in place, M from the compact `moments` rows of `seen`
-    (`compiled_gradient_moments`' layout) and jac [S, 6 + D, B]: one view's Fisher blocks (`scoring.fisher`).
-    `total`: a contiguous float64 CPU tensor, `seen`: distinct rows."""
-    if not (total.device.type == "cpu" and total.dtype == torch.float64 and total.is_contiguous()):
-        raise ValueError("the Fisher total must be a contiguous float64 CPU tensor")
-    _launch(kernels.add_fisher_blocks, _as_numpy(moments, torch.float64), _as_numpy(jac, torch.float64),
-            _as_numpy(seen, torch.int64), total.numpy())
-
-
 def compiled_compositor(
     proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int,
     backgrounds: Optional[Tensor], absgrad_target: Optional[Tensor],
 ) -> Tuple[Tensor, Tensor, int]:
-    """`compiled_composite` in the form `reference.rasterize_with` takes."""
+    """`compiled_composite` in the form `frontend.rasterize_with` takes."""
     check_image_size(width, height, tile_size)
     if backgrounds is not None:
         backgrounds = backgrounds.reshape(n_cameras, proj.colors.shape[-1])
@@ -376,7 +270,7 @@ def compiled_compositor(
 
 
 class _ProjectGaussians(torch.autograd.Function):
-    """`projection_kernels.project_forward`/`project_backward` as an autograd node.
+    """`cpu_projection.project_forward`/`project_backward` as an autograd node.
 
     Inputs: means [N, 3], quats [N, 4], scales [N, 3], opacities [N], SH coefficients [N, K, 3] (K = 0: colours
     are not evaluated here), viewmats [C, 4, 4] and Ks [C, 3, 3] (no gradient), and the settings tuple.
@@ -390,8 +284,8 @@ class _ProjectGaussians(torch.autograd.Function):
         # float32 as gsplat; float64 stays float64 (the exactness tests compare with autograd in float64).
         dtype = torch.float64 if means.dtype == torch.float64 else torch.float32
         ctx.dtype = dtype
-        arrays = [_as_numpy(t, dtype) for t in (means, quats, scales, opacities, sh, viewmats, Ks)]
-        campos = _as_numpy(torch.linalg.inv(viewmats.detach().to(dtype))[:, :3, 3], dtype)
+        arrays = [as_numpy(t, dtype) for t in (means, quats, scales, opacities, sh, viewmats, Ks)]
+        campos = as_numpy(torch.linalg.inv(viewmats.detach().to(dtype))[:, :3, 3], dtype)
         fdt = arrays[0].dtype
         means2d = np.empty((c, n, 2), fdt)
         conics = np.empty((c, n, 3), fdt)
@@ -400,9 +294,9 @@ class _ProjectGaussians(torch.autograd.Function):
         opac = np.empty((c, n), fdt)
         colors = np.empty((c, n, 3 if sh.shape[1] > 0 else 0), fdt)
         compensations = np.empty((c, n), fdt)
-        _launch(projection_kernels.project_forward, *arrays[:5], sh_degree, campos, *arrays[5:], width, height,
-                eps2d, near_plane, far_plane, radius_clip, antialiased, means2d, conics, depths, radii, opac,
-                colors, compensations)
+        launch(cpu_projection.project_forward, *arrays[:5], sh_degree, campos, *arrays[5:], width, height,
+               eps2d, near_plane, far_plane, radius_clip, antialiased, means2d, conics, depths, radii, opac,
+               colors, compensations)
         ctx.arrays = arrays
         ctx.campos = campos
         ctx.radii = radii
@@ -420,9 +314,9 @@ class _ProjectGaussians(torch.autograd.Function):
         grads = [np.empty(a.shape, a.dtype) for a in (means, quats, scales, opacities, sh)]
         if v_colors.shape[-1] == 0:
             v_colors = torch.zeros(v_depths.shape + (3,), dtype=ctx.dtype)
-        _launch(projection_kernels.project_backward, means, quats, scales, opacities, sh, sh_degree, ctx.campos,
-                viewmats, ks, width, height, eps2d, antialiased, ctx.radii,
-                *(_as_numpy(v, ctx.dtype) for v in (v_means2d, v_conics, v_depths, v_opac, v_colors)), *grads)
+        launch(cpu_projection.project_backward, means, quats, scales, opacities, sh, sh_degree, ctx.campos,
+               viewmats, ks, width, height, eps2d, antialiased, ctx.radii,
+               *(as_numpy(v, ctx.dtype) for v in (v_means2d, v_conics, v_depths, v_opac, v_colors)), *grads)
         out = [torch.from_numpy(g).to(dtype) if ctx.needs_input_grad[i] else None
                for i, (g, dtype) in enumerate(zip(grads, ctx.dtypes))]
         return (*out, None, None, None)
@@ -430,8 +324,8 @@ class _ProjectGaussians(torch.autograd.Function):
 
 def compiled_project(
     means: Tensor, quats: Optional[Tensor], scales: Optional[Tensor], opacities: Tensor, colors: Tensor,
-    viewmats: Tensor, Ks: Tensor, width: int, height: int, near_plane: float = 0.01, far_plane: float = 1e10,
-    radius_clip: float = 0.0, eps2d: float = 0.3, sh_degree: Optional[int] = None, rasterize_mode: str = "classic",
+    viewmats: Tensor, Ks: Tensor, width: int, height: int, near_plane: float = NEAR_PLANE, far_plane: float = FAR_PLANE,
+    radius_clip: float = 0.0, eps2d: float = EPS2D, sh_degree: Optional[int] = None, rasterize_mode: str = "classic",
     camera_model: str = "pinhole", covars: Optional[Tensor] = None,
 ) -> Tuple[ProjectedGaussians, Dict[str, Tensor]]:
     """`projection.project` with the compiled kernels: same arguments and results.
@@ -455,38 +349,6 @@ def compiled_project(
     if not per_gaussian_sh:
         cols = colors[None].expand(c, -1, -1)
     return flattened(means2d, conics, depths, opac, cols, radii)
-
-
-@torch.no_grad()
-def compiled_projection_jacobian(
-    means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, sh: Tensor, viewmat: Tensor, K: Tensor,
-    width: int, height: int, sh_degree: int, radii: Tensor, rasterize_mode: str = "classic", eps2d: float = 0.3,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Float64 Jacobians of one camera's projected quantities u = (mean2d 2, conic 3, colour 3, opacity 1) of each
-    Gaussian: d u / d means [N, 9, 3], d u / d scales [N, 9, 3], d u / d opacities [N, 9] (before the
-    compensation) and d u / d SH degree-0 coefficients [N, 9, 3].
-
-    The vector-Jacobian products of `project_backward` with a cotangent of 1 in each component of u in turn: a
-    Gaussian's u depends on its own parameters only, so each returns that row of every Gaussian's Jacobian. One
-    kernel computes the nine, sharing each Gaussian's forward pass between them.
-    The kernels follow autograd through gsplat's torch projection, clamps included; rows with radii <= 0 (the
-    Gaussians this camera does not see) are zero. Settings are the renderer's defaults (near 0.01, eps2d 0.3).
-    """
-    n = means.shape[0]
-    arrays = [_as_numpy(t, torch.float64) for t in (means, quats, scales, opacities, sh)]
-    viewmats = _as_numpy(viewmat.reshape(1, 4, 4), torch.float64)
-    ks = _as_numpy(K.reshape(1, 3, 3), torch.float64)
-    campos = np.ascontiguousarray(np.linalg.inv(viewmats)[:, :3, 3])
-    radii_np = radii.detach().to(device="cpu", dtype=torch.int32).reshape(1, n).contiguous().numpy()
-    d_means = np.empty((n, 9, 3))
-    d_scales = np.empty((n, 9, 3))
-    d_opacities = np.empty((n, 9))
-    d_sh_dc = np.empty((n, 9, 3))
-    _launch(projection_kernels.projection_jacobian_rows, *arrays, int(sh_degree), campos, viewmats, ks, int(width),
-            int(height), float(eps2d), rasterize_mode == "antialiased", radii_np, d_means, d_scales, d_opacities,
-            d_sh_dc)
-    device = means.device
-    return tuple(torch.from_numpy(d).to(device) for d in (d_means, d_scales, d_opacities, d_sh_dc))
 
 
 def compiled_rasterization(*args, **kwargs) -> Tuple[Tensor, Tensor, Dict]:

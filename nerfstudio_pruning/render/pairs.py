@@ -46,7 +46,7 @@ On an H200 (CUDA allocator, docs/cuda_path.md section 7) the measured peaks came
 path: 31 bytes per pair, 2 per candidate) and 1.40x (torch path: 56 per pair) of the formula, which is
 therefore an estimate there, not a bound. A gsplat call holds at least one whole (tile, depth batch) cell,
 tile_size**4 candidates, whatever `call_budget` asks. None of the terms grows with the candidates behind the early stop: a pixel composites at most
-ceil(log(1e-4) / log(1 - 1/255)) = 2345 pairs whatever lies behind it (`MAX_PAIRS_PER_PIXEL`).
+ceil(log(1e-4) / log(1 - 1/255)) = 2345 pairs whatever lies behind it (`constants.MAX_PAIRS_PER_PIXEL`).
 """
 
 from __future__ import annotations
@@ -59,16 +59,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nerfstudio_pruning.render.backend import Backend, on_gpu
+from nerfstudio_pruning.render.constants import (
+    ALPHA_MAX,
+    ALPHA_MIN,
+    ALPHA_MIN_RECIPROCAL,
+    LOG_TRANSMITTANCE_MIN,
+    TILE_SIZE,
+)
 from nerfstudio_pruning.render.projection import ProjectedGaussians
-
-# gsplat 1.4.0 clamps alpha at 0.999 (rasterize_to_pixels_fwd.cu). The PUP paper's notation uses 0.99 (the
-# original 3DGS kernel); we follow the library the models are trained with.
-ALPHA_MAX = 0.999
-ALPHA_MIN = 1.0 / 255.0
-TRANSMITTANCE_MIN = 1e-4
-LOG_TRANSMITTANCE_MIN = math.log(TRANSMITTANCE_MIN)
-# Each composited pair takes at least 1/255 of the transmittance, and the pixel stops before T reaches 1e-4.
-MAX_PAIRS_PER_PIXEL = math.ceil(math.log(TRANSMITTANCE_MIN) / math.log(1.0 - ALPHA_MIN))
 
 # Candidate pairs per batch of the torch path (~110 bytes each: ~0.1 GB on CPU, ~0.5 GB on CUDA).
 CPU_BATCH_CANDIDATES = 1 << 20
@@ -195,7 +194,7 @@ def _candidate_pixel_rects(
     ty1 = torch.ceil(means2d[:, 1] / tile_size + tile_r).clamp(0, tile_h)
 
     det = (conics[:, 0] * conics[:, 2] - conics[:, 1] ** 2).clamp_min(1e-20)
-    level = 2.0 * torch.log((255.0 * opacities).clamp_min(1.0))  # 0 when no pixel can reach 1/255
+    level = 2.0 * torch.log((ALPHA_MIN_RECIPROCAL * opacities).clamp_min(1.0))  # 0 when no pixel can reach 1/255
     ext_x = torch.sqrt(level * conics[:, 2] / det)
     ext_y = torch.sqrt(level * conics[:, 0] / det)
     # pixel x is a candidate when its centre x + 0.5 lies within mean +- extent
@@ -282,7 +281,7 @@ def find_pairs(
     n_cameras: int,
     width: int,
     height: int,
-    tile_size: int = 16,
+    tile_size: int = TILE_SIZE,
     *,
     backend: Optional[str] = None,
     batch_candidates: Optional[int] = None,
@@ -296,14 +295,14 @@ def find_pairs(
     docstring); by default they depend on the device.
     """
     if backend is None:
-        backend = "gsplat" if proj.means2d.is_cuda else "torch"
-    if backend == "gsplat":
-        from gsplat.cuda import _wrapper as gsplat_kernels
+        backend = Backend.GSPLAT if on_gpu(proj.means2d) else Backend.TORCH
+    if backend == Backend.GSPLAT:
+        from gsplat.cuda import _wrapper as gsplat_kernels  # gsplat's CUDA side: imported only where it runs
 
         return find_pairs_with_tile_kernels(
             proj, n_cameras, width, height, tile_size, gsplat_kernels, call_budget=call_budget, stats=stats
         )
-    if backend != "torch":
+    if backend != Backend.TORCH:
         raise ValueError(f"backend must be 'gsplat' or 'torch', got {backend!r}")
     return _find_pairs_torch(proj, n_cameras, width, height, tile_size, batch_candidates, stats)
 
@@ -623,19 +622,3 @@ def pair_terms(proj: ProjectedGaussians, pairs: Pairs, width: int, height: int, 
     transmittance = torch.exp(log_t_before).to(alpha.dtype)
     clamped = (opac * torch.exp(-sigma)) > ALPHA_MAX
     return PairTerms(dx=dx, dy=dy, alpha=alpha, transmittance=transmittance, clamped=clamped.detach(), starts=starts)
-
-
-def enumerate_pairs(proj: ProjectedGaussians, n_cameras: int, width: int, height: int, tile_size: int = 16) -> Pairs:
-    """Every (pixel, row) pair the rasterizer composites, sorted by pixel and front to back within a pixel.
-
-    The one place pairs are enumerated for the scores: CPU tensors use the compiled kernel's tile lists unless
-    NSP_CPU_RASTERIZER=torch; elsewhere `find_pairs` (gsplat's kernel on CUDA, the torch path otherwise).
-    """
-    from nerfstudio_pruning.render.rasterize import uses_compiled_kernels
-
-    # float64 projections (the exactness tests) keep the torch path's float64 tests; the kernel's are float32.
-    if uses_compiled_kernels(proj.means2d):
-        from nerfstudio_pruning.render.compiled import compiled_find_pairs
-
-        return compiled_find_pairs(proj, n_cameras, width, height, tile_size)
-    return find_pairs(proj, n_cameras, width, height, tile_size)

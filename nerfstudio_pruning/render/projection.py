@@ -15,6 +15,8 @@ import torch
 from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci, _spherical_harmonics
 from torch import Tensor
 
+from nerfstudio_pruning.render.constants import EPS2D, FAR_PLANE, NEAR_PLANE
+
 
 @dataclass
 class ProjectedGaussians:
@@ -33,7 +35,6 @@ class ProjectedGaussians:
     gaussian_ids: Tensor  # [M] int64
 
 
-
 def project(
     means: Tensor,
     quats: Optional[Tensor],
@@ -44,10 +45,10 @@ def project(
     Ks: Tensor,
     width: int,
     height: int,
-    near_plane: float = 0.01,
-    far_plane: float = 1e10,
+    near_plane: float = NEAR_PLANE,
+    far_plane: float = FAR_PLANE,
     radius_clip: float = 0.0,
-    eps2d: float = 0.3,
+    eps2d: float = EPS2D,
     sh_degree: Optional[int] = None,
     rasterize_mode: str = "classic",
     camera_model: str = "pinhole",

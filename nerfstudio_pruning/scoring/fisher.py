@@ -30,9 +30,9 @@ import torch
 from torch import Tensor
 
 from nerfstudio_pruning.errors import PruningRefused
-from nerfstudio_pruning.render import rasterization
-from nerfstudio_pruning.render.pairs import enumerate_pairs
-from nerfstudio_pruning.render.rasterize import uses_compiled_kernels
+from nerfstudio_pruning.render.backend import Backend, backend_for
+from nerfstudio_pruning.render.constants import TILE_SIZE
+from nerfstudio_pruning.render.dispatch import enumerate_pairs, rasterization
 from nerfstudio_pruning.render.projection import ProjectedGaussians
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
 from nerfstudio_pruning.scoring.pair_stats import (
@@ -94,7 +94,7 @@ def projection_jacobian(
     of u; otherwise from forward-mode autodiff through gsplat's torch projection, one JVP per parameter. Both
     differentiate the same function (tests/test_compiled_fisher.py).
     """
-    if radii is not None and uses_compiled_kernels(gaussians.means):
+    if radii is not None and backend_for(gaussians.means) == Backend.COMPILED:
         return _compiled_projection_jacobian(gaussians, view, params, radii)
     g64 = gaussians.double()
     view64 = Views(view.viewmats.detach().double(), view.Ks.detach().double(), view.width, view.height)
@@ -117,7 +117,7 @@ def _compiled_projection_jacobian(gaussians: Gaussians, view: Views, params: Seq
     """`projection_jacobian` from `compiled_projection_jacobian`'s derivatives in the activated parameters."""
     if gaussians.sh.shape[-1] != 3:
         raise ValueError(f"the compiled projection evaluates 3 colour channels, got SH with {gaussians.sh.shape[-1]}")
-    from nerfstudio_pruning.render.compiled import compiled_projection_jacobian  # numba: loaded only when used
+    from nerfstudio_pruning.scoring.cpu_moments import compiled_projection_jacobian  # loads numba and its kernels
 
     g64 = gaussians.double()
     d_means, d_scales, d_opacities, d_sh_dc = compiled_projection_jacobian(
@@ -135,7 +135,7 @@ def _compiled_projection_jacobian(gaussians: Gaussians, view: Views, params: Seq
 
 
 def gradient_moments(
-    gaussians: Gaussians, view: Views, tile_size: int = 16, chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS
+    gaussians: Gaussians, view: Views, tile_size: int = TILE_SIZE, chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS
 ) -> Tuple[ProjectedGaussians, Optional[Tensor]]:
     """One view's projection and [N, 21 + 6 D + 1] float64 per-Gaussian sums of `_compact_m_contributions` over
     the pairs it composites (None if it composites none).
@@ -146,8 +146,10 @@ def gradient_moments(
     pairs of the same projection agree to float64 rounding; the two projections differ by float32 rounding.
     """
     n = len(gaussians)
-    if uses_compiled_kernels(gaussians.means):
-        from nerfstudio_pruning.render.compiled import compiled_gradient_moments, compiled_project
+    if backend_for(gaussians.means) == Backend.COMPILED:
+        # Imported here so that numba and its kernels load only where the compiled backend runs.
+        from nerfstudio_pruning.render.compiled import compiled_project
+        from nerfstudio_pruning.scoring.cpu_moments import compiled_gradient_moments
 
         with torch.no_grad():
             proj = project_gaussians(gaussians.detach(), view, compiled_project)
@@ -209,7 +211,7 @@ def fisher_blocks(
     gaussians: Gaussians,
     views: Views,
     downscale: float = 1,
-    tile_size: int = 16,
+    tile_size: int = TILE_SIZE,
     progress: bool = True,
     chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS,
     gaussian_chunk: int = DEFAULT_GAUSSIAN_CHUNK,
@@ -226,9 +228,9 @@ def fisher_blocks(
     size = block_size(gaussians, params)
 
     total = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
-    compiled = uses_compiled_kernels(gaussians.means)
+    compiled = backend_for(gaussians.means) == Backend.COMPILED
     if compiled:
-        from nerfstudio_pruning.render.compiled import compiled_add_fisher_blocks  # numba: loaded only when used
+        from nerfstudio_pruning.scoring.cpu_moments import compiled_add_fisher_blocks  # loads numba and its kernels
 
     def add_view_blocks(_: int, view: Views) -> None:
         proj, m_compact = gradient_moments(gaussians, view, tile_size, chunk_pairs)
@@ -271,7 +273,7 @@ def probe_fisher_blocks(
     gaussians: Gaussians,
     views: Views,
     downscale: float = 1,
-    tile_size: int = 16,
+    tile_size: int = TILE_SIZE,
     n_probes: int = 1,
     generator: Optional[torch.Generator] = None,
     progress: bool = True,

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.render.constants import TILE_SIZE
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
 from nerfstudio_pruning.scoring.pair_stats import DEFAULT_CHUNK_PAIRS, PairStatistics, project_and_enumerate, sum_over_pairs
 from nerfstudio_pruning.types import Gaussians, Views
@@ -62,7 +63,7 @@ def leave_one_out_importance(
     views: Views,
     gt_images: Optional[Tensor] = None,
     loss: str = "l1",
-    tile_size: int = 16,
+    tile_size: int = TILE_SIZE,
     progress: bool = True,
     chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS,
 ) -> Tensor:
@@ -95,7 +96,7 @@ def first_order_importance(
     views: Views,
     gt_images: Tensor,
     loss: str = "l1",
-    tile_size: int = 16,
+    tile_size: int = TILE_SIZE,
     progress: bool = True,
 ) -> Tensor:
     """[N] float64 -o_i dL/do_i from one ordinary backward per view: the first-order estimate of the same

@@ -43,7 +43,9 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from nerfstudio_pruning.render.pairs import Pairs, enumerate_pairs, pair_terms, segment_ends, segmented_cumsum
+from nerfstudio_pruning.render.constants import TILE_SIZE
+from nerfstudio_pruning.render.dispatch import enumerate_pairs
+from nerfstudio_pruning.render.pairs import Pairs, pair_terms, segment_ends, segmented_cumsum
 from nerfstudio_pruning.render.projection import ProjectedGaussians, project
 from nerfstudio_pruning.types import Gaussians, Views
 
@@ -96,7 +98,7 @@ def project_gaussians(gaussians: Gaussians, views: Views, projector: Callable = 
     return proj
 
 
-def project_and_enumerate(gaussians: Gaussians, views: Views, tile_size: int = 16) -> Tuple[ProjectedGaussians, Pairs]:
+def project_and_enumerate(gaussians: Gaussians, views: Views, tile_size: int = TILE_SIZE) -> Tuple[ProjectedGaussians, Pairs]:
     """Projected rows and the pairs they composite in `views`, as plain numbers (no autograd)."""
     with torch.no_grad():
         proj = project_gaussians(gaussians.detach(), views)
@@ -276,7 +278,7 @@ def _chunk_statistics(
 
 
 def view_pair_statistics(
-    gaussians: Gaussians, views: Views, tile_size: int = 16, chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS
+    gaussians: Gaussians, views: Views, tile_size: int = TILE_SIZE, chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS
 ) -> Iterator[PairStatistics]:
     """Project, enumerate and yield statistics for the views given, in chunks of whole pixels.
 

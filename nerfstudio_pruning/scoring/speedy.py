@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from nerfstudio_pruning.render.constants import TILE_SIZE
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
 from nerfstudio_pruning.scoring.pair_stats import (
     DEFAULT_CHUNK_PAIRS,
@@ -48,7 +49,7 @@ def speedy_scores(
     gaussians: Gaussians,
     views: Views,
     downscale: float = 1,
-    tile_size: int = 16,
+    tile_size: int = TILE_SIZE,
     progress: bool = False,
     chunk_pairs: Optional[int] = DEFAULT_CHUNK_PAIRS,
 ) -> Tensor:

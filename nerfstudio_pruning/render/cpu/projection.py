@@ -25,7 +25,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from nerfstudio_pruning.render.cpu.jit import inline, kernel, parallel_kernel
 
 # Real SH basis constants (the ones gsplat's `_eval_sh_bases_fast` uses, after Sloan, JCGT 2013).
 SH_C0 = 0.2820947917738781
@@ -44,7 +46,7 @@ SH_C3_A = 0.5900435899266435
 GAUSSIANS_PER_CHUNK = 256
 
 
-@njit(cache=True, error_model="numpy")
+@kernel
 def _rotation(qw, qx, qy, qz):
     """Rotation matrix (row-major 9-tuple) of the normalised quaternion, and the normalised quaternion."""
     norm = math.sqrt(qw * qw + qx * qx + qy * qy + qz * qz)
@@ -58,7 +60,7 @@ def _rotation(qw, qx, qy, qz):
     return r, w, x, y, z, max(norm, 1e-12)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel
 def _sh_basis(degree, x, y, z, basis):
     """The real SH basis up to `degree` (<= 3) at unit direction (x, y, z), into basis[:(degree+1)^2]."""
     basis[0] = SH_C0
@@ -89,7 +91,7 @@ def _sh_basis(degree, x, y, z, basis):
     basis[15] = -SH_C3_A * (x * c1 - y * s1)
 
 
-@njit(cache=True, error_model="numpy")
+@kernel
 def _sh_basis_vjp(degree, x, y, z, g):
     """(d/dx, d/dy, d/dz) of sum_k g[k] * basis_k(x, y, z), x, y, z treated as independent (as autograd does)."""
     gx = 0.0
@@ -130,7 +132,7 @@ def _sh_basis_vjp(degree, x, y, z, g):
     return gx, gy, gz
 
 
-@njit(cache=True, error_model="numpy")
+@kernel
 def _camera_terms(viewmats, ks, c, m0, m1, m2, s00, s01, s02, s11, s12, s22, width, height):
     """Camera-space mean p, the clamped-tangent pinhole Jacobian J and W Sigma W^T for camera c.
 
@@ -188,7 +190,7 @@ def _camera_terms(viewmats, ks, c, m0, m1, m2, s00, s01, s02, s11, s12, s22, wid
             c00, c01, c02, c11, c12, c22)
 
 
-@njit(cache=True, inline="always", error_model="numpy")
+@inline
 def _dilated_cov2d(j00, j02, j11, j12, c00, c01, c02, c11, c12, c22, eps2d):
     """cov2d = J Sc J^T with J = [[j00, 0, j02], [0, j11, j12]] (b00, b01, b11), its determinant, and the entries
     and determinant after the eps2d dilation (a, d, det before the 1e-10 floor)."""
@@ -201,7 +203,7 @@ def _dilated_cov2d(j00, j02, j11, j12, c00, c01, c02, c11, c12, c22, eps2d):
     return b00, b01, b11, det_orig, a, d, a * d - b01 * b01
 
 
-@njit(cache=True, inline="always", error_model="numpy")
+@inline
 def _scaled_rotation(means, quats, scales, n):
     """Gaussian n's rotation R (and its normalised quaternion), M = R diag(s), Sigma = M M^T (6 unique entries)
     and its mean."""
@@ -225,7 +227,7 @@ def _scaled_rotation(means, quats, scales, n):
             s00, s01, s02, s11, s12, s22, mx, my, mz)
 
 
-@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
+@parallel_kernel
 def project_forward(means, quats, scales, opacities, sh, sh_degree, campos, viewmats, ks, width, height, eps2d,
                     near_plane, far_plane, radius_clip, antialiased, means2d, conics, depths, radii, opac_out,
                     colors, compensations):
@@ -287,7 +289,7 @@ def project_forward(means, quats, scales, opacities, sh, sh_degree, campos, view
                         colors[c, n, ch] = max(acc + 0.5, 0.0)
 
 
-@njit(cache=True, inline="always", error_model="numpy")
+@inline
 def _camera_forward(viewmats, ks, c, mx, my, mz, s00, s01, s02, s11, s12, s22, width, height, eps2d, sh, n,
                     sh_degree, n_bases, campos, basis):
     """What the backward pass through camera c needs of Gaussian n's forward pass (`basis` is filled with the SH
@@ -330,7 +332,7 @@ def _camera_forward(viewmats, ks, c, mx, my, mz, s00, s01, s02, s11, s12, s22, w
     return (px, py, pz, ux, uy, tx, ty, xcl, ycl, j00, j02, j11, j12, c00, c01, c02, c11, c12, c22, b00, b01, b11, det_orig, a, d, det_raw, det, dx, dy, dz, length, ex, ey, ez, pass0, pass1, pass2)
 
 
-@njit(cache=True, inline="always", error_model="numpy")
+@inline
 def _camera_vjp(fw, viewmats, ks, c, opacity, sh, n, sh_degree, n_bases, eps2d, antialiased, basis, g_basis,
                 g_sh_n, gs, v_m2x, v_m2y, v_depth, v_c0, v_c1, v_c2, v_col0, v_col1, v_col2, v_op, gmx, gmy, gmz,
                 gop):
@@ -475,7 +477,7 @@ def _camera_vjp(fw, viewmats, ks, c, opacity, sh, n, sh_degree, n_bases, eps2d, 
     return gmx, gmy, gmz, gop
 
 
-@njit(cache=True, inline="always", error_model="numpy")
+@inline
 def _sigma_vjp(gs, r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02, m10, m11, m12, m20, m21, m22):
     """d/dSigma (gs, row-major 3x3) back to the scale (3) and the unnormalised quaternion (4)."""
     # Sigma = M M^T: dM = (dSigma + dSigma^T) M
@@ -514,7 +516,7 @@ def _sigma_vjp(gs, r, qw, qx, qy, qz, qnorm, sx, sy, sz, m00, m01, m02, m10, m11
     return gsx, gsy, gsz, gq0, gq1, gq2, gq3
 
 
-@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
+@parallel_kernel
 def project_backward(means, quats, scales, opacities, sh, sh_degree, campos, viewmats, ks, width, height, eps2d,
                      antialiased, radii, v_means2d, v_conics, v_depths, v_opac, v_colors,
                      g_means, g_quats, g_scales, g_opacities, g_sh):
@@ -567,7 +569,7 @@ def project_backward(means, quats, scales, opacities, sh, sh_degree, campos, vie
         g_quats[n, 3] = gq3
 
 
-@njit(cache=True, parallel=True, fastmath=False, error_model="numpy")
+@parallel_kernel
 def projection_jacobian_rows(means, quats, scales, opacities, sh, sh_degree, campos, viewmats, ks, width, height,
                              eps2d, antialiased, radii, d_means, d_scales, d_opacities, d_sh_dc):
     """Row k of each Gaussian's Jacobian of u = (mean2d 2, conic 3, colour 3, opacity 1) seen from camera 0, for
