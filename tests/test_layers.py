@@ -32,6 +32,7 @@ LAYERS = {
     "pup": 3,
     "vedal": 3,
     "scoring": 2,
+    "gaussians_ply": 2,  # PLY in and out of `Gaussians`; rotates SH with render's basis
     "render": 1,
     "low": 0,
 }
