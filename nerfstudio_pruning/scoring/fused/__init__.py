@@ -160,7 +160,8 @@ def fused_view_statistic(
     else:
         if tuple(gt_image.shape) != (height, width, channels):
             raise ValueError(f"gt_image must be [{height}, {width}, {channels}], got {tuple(gt_image.shape)}")
-        gt = gt_image.detach().float().contiguous()
+        # float64 images stay float64: the residual is formed in the value dtype, as the references form it
+        gt = gt_image.detach().to(torch.float64 if gt_image.dtype == torch.float64 else torch.float32).contiguous()
     code = {"moments": kernels.MOMENTS, "leave_one_out": kernels.LEAVE_ONE_OUT,
             "transmittance": kernels.TRANSMITTANCE, "speedy": kernels.SPEEDY}[statistic].value
     kernels.fused_tile_kernel[(tile_w * tile_h,)](
