@@ -250,3 +250,30 @@ def test_scores_through_the_dispatch_match_the_per_pair_engine(scene, monkeypatc
     assert torch.allclose(got["logdet"][seen][conditioned], reference["logdet"][seen][conditioned], rtol=0, atol=1e-6)
     ranks = [torch.argsort(torch.argsort(s[seen])).double() for s in (got["logdet"], reference["logdet"])]
     assert float(torch.corrcoef(torch.stack(ranks))[0, 1]) >= 0.9999
+
+
+def test_the_benchmark_dry_run_passes_on_cpu(tmp_path):
+    """benchmarks/gpu/bench_fused_scoring.py --dry-run: every check of the GPU run, at tiny sizes under the
+    interpreter, with the GPU machine's imports (no nerfstudio, numba or scipy), so a typo costs no GPU minutes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kit = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
+    blocked = ("nerfstudio", "numba", "scipy", "torchvision", "tyro", "viser", "nerfacc", "open3d", "jaxtyping")
+    script = str(kit / "bench_fused_scoring.py")
+    code = (f"import sys; [sys.modules.__setitem__(m, None) for m in {blocked!r}]; "
+            f"sys.argv = [{script!r}, '--dry-run', '--out', {str(tmp_path)!r}]; "
+            f"sys.path.insert(0, {str(kit)!r}); import runpy; runpy.run_path(sys.argv[0], run_name='__main__')")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NSP_CPU_RASTERIZER", None)
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code], capture_output=True,
+                            text=True, timeout=600, env=env, cwd=kit.parents[1])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    data = json.loads((tmp_path / "fused_scoring.json").read_text())
+    passed = [c for c in data["checks"] if c["passed"] is True]
+    assert len(passed) >= 12 and not [c for c in data["checks"] if c["passed"] is False]
+    timed = [m for m in data["measurements"] if "size" in m]
+    assert timed and all(timed[0][f"score_{name}_ms"] > 0 for name in ("fisher", "leave_one_out", "lightgaussian"))
