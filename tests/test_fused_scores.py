@@ -198,8 +198,7 @@ def test_the_kernels_compile_for_an_h100():
 
     from nerfstudio_pruning.scoring.fused import kernels
 
-    signature = {name: "*fp32" for name in ("means2d_ptr", "conics_ptr", "opacities_ptr", "colors_ptr",
-                                             "background_ptr", "gt_ptr")}
+    signature = {name: "*fp32" for name in ("entries_ptr", "colors_ptr", "background_ptr", "gt_ptr")}
     signature.update(tile_offsets_ptr="*i32", flatten_ids_ptr="*i32", out_ptr="*fp64", n_cols="i32", width="i32",
                      height="i32", tile_w="i32")
     signature.update({name: "constexpr" for name in ("D", "DPAD", "TILE", "STAT", "LOSS", "VT")})

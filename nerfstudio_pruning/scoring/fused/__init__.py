@@ -33,6 +33,8 @@ from torch import Tensor
 from nerfstudio_pruning.render.projection import ProjectedGaussians
 
 STATISTICS = ("moments", "leave_one_out", "transmittance", "speedy")
+# Warps per program (one program per tile): one lane per pixel. The benchmark may set other values to compare.
+NUM_WARPS = {16: 8, 8: 2}
 _LOSS_CODES = {"l1": 0, "l2": 1, "energy": 2}  # kernels.LOSS_L1, LOSS_L2, LOSS_ENERGY
 
 _force_interpreted = False
@@ -164,13 +166,18 @@ def fused_view_statistic(
         gt = gt_image.detach().to(torch.float64 if gt_image.dtype == torch.float64 else torch.float32).contiguous()
     code = {"moments": kernels.MOMENTS, "leave_one_out": kernels.LEAVE_ONE_OUT,
             "transmittance": kernels.TRANSMITTANCE, "speedy": kernels.SPEEDY}[statistic].value
+    means2d = proj.means2d.detach().float()
+    # Each entry's row values at the entry's position (32 bytes per tile-list entry): `kernels._load_entry`.
+    rows_table = torch.cat([means2d, proj.conics.detach().float(), proj.opacities.detach().float()[:, None],
+                            means2d.new_zeros(rows, 2)], dim=1)
+    entries = rows_table[flatten_ids.long()].contiguous()
+    del rows_table
     kernels.fused_tile_kernel[(tile_w * tile_h,)](
-        offsets, flatten_ids, proj.means2d.detach().float().contiguous(), proj.conics.detach().float().contiguous(),
-        proj.opacities.detach().float().contiguous(), proj.colors.detach().float().contiguous(), bg, gt, out,
+        offsets, flatten_ids, entries, proj.colors.detach().float().contiguous(), bg, gt, out,
         n_cols, width, height, tile_w,
         D=channels, DPAD=triton_next_power_of_2(channels), TILE=tile_size, STAT=code, LOSS=_LOSS_CODES[loss],
         VT=tl.float64 if value_dtype == torch.float64 else tl.float32,
-        num_warps=max(1, min(8, tile_size * tile_size // 32)),
+        num_warps=NUM_WARPS.get(tile_size, 4),
         enable_fp_fusion=False,  # the float32 alpha test as the CPU kernels evaluate it, without contracted FMAs
     )
     return out

@@ -73,14 +73,19 @@ def _values(mx, my, c0, c1, c2, o, px, py, alpha_max, VT: tl.constexpr):
 
 
 @triton.jit
-def _load_row(means2d_ptr, conics_ptr, opacities_ptr, g):
-    mx = tl.load(means2d_ptr + 2 * g)
-    my = tl.load(means2d_ptr + 2 * g + 1)
-    c0 = tl.load(conics_ptr + 3 * g)
-    c1 = tl.load(conics_ptr + 3 * g + 1)
-    c2 = tl.load(conics_ptr + 3 * g + 2)
-    o = tl.load(opacities_ptr + g)
-    return mx, my, c0, c1, c2, o
+def _load_entry(entries_ptr, flatten_ids_ptr, e, valid):
+    """Row and (mean2d, conic, opacity) of tile-list entry e (nothing is read where `valid` is false). The entry
+    table holds each entry's row values at the entry's own position, so that these loads depend on nothing but e
+    and can be issued an iteration ahead (a row index loaded first would make them wait for it)."""
+    g = tl.load(flatten_ids_ptr + e, mask=valid, other=0)
+    base = entries_ptr + 8 * e
+    mx = tl.load(base, mask=valid, other=0.0)
+    my = tl.load(base + 1, mask=valid, other=0.0)
+    c0 = tl.load(base + 2, mask=valid, other=0.0)
+    c1 = tl.load(base + 3, mask=valid, other=0.0)
+    c2 = tl.load(base + 4, mask=valid, other=0.0)
+    o = tl.load(base + 5, mask=valid, other=0.0)
+    return g, mx, my, c0, c1, c2, o
 
 
 @triton.jit
@@ -100,9 +105,7 @@ def _add_moment_rows(row_ptr, qi, q_weighted, w_beta, I: tl.constexpr, D: tl.con
 def fused_tile_kernel(
     tile_offsets_ptr,  # [n_tiles + 1] int32: tile t's entries are [offsets[t], offsets[t + 1])
     flatten_ids_ptr,  # [I] int32: the row of each entry, depth-sorted within a tile
-    means2d_ptr,  # [rows, 2] float32
-    conics_ptr,  # [rows, 3] float32
-    opacities_ptr,  # [rows] float32 (effective: antialiasing compensation included)
+    entries_ptr,  # [I, 8] float32: the entry's row's mean2d x, y, conic a, b, c, opacity (effective), 2 unused
     colors_ptr,  # [rows, D] float32
     background_ptr,  # [D] float32
     gt_ptr,  # [H, W, D] float32 (leave-one-out with l1 / l2; unused otherwise)
@@ -141,9 +144,11 @@ def fused_tile_kernel(
 
     # Front to back until every pixel of the tile has stopped.
     e = start
+    g, mx, my, c0, c1, c2, o = _load_entry(entries_ptr, flatten_ids_ptr, e, e < end)
     while (e < end) & (tl.reduce(alive.to(tl.int32), 0, _ADD) > 0):
-        g = tl.load(flatten_ids_ptr + e)
-        mx, my, c0, c1, c2, o = _load_row(means2d_ptr, conics_ptr, opacities_ptr, g)
+        # The next entry, loaded while this one is composited.
+        g_next, mx_next, my_next, c0_next, c1_next, c2_next, o_next = _load_entry(
+            entries_ptr, flatten_ids_ptr, e + 1, e + 1 < end)
         passes, alpha32 = _decides(mx, my, c0, c1, c2, o, cx, cy)
         candidate = alive & passes
         if tl.reduce(candidate.to(tl.int32), 0, _ADD) > 0:
@@ -162,6 +167,7 @@ def fused_tile_kernel(
                 w = tl.where(composites, t_value * alpha, zero_v)
                 colour += w[:, None] * c[None, :]
             t_value = tl.where(composites, t_value * (1.0 - alpha), t_value)
+        g, mx, my, c0, c1, c2, o = g_next, mx_next, my_next, c0_next, c1_next, c2_next, o_next
         e += 1
 
     if STAT != TRANSMITTANCE:
@@ -175,12 +181,13 @@ def fused_tile_kernel(
             residual = tl.where(gt_mask, residual, 0.0)
         deepest = tl.reduce(tl.where(inside, last, -1), 0, _MAX)
         col8 = tl.arange(0, 8)
-        # Back to front over the entries some pixel composites.
+        # Back to front over the entries some pixel composites, the previous entry loaded an iteration ahead.
+        g, mx, my, c0, c1, c2, o = _load_entry(entries_ptr, flatten_ids_ptr, deepest, deepest >= start)
         for k in range(0, deepest - start + 1):
             e = deepest - k
+            g_next, mx_next, my_next, c0_next, c1_next, c2_next, o_next = _load_entry(
+                entries_ptr, flatten_ids_ptr, e - 1, e - 1 >= start)
             reached = inside & (last >= e)
-            g = tl.load(flatten_ids_ptr + e)
-            mx, my, c0, c1, c2, o = _load_row(means2d_ptr, conics_ptr, opacities_ptr, g)
             passes, _ = _decides(mx, my, c0, c1, c2, o, cx, cy)
             pair = reached & passes
             if tl.reduce(pair.to(tl.int32), 0, _ADD) > 0:
@@ -230,3 +237,4 @@ def fused_tile_kernel(
                     footprint = o.to(VT) * tl.reduce(beta, 1, _ADD)
                     total = tl.reduce(tl.where(pair, footprint * footprint, zero_v), 0, _ADD)
                     tl.atomic_add(row_ptr, total.to(tl.float64), sem="relaxed")
+            g, mx, my, c0, c1, c2, o = g_next, mx_next, my_next, c0_next, c1_next, c2_next, o_next
