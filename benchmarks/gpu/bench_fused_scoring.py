@@ -211,6 +211,16 @@ def time_one_view(results: Results, device: str, text: str, repeats: int) -> Non
         row[f"{key}_x_render"] = seconds / render_s
         if device == "cuda":
             row[f"{key}_peak_MB"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+    # Warps per tile program: the default against fewer and more, for the heaviest kernel (moments, float64).
+    default_warps = fused.NUM_WARPS[16]
+    for warps in (4, 16) if device == "cuda" else ():
+        fused.NUM_WARPS[16] = warps
+        try:
+            _, seconds = _timed(lambda: fused.fused_view_statistic("moments", proj, width, height, 16,
+                                                                   views.backgrounds), device, repeats)
+            row[f"kernel_moments_float64_{warps}_warps_ms"] = 1e3 * seconds
+        finally:
+            fused.NUM_WARPS[16] = default_warps
     gt_images = gt[None]
     scores = {"fisher": lambda: fisher_scores(fisher_blocks(gaussians, views, progress=False)),
               "leave_one_out": lambda: leave_one_out_importance(gaussians, views, gt_images, "l1", progress=False),
