@@ -43,6 +43,9 @@ LEAVE_ONE_OUT = tl.constexpr(1)
 TRANSMITTANCE = tl.constexpr(2)
 SPEEDY = tl.constexpr(3)
 
+# Entries composited between two checks of whether any pixel of the tile is still live.
+ENTRY_BATCH = tl.constexpr(8)
+
 LOSS_L1 = tl.constexpr(0)
 LOSS_L2 = tl.constexpr(1)
 LOSS_ENERGY = tl.constexpr(2)
@@ -77,8 +80,8 @@ def _load_entry(entries_ptr, flatten_ids_ptr, e, valid):
     """Row and (mean2d, conic, opacity) of tile-list entry e (nothing is read where `valid` is false). The entry
     table holds each entry's row values at the entry's own position, so that these loads depend on nothing but e
     and can be issued an iteration ahead (a row index loaded first would make them wait for it)."""
-    g = tl.load(flatten_ids_ptr + e, mask=valid, other=0)
-    base = entries_ptr + 8 * e
+    g = tl.load(flatten_ids_ptr + e, mask=valid, other=0).to(tl.int64)  # rows x columns may pass 2^31
+    base = entries_ptr + 8 * e.to(tl.int64)
     mx = tl.load(base, mask=valid, other=0.0)
     my = tl.load(base + 1, mask=valid, other=0.0)
     c0 = tl.load(base + 2, mask=valid, other=0.0)
@@ -142,33 +145,35 @@ def fused_tile_kernel(
     last = tl.full([TILE * TILE], -1, tl.int32)
     colour = tl.full([TILE * TILE, DPAD], 0.0, VT)  # I so far (leave-one-out only)
 
-    # Front to back until every pixel of the tile has stopped.
     e = start
     g, mx, my, c0, c1, c2, o = _load_entry(entries_ptr, flatten_ids_ptr, e, e < end)
+    # Front to back until every pixel of the tile has stopped; whether any has not is asked once per batch of
+    # entries (a block-wide count costs a barrier). Past the list's end an entry reads as opacity 0: no pair.
     while (e < end) & (tl.reduce(alive.to(tl.int32), 0, _ADD) > 0):
-        # The next entry, loaded while this one is composited.
-        g_next, mx_next, my_next, c0_next, c1_next, c2_next, o_next = _load_entry(
-            entries_ptr, flatten_ids_ptr, e + 1, e + 1 < end)
-        passes, alpha32 = _decides(mx, my, c0, c1, c2, o, cx, cy)
-        candidate = alive & passes
-        if tl.reduce(candidate.to(tl.int32), 0, _ADD) > 0:
-            t_after = t_decide * (1.0 - alpha32.to(tl.float64))
-            stops = candidate & (t_after <= t_min)
-            composites = candidate & (t_after > t_min)
-            alive = alive & ~stops
-            t_decide = tl.where(composites, t_after, t_decide)
-            last = tl.where(composites, e, last)
-            _, _, _, _, alpha = _values(mx, my, c0, c1, c2, o, px, py, alpha_max, VT)
-            if STAT == TRANSMITTANCE:
-                hits = tl.reduce(tl.where(composites, t_value, zero_v), 0, _ADD).to(tl.float64)
-                tl.atomic_add(out_ptr + g * n_cols, hits, sem="relaxed")
-            if STAT == LEAVE_ONE_OUT:
-                c = tl.load(colors_ptr + g * D + ch, mask=ch_ok, other=0.0).to(VT)
-                w = tl.where(composites, t_value * alpha, zero_v)
-                colour += w[:, None] * c[None, :]
-            t_value = tl.where(composites, t_value * (1.0 - alpha), t_value)
-        g, mx, my, c0, c1, c2, o = g_next, mx_next, my_next, c0_next, c1_next, c2_next, o_next
-        e += 1
+        for _j in range(0, ENTRY_BATCH):
+            # The next entry, loaded while this one is composited.
+            g_next, mx_next, my_next, c0_next, c1_next, c2_next, o_next = _load_entry(
+                entries_ptr, flatten_ids_ptr, e + 1, e + 1 < end)
+            passes, alpha32 = _decides(mx, my, c0, c1, c2, o, cx, cy)
+            candidate = alive & passes
+            if tl.reduce(candidate.to(tl.int32), 0, _ADD) > 0:
+                t_after = t_decide * (1.0 - alpha32.to(tl.float64))
+                stops = candidate & (t_after <= t_min)
+                composites = candidate & (t_after > t_min)
+                alive = alive & ~stops
+                t_decide = tl.where(composites, t_after, t_decide)
+                last = tl.where(composites, e, last)
+                _, _, _, _, alpha = _values(mx, my, c0, c1, c2, o, px, py, alpha_max, VT)
+                if STAT == TRANSMITTANCE:
+                    hits = tl.reduce(tl.where(composites, t_value, zero_v), 0, _ADD).to(tl.float64)
+                    tl.atomic_add(out_ptr + g * n_cols, hits, sem="relaxed")
+                if STAT == LEAVE_ONE_OUT:
+                    c = tl.load(colors_ptr + g * D + ch, mask=ch_ok, other=0.0).to(VT)
+                    w = tl.where(composites, t_value * alpha, zero_v)
+                    colour += w[:, None] * c[None, :]
+                t_value = tl.where(composites, t_value * (1.0 - alpha), t_value)
+            g, mx, my, c0, c1, c2, o = g_next, mx_next, my_next, c0_next, c1_next, c2_next, o_next
+            e += 1
 
     if STAT != TRANSMITTANCE:
         bg = tl.load(background_ptr + ch, mask=ch_ok, other=0.0).to(VT)
