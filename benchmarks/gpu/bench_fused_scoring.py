@@ -221,6 +221,17 @@ def time_one_view(results: Results, device: str, text: str, repeats: int) -> Non
             row[f"kernel_moments_float64_{warps}_warps_ms"] = 1e3 * seconds
         finally:
             fused.NUM_WARPS[16] = default_warps
+    # Fisher's other per-view phase: A by forward mode for the Gaussians the view composites, in fisher_blocks' slices.
+    from nerfstudio_pruning.scoring.fisher import DEFAULT_GAUSSIAN_CHUNK, projection_jacobian
+
+    seen = torch.nonzero(proj.radii > 0)[:, 0]
+
+    def jacobians():
+        for part in seen.split(DEFAULT_GAUSSIAN_CHUNK):
+            projection_jacobian(gaussians.subset(part), views)
+
+    _, seconds = _timed(jacobians, device, repeats)
+    row["fisher_jacobian_ms"] = 1e3 * seconds
     gt_images = gt[None]
     scores = {"fisher": lambda: fisher_scores(fisher_blocks(gaussians, views, progress=False)),
               "leave_one_out": lambda: leave_one_out_importance(gaussians, views, gt_images, "l1", progress=False),

@@ -25,7 +25,7 @@ import importlib.util
 import math
 import sys
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -99,7 +99,9 @@ def _load_kernels(interpret: bool) -> ModuleType:
     return module
 
 
-def _tile_lists(means2d: Tensor, radii: Tensor, depths: Tensor, tile_size: int, tile_w: int, tile_h: int) -> Tensor:
+def _tile_lists(
+    means2d: Tensor, radii: Tensor, depths: Tensor, tile_size: int, tile_w: int, tile_h: int
+) -> Tuple[Tensor, Tensor]:
     """(offsets [n_tiles + 1] int32, flatten_ids [I] int32): gsplat's depth-sorted tile lists of one camera."""
     if means2d.is_cuda:
         from gsplat.cuda._wrapper import isect_offset_encode, isect_tiles
