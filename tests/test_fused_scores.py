@@ -21,10 +21,8 @@ pytest.importorskip("triton")
 
 from nerfstudio_pruning.render.compiled import compiled_gradient_moments  # noqa: E402
 from nerfstudio_pruning.render.pairs import enumerate_pairs  # noqa: E402
-from nerfstudio_pruning.scoring import fisher  # noqa: E402
 from nerfstudio_pruning.scoring import fused  # noqa: E402
-from nerfstudio_pruning.scoring.importance import pixel_loss_change  # noqa: E402
-from nerfstudio_pruning.scoring.pair_stats import project_gaussians, sum_over_pairs  # noqa: E402
+from nerfstudio_pruning.scoring.pair_stats import project_gaussians  # noqa: E402
 from nerfstudio_pruning.testing.synthetic import orbit_cameras, point_on_pixel_centre, random_gaussians  # noqa: E402
 from nerfstudio_pruning.types import Views  # noqa: E402
 
@@ -67,21 +65,8 @@ def _relative_per_row(estimate, reference):
 
 
 def _reference(statistic, proj, view, n, gt=None, loss="energy"):
-    """The per-pair torch engine's float64 sums of the quantity the kernel accumulates."""
-    pairs = enumerate_pairs(proj, 1, view.width, view.height)
-    opacity = proj.opacities.double()
-
-    def per_pair(stats):
-        if statistic == "moments":
-            return fisher._compact_m_contributions(stats)
-        if statistic == "transmittance":
-            return stats.transmittance[:, None]
-        if statistic == "speedy":
-            return ((opacity[stats.row] * stats.dI_dalpha.sum(-1)) ** 2)[:, None]
-        residual = None if gt is None else stats.pixel_color - gt.reshape(-1, 3).double()[stats.pixel]
-        return pixel_loss_change(stats.removal_delta(), residual, loss)[:, None]
-
-    return sum_over_pairs(proj, pairs, view, n, per_pair)
+    assert proj.means2d.shape[0] == n
+    return fused.reference_view_statistic(statistic, proj, view.width, view.height, view.backgrounds, gt, loss)
 
 
 @pytest.fixture(scope="module")

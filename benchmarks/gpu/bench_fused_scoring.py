@@ -81,33 +81,10 @@ def check_tile_lists(results: Results, device: str) -> None:
                   and torch.equal(cuda_offsets.long(), torch_offsets.long()), entries=int(cuda_ids.numel()))
 
 
-def _reference_statistic(statistic, proj, view, n, gt=None, loss="energy"):
-    from nerfstudio_pruning.render.pairs import enumerate_pairs
-    from nerfstudio_pruning.scoring import fisher
-    from nerfstudio_pruning.scoring.importance import pixel_loss_change
-    from nerfstudio_pruning.scoring.pair_stats import sum_over_pairs
-
-    pairs = enumerate_pairs(proj, 1, view.width, view.height)
-    opacity = proj.opacities.double()
-
-    def per_pair(stats):
-        if statistic == "moments":
-            return fisher._compact_m_contributions(stats)
-        if statistic == "transmittance":
-            return stats.transmittance[:, None]
-        if statistic == "speedy":
-            return ((opacity[stats.row] * stats.dI_dalpha.sum(-1)) ** 2)[:, None]
-        residual = None if gt is None else stats.pixel_color - gt.reshape(-1, 3).double()[stats.pixel]
-        return pixel_loss_change(stats.removal_delta(), residual, loss)[:, None]
-
-    return sum_over_pairs(proj, pairs, view, n, per_pair)
-
-
 def check_agreement(results: Results, device: str, size: str) -> None:
     from nerfstudio_pruning.render import rasterization
     from nerfstudio_pruning.scoring import fused
     from nerfstudio_pruning.scoring.pair_stats import project_gaussians
-    from nerfstudio_pruning.types import Views
 
     n, n_views, width, height = {"dry": (40, 2, 32, 16), "quick": (400, 2, 96, 72), "full": (2000, 3, 160, 120)}[size]
     g, views = orbit_scene(n, n_views, width, height, device, seed=0)
@@ -118,7 +95,6 @@ def check_agreement(results: Results, device: str, size: str) -> None:
     view = views[0]
     proj = project_gaussians(gaussians, view)
     proj_cpu = type(proj)(**{k: v.detach().cpu() for k, v in proj.__dict__.items()})
-    view_cpu = Views(view.viewmats.cpu(), view.Ks.cpu(), width, height, view.backgrounds.cpu())
     tag = f"{n} Gaussians {width}x{height}, {device}"
     cases = [("moments", torch.float64, None, "energy"), ("moments", torch.float32, None, "energy"),
              ("leave_one_out", torch.float64, gt[0], "l1"), ("leave_one_out", torch.float64, None, "energy"),
@@ -126,8 +102,8 @@ def check_agreement(results: Results, device: str, size: str) -> None:
              ("speedy", torch.float32, None, "energy")]
     for statistic, dtype, gt_image, loss in cases:
         ours = fused.fused_view_statistic(statistic, proj, width, height, 16, view.backgrounds, gt_image, loss, dtype)
-        reference = _reference_statistic(statistic, proj_cpu, view_cpu, n,
-                                         None if gt_image is None else gt_image.detach().cpu(), loss)
+        reference = fused.reference_view_statistic(statistic, proj_cpu, width, height, view.backgrounds.cpu(),
+                                                   None if gt_image is None else gt_image.detach().cpu(), loss)
         error = per_row_relative_error(ours, reference)
         results.check(f"fused {statistic} ({loss if statistic == 'leave_one_out' else str(dtype)[6:]} values) vs "
                       f"float64 per-pair statistics on CPU [{tag}]", error <= MAX_RELATIVE_ERROR,
