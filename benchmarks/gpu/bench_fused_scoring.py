@@ -202,12 +202,16 @@ def time_one_view(results: Results, device: str, text: str, repeats: int) -> Non
 
     seen = torch.nonzero(proj.radii > 0)[:, 0]
 
-    def jacobians():
-        for part in seen.split(DEFAULT_GAUSSIAN_CHUNK):
+    def jacobians(chunk):
+        for part in seen.split(chunk):
             projection_jacobian(gaussians.subset(part), views)
 
-    _, seconds = _timed(jacobians, device, repeats)
-    row["fisher_jacobian_ms"] = 1e3 * seconds
+    # fisher_blocks' default slices, and 4x larger ones (~1 GB of float64 forward-mode temporaries at SH degree 3):
+    # whether launches per slice or arithmetic bound this phase on a GPU.
+    for chunk, key in ((DEFAULT_GAUSSIAN_CHUNK, "fisher_jacobian_ms"), (4 * DEFAULT_GAUSSIAN_CHUNK,
+                                                                          "fisher_jacobian_4x_slices_ms")):
+        _, seconds = _timed(lambda chunk=chunk: jacobians(chunk), device, repeats)
+        row[key] = 1e3 * seconds
     gt_images = gt[None]
     scores = {"fisher": lambda: fisher_scores(fisher_blocks(gaussians, views, progress=False)),
               "leave_one_out": lambda: leave_one_out_importance(gaussians, views, gt_images, "l1", progress=False),
