@@ -30,6 +30,9 @@ pytestmark = [
     pytest.mark.usefixtures("single_thread"),
     # triton 3.6's interpreter converts 1-element arrays to indices the way numpy 1.25 deprecated
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+    # numpy's warnings inside the interpreter are errors: a NaN from memory a kernel should not read fails here
+    # (the energy form once read an image it had not been given), not as garbage or a fault on a GPU
+    pytest.mark.filterwarnings("error::RuntimeWarning"),
 ]
 
 W, H = 32, 24

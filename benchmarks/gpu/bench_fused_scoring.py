@@ -87,7 +87,7 @@ def check_agreement(results: Results, device: str, size: str) -> None:
     from nerfstudio_pruning.scoring import fused
     from nerfstudio_pruning.scoring.pair_stats import project_gaussians
 
-    n, n_views, width, height = {"dry": (40, 2, 32, 16), "quick": (400, 2, 96, 72), "full": (2000, 3, 160, 120)}[size]
+    n, n_views, width, height = {"dry": (30, 2, 16, 16), "quick": (400, 2, 96, 72), "full": (2000, 3, 160, 120)}[size]
     g, views = orbit_scene(n, n_views, width, height, device, seed=0)
     target, _ = orbit_scene(n, n_views, width, height, device, seed=5)
     gt, _, _ = rasterization(**target.render_args(), viewmats=views.viewmats, Ks=views.Ks, width=width, height=height,

@@ -179,11 +179,12 @@ def fused_tile_kernel(
         bg = tl.load(background_ptr + ch, mask=ch_ok, other=0.0).to(VT)
         behind = t_value[:, None] * bg[None, :]  # S behind the last composited pair: the background seen through T
         if STAT == LEAVE_ONE_OUT:
-            pixel = (py * width + px) * D
-            gt_mask = inside[:, None] & ch_ok[None, :]
-            # r = I - I_gt, fixed while one Gaussian is removed
-            residual = colour + behind - tl.load(gt_ptr + pixel[:, None] + ch[None, :], mask=gt_mask, other=0.0).to(VT)
-            residual = tl.where(gt_mask, residual, 0.0)
+            if LOSS != LOSS_ENERGY:  # (the energy form reads no image: gt_ptr then points at no H x W x D buffer)
+                pixel = (py * width + px) * D
+                gt_mask = inside[:, None] & ch_ok[None, :]
+                # r = I - I_gt, fixed while one Gaussian is removed
+                gt = tl.load(gt_ptr + pixel[:, None] + ch[None, :], mask=gt_mask, other=0.0).to(VT)
+                residual = tl.where(gt_mask, colour + behind - gt, 0.0)
         deepest = tl.reduce(tl.where(inside, last, -1), 0, _MAX)
         col8 = tl.arange(0, 8)
         # Back to front over the entries some pixel composites, the previous entry loaded an iteration ahead.
