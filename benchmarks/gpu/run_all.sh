@@ -100,6 +100,7 @@ setup() {
   command -v nvcc >/dev/null && nvcc --version | tail -1
   command -v ninja >/dev/null && echo "ninja $(ninja --version)"
   "$PY" -c "import gsplat, numpy, tqdm, rich; print('gsplat', gsplat.__version__, 'numpy', numpy.__version__)"
+  "$PY" -c "import triton; print('triton', triton.__version__)" || echo "no triton: CUDA scores take the per-pair path"
   "$PY" "$KIT/ns_kit.py" imports || return 1
   [[ "${KIT_DEVICE:-}" == cpu ]] && return 0  # a CPU dry run builds nothing
   "$PY" - "$KIT" <<'EOF'
