@@ -22,6 +22,7 @@ pytest.importorskip("triton")
 from nerfstudio_pruning.render.compiled import compiled_gradient_moments  # noqa: E402
 from nerfstudio_pruning.render.pairs import enumerate_pairs  # noqa: E402
 from nerfstudio_pruning.scoring import fused  # noqa: E402
+from nerfstudio_pruning.scoring.fused.reference import reference_view_statistic  # noqa: E402
 from nerfstudio_pruning.scoring.pair_stats import project_gaussians  # noqa: E402
 from nerfstudio_pruning.testing.synthetic import orbit_cameras, point_on_pixel_centre, random_gaussians  # noqa: E402
 from nerfstudio_pruning.types import Views  # noqa: E402
@@ -69,7 +70,7 @@ def _relative_per_row(estimate, reference):
 
 def _reference(statistic, proj, view, n, gt=None, loss="energy"):
     assert proj.means2d.shape[0] == n
-    return fused.reference_view_statistic(statistic, proj, view.width, view.height, view.backgrounds, gt, loss)
+    return reference_view_statistic(statistic, proj, view.width, view.height, view.backgrounds, gt, loss)
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,7 @@ def check_tile_lists(results: Results, device: str) -> None:
 def check_agreement(results: Results, device: str, size: str) -> None:
     from nerfstudio_pruning.render import rasterization
     from nerfstudio_pruning.scoring import fused
+    from nerfstudio_pruning.scoring.fused.reference import reference_view_statistic
     from nerfstudio_pruning.scoring.pair_stats import project_gaussians
 
     n, n_views, width, height = {"dry": (30, 2, 16, 16), "quick": (400, 2, 96, 72), "full": (2000, 3, 160, 120)}[size]
@@ -103,7 +104,7 @@ def check_agreement(results: Results, device: str, size: str) -> None:
              ("speedy", torch.float32, None, "energy")]
     for statistic, dtype, gt_image, loss in cases:
         ours = fused.fused_view_statistic(statistic, proj, width, height, 16, view.backgrounds, gt_image, loss, dtype)
-        reference = fused.reference_view_statistic(statistic, proj_cpu, width, height, view.backgrounds.cpu(),
+        reference = reference_view_statistic(statistic, proj_cpu, width, height, view.backgrounds.cpu(),
                                                    None if gt_image is None else gt_image.detach().cpu(), loss)
         error = per_row_relative_error(ours, reference)
         results.check(f"fused {statistic} ({loss if statistic == 'leave_one_out' else str(dtype)[6:]} values) vs "
