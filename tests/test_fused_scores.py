@@ -19,9 +19,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from nerfstudio_pruning.render.compiled import compiled_gradient_moments  # noqa: E402
-from nerfstudio_pruning.render.pairs import enumerate_pairs  # noqa: E402
+from nerfstudio_pruning.render.backend import fused_scores_on_cpu, scores_fused  # noqa: E402
+from nerfstudio_pruning.render.dispatch import enumerate_pairs  # noqa: E402
 from nerfstudio_pruning.scoring import fused  # noqa: E402
+from nerfstudio_pruning.scoring.cpu_moments import compiled_gradient_moments  # noqa: E402
 from nerfstudio_pruning.scoring.fused.reference import reference_view_statistic  # noqa: E402
 from nerfstudio_pruning.scoring.pair_stats import project_gaussians  # noqa: E402
 from nerfstudio_pruning.testing.synthetic import orbit_cameras, point_on_pixel_centre, random_gaussians  # noqa: E402
@@ -202,7 +203,7 @@ def test_the_kernels_compile_for_an_h100():
 
 
 def test_scores_through_the_dispatch_match_the_per_pair_engine(scene, monkeypatch):
-    """Inside `interpreted_on_cpu()` the public score functions take the fused path on CPU tensors, with the rest
+    """Inside `fused_scores_on_cpu()` (the backend policy's switch) the public score functions take the fused path on CPU tensors, with the rest
     of the path CUDA takes (gsplat's torch projection, A by forward mode, the batched torch assembly); outside it
     they take the per-pair torch engine (NSP_CPU_RASTERIZER=torch: the same projection)."""
     from nerfstudio_pruning.scoring.baselines import lightgaussian_significance
@@ -222,9 +223,9 @@ def test_scores_through_the_dispatch_match_the_per_pair_engine(scene, monkeypatc
                 "speedy": speedy_scores(gaussians, views)[:, None]}
 
     reference = scores()
-    assert not fused.uses_fused_kernels(gaussians.means)
-    with fused.interpreted_on_cpu():
-        assert fused.uses_fused_kernels(gaussians.means)
+    assert not scores_fused(gaussians.means)
+    with fused_scores_on_cpu():
+        assert scores_fused(gaussians.means)
         got = scores()
     for name in ("fisher", "loo", "lightgaussian", "speedy"):
         assert _relative_per_row(got[name], reference[name]) < 1e-9, name

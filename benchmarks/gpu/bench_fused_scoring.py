@@ -23,6 +23,7 @@ so that the script is checked without a GPU (tests/test_fused_scores.py runs it 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -30,6 +31,8 @@ import time
 from kit_common import Results, frustum_scene, orbit_scene, parse_args, per_row_relative_error, spearman, synchronize
 
 import torch
+
+from nerfstudio_pruning.render import backend
 
 MAX_RELATIVE_ERROR = 1e-4  # per Gaussian, against float64 CPU references (issue 30's goal)
 MIN_LOGDET_SPEARMAN = 0.9999
@@ -122,7 +125,7 @@ def check_agreement(results: Results, device: str, size: str) -> None:
                 "loo_l1": leave_one_out_importance(gs, vs, gt_images, "l1", progress=False),
                 "lightgaussian": lightgaussian_significance(gs, vs), "speedy": speedy_scores(gs, vs)}
 
-    with fused.interpreted_on_cpu() if device == "cpu" else _nothing():
+    with backend.fused_scores_on_cpu() if device == "cpu" else contextlib.nullcontext():
         ours = scores(gaussians, views, gt)
     cpu_gaussians = gaussians.to("cpu") if hasattr(gaussians, "to") else type(gaussians)(
         **{k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in gaussians.__dict__.items()})
@@ -140,14 +143,6 @@ def check_agreement(results: Results, device: str, size: str) -> None:
                       share_within_1e_4=float((errors <= MAX_RELATIVE_ERROR).double().mean()) if errors.numel() else 1.0)
     rank = spearman(ours["fisher_logdet"], reference["fisher_logdet"])
     results.check(f"Fisher log-det ranks vs CPU [{tag}, {n_views} views]", rank >= MIN_LOGDET_SPEARMAN, spearman=rank)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def time_one_view(results: Results, device: str, text: str, repeats: int) -> None:
@@ -225,7 +220,7 @@ def time_one_view(results: Results, device: str, text: str, repeats: int) -> Non
               "leave_one_out": lambda: leave_one_out_importance(gaussians, views, gt_images, "l1", progress=False),
               "lightgaussian": lambda: lightgaussian_significance(gaussians, views),
               "speedy": lambda: speedy_scores(gaussians, views)}
-    with fused.interpreted_on_cpu() if device == "cpu" else _nothing():
+    with backend.fused_scores_on_cpu() if device == "cpu" else contextlib.nullcontext():
         for name, fn in scores.items():
             _, seconds = _timed(fn, device, repeats)
             row[f"score_{name}_ms"] = 1e3 * seconds
@@ -265,7 +260,7 @@ def time_capture(results: Results, device: str, size: str, budget_s: float) -> N
     n, n_views, width, height = CAPTURE[size]
     gaussians, _ = frustum_scene(n, width, height, device, seed=3)
     views = _capture_views(width, height, n_views, device)
-    with fused.interpreted_on_cpu() if device == "cpu" else _nothing():
+    with backend.fused_scores_on_cpu() if device == "cpu" else contextlib.nullcontext():
         if device == "cuda":
             fisher_blocks(gaussians, views[0], progress=False)  # warm-up: compiles the kernel
         synchronize(device)

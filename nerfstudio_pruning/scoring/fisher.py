@@ -30,12 +30,12 @@ import torch
 from torch import Tensor
 
 from nerfstudio_pruning.errors import PruningRefused
-from nerfstudio_pruning.render.backend import Backend, backend_for
+from nerfstudio_pruning.render.backend import Backend, backend_for, scores_fused
 from nerfstudio_pruning.render.constants import TILE_SIZE
 from nerfstudio_pruning.render.dispatch import enumerate_pairs, rasterization
 from nerfstudio_pruning.render.projection import ProjectedGaussians
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
-from nerfstudio_pruning.scoring.fused import fused_view_statistic, uses_fused_kernels
+from nerfstudio_pruning.scoring.fused import fused_view_statistic
 from nerfstudio_pruning.scoring.pair_stats import (
     DEFAULT_CHUNK_PAIRS,
     PairStatistics,
@@ -148,7 +148,7 @@ def gradient_moments(
     pairs of the same projection agree to float64 rounding; the two projections differ by float32 rounding.
     """
     n = len(gaussians)
-    if uses_fused_kernels(gaussians.means):
+    if scores_fused(gaussians.means):
         with torch.no_grad():
             proj = project_gaussians(gaussians.detach(), view)
         rows = fused_view_statistic("moments", proj, view.width, view.height, tile_size, view.background(0))
@@ -237,7 +237,7 @@ def fisher_blocks(
     total = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
     # The fused path (CUDA, or CPU under the interpreter in tests) takes A and the assembly in batched torch, as
     # CUDA runs them.
-    fused = uses_fused_kernels(gaussians.means)
+    fused = scores_fused(gaussians.means)
     compiled = backend_for(gaussians.means) == Backend.COMPILED and not fused
     if compiled:
         from nerfstudio_pruning.scoring.cpu_moments import compiled_add_fisher_blocks  # loads numba and its kernels

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor
 
 from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.render.backend import scores_fused
 from nerfstudio_pruning.render.constants import TILE_SIZE
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
-from nerfstudio_pruning.scoring.fused import fused_view_statistic, uses_fused_kernels
+from nerfstudio_pruning.scoring.fused import fused_view_statistic
 from nerfstudio_pruning.scoring.pair_stats import (
     DEFAULT_CHUNK_PAIRS,
     PairStatistics,
@@ -84,7 +85,7 @@ def leave_one_out_importance(
     _check_gt(gt_images, len(views), views.width, views.height, loss)
     gaussians = gaussians.detach()
 
-    fused = uses_fused_kernels(gaussians.means)
+    fused = scores_fused(gaussians.means)
 
     def view_importance(index: int, view: Views) -> Tensor:
         if fused:  # one walk over gsplat's tile lists (`scoring.fused`)

@@ -34,9 +34,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from nerfstudio_pruning.render.backend import scores_fused
 from nerfstudio_pruning.render.constants import TILE_SIZE
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
-from nerfstudio_pruning.scoring.fused import fused_view_statistic, uses_fused_kernels
+from nerfstudio_pruning.scoring.fused import fused_view_statistic
 from nerfstudio_pruning.scoring.pair_stats import (
     DEFAULT_CHUNK_PAIRS,
     PairStatistics,
@@ -59,7 +60,7 @@ def speedy_scores(
     g = gaussians.detach()
     n = len(g)
 
-    fused = uses_fused_kernels(g.means)
+    fused = scores_fused(g.means)
 
     def view_scores(_: int, view: Views) -> Optional[Tensor]:
         if fused:  # one walk over gsplat's tile lists (`scoring.fused`)

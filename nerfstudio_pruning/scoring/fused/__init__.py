@@ -7,10 +7,10 @@ its pixels in registers and writes one atomic per (tile, Gaussian) and column, s
 tile lists gsplat's forward pass already builds, and memory is the tile lists (what a gsplat render holds: ~12
 bytes per tile intersection, plus its sort) plus the per-Gaussian output: nothing grows with depth complexity.
 
-Where it runs (`uses_fused_kernels`): CUDA tensors, where triton is importable. CPU tensors keep the compiled
-numba passes and the per-pair torch statistics, the references these kernels are tested against; inside
-`interpreted_on_cpu()` (tests, `bench_fused_scoring.py --dry-run`) CPU tensors take the fused path too, through
-Triton's interpreter. The interpreter is not switched on process-wide: `TRITON_INTERPRET` is read when a
+Where it runs: the backend policy says (`render.backend.scores_fused`): CUDA tensors, where triton is importable.
+CPU tensors keep the compiled numba passes and the per-pair torch statistics, the references these kernels are
+tested against; inside `render.backend.fused_scores_on_cpu()` (tests, `bench_fused_scoring.py --dry-run`) CPU
+tensors take the fused path too, through Triton's interpreter. The interpreter is not switched on process-wide: `TRITON_INTERPRET` is read when a
 `@triton.jit` function is defined, so a second copy of `kernels.py` is loaded with it on (`_interpreted_kernels`)
 and only that copy is used for CPU tensors; the compiled copy stays what CUDA launches.
 
@@ -20,12 +20,11 @@ twins in `gsplat.cuda._torch_impl` on CPU (same ids, same depth order; tests/tes
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import sys
 from types import ModuleType
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -37,32 +36,7 @@ STATISTICS = ("moments", "leave_one_out", "transmittance", "speedy")
 NUM_WARPS = {16: 8, 8: 2}
 _LOSS_CODES = {"l1": 0, "l2": 1, "energy": 2}  # kernels.LOSS_L1, LOSS_L2, LOSS_ENERGY
 
-_force_interpreted = False
 _kernel_modules: dict = {}
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-@contextlib.contextmanager
-def interpreted_on_cpu() -> Iterator[None]:
-    """Inside the block, scores on CPU tensors take the fused kernels under Triton's interpreter (slow: tests and
-    dry runs on tiny scenes only)."""
-    global _force_interpreted
-    previous, _force_interpreted = _force_interpreted, True
-    try:
-        yield
-    finally:
-        _force_interpreted = previous
-
-
-def uses_fused_kernels(values: Tensor) -> bool:
-    """Whether the scores on `values` (a model's tensors) take the fused kernels: CUDA tensors when triton is
-    installed, CPU tensors inside `interpreted_on_cpu()`."""
-    if values.is_cuda:
-        return triton_available()
-    return _force_interpreted and values.device.type == "cpu"
 
 
 def _load_kernels(interpret: bool) -> ModuleType:

@@ -4,7 +4,7 @@ adds each Gaussian's per-pixel contributions to a score's per-Gaussian statistic
 The walk is gsplat 1.4.0's (`rasterize_to_pixels_fwd.cu`): lanes are the tile's pixels (centres at x + 0.5),
 alpha = min(0.999, o exp(-sigma)) in float32, pairs with sigma < 0 or alpha < 1/255 skipped, a pixel stops before
 the Gaussian that would take its transmittance to 1e-4 or below. Which pairs composite is decided exactly as the
-compiled CPU kernels decide it (`render/compiled_kernels.py`): float32 alpha with a correctly rounded exp, the
+compiled CPU kernels decide it (`render/cpu/compositing.py`): float32 alpha with a correctly rounded exp, the
 transmittance that decides the stop a float64 product of the float32 (1 - alpha). The values are then computed in
 `VT` (float64 by default) from the float32 row table, as the per-pair torch statistics compute them
 (`scoring/pair_stats.py`): alpha, T, S, and the gradients of docs/methods.md.
@@ -17,7 +17,7 @@ column: nothing per pair is written to memory. LightGaussian needs only T before
 the first walk and the second is skipped.
 
 Statistics (`STAT`): `MOMENTS`, PUP's compact moment row (`scoring.fisher._compact_m_contributions`, the columns
-of `compiled_kernels.gradient_moment_tiles`: q_i q_j sum_c beta_c^2 for i <= j, then q_i w beta_c, then w^2);
+of `scoring/cpu_moments.py: gradient_moment_tiles`: q_i q_j sum_c beta_c^2 for i <= j, then q_i w beta_c, then w^2);
 `LEAVE_ONE_OUT`, the exact loss change when the Gaussian alone is removed (`scoring.importance`, `LOSS` selects
 l1 / l2 / energy); `TRANSMITTANCE`, the sum of T before each pair (LightGaussian's hits before the opacity and
 volume factors, `scoring.baselines`); `SPEEDY`, (o sum_c dI_c/dalpha)^2 (`scoring.speedy`).

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nerfstudio_pruning.render.pairs import enumerate_pairs
+from nerfstudio_pruning.render.dispatch import enumerate_pairs
 from nerfstudio_pruning.render.projection import ProjectedGaussians
 from nerfstudio_pruning.scoring.fisher import _compact_m_contributions
 from nerfstudio_pruning.scoring.fused import STATISTICS
