@@ -291,7 +291,7 @@ def main() -> None:
     def extra(parser):
         parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, kernels under the interpreter")
         parser.add_argument("--repeats", type=int, default=5)
-        parser.add_argument("--capture-budget", type=float, default=120.0, help="seconds of whole-capture timing")
+        parser.add_argument("--capture-budget", type=float, default=45.0, help="seconds of whole-capture timing")
         parser.add_argument("--sizes", nargs="+", default=None, help="e.g. 1M@480x270 100k@1920x1080")
 
     args = parse_args(__doc__.splitlines()[0], extra)
