@@ -5,17 +5,20 @@ Why: on CUDA the per-pair torch pipeline (`pair_stats.py`) enumerates and materi
 pair in chunks, thousands of launches per view (docs/cuda_path.md sections 7-8). Here one program per tile holds
 its pixels in registers and writes one atomic per (tile, Gaussian) and column, so a view costs two walks over the
 tile lists gsplat's forward pass already builds, and memory is the tile lists (what a gsplat render holds: ~12
-bytes per tile intersection, plus its sort) plus the per-Gaussian output: nothing grows with depth complexity.
+bytes per tile intersection, plus its sort), an entry table of 32 bytes per intersection and the per-Gaussian
+output: nothing per pair.
 
 Where it runs: the backend policy says (`render.backend.scores_fused`): CUDA tensors, where triton is importable.
 CPU tensors keep the compiled numba passes and the per-pair torch statistics, the references these kernels are
 tested against; inside `render.backend.fused_scores_on_cpu()` (tests, `bench_fused_scoring.py --dry-run`) CPU
-tensors take the fused path too, through Triton's interpreter. The interpreter is not switched on process-wide: `TRITON_INTERPRET` is read when a
-`@triton.jit` function is defined, so a second copy of `kernels.py` is loaded with it on (`_interpreted_kernels`)
-and only that copy is used for CPU tensors; the compiled copy stays what CUDA launches.
+tensors take the fused path too, through Triton's interpreter. The interpreter is not switched on process-wide:
+`TRITON_INTERPRET` is read when a `@triton.jit` function is defined, so a second copy of `kernels.py` is loaded
+with it on (`_load_kernels(interpret=True)`) and only that copy is used for CPU tensors; the compiled copy stays
+what CUDA launches.
 
 Tile lists: gsplat's `isect_tiles` / `isect_offset_encode` (`gsplat.cuda._wrapper`) on CUDA, their pure-torch
-twins in `gsplat.cuda._torch_impl` on CPU (same ids, same depth order; tests/test_fused_scores.py compares them).
+twins in `gsplat.cuda._torch_impl` on CPU (the same ids and depth order by their source;
+`benchmarks/gpu/bench_fused_scoring.py` compares them on a GPU).
 """
 
 from __future__ import annotations
