@@ -16,6 +16,8 @@
 #   parity  (a) check_rasterizer_parity.py          scores  (b) check_scores.py
 #   memory  (c) bench_pair_memory.py, bench_scoring_memory.py
 #   pairs   (d) check_pairs_and_layers.py
+#   fused   (f) bench_fused_scoring.py: the Triton scoring kernels against float64 CPU references, and per view
+#           against gsplat's forward + backward (FUSED_ARGS: extra arguments, e.g. "--quick")
 #   methods (e) run_methods.py: ns-train pup-gs and vedal-gs on the built-in scene (ns-prune-compare's schedule
 #           scaled by METHODS_SCALE, default 0.01: 300 steps), ns-eval and ns-export gaussian-splat of each
 #   install install_check.py: the plugin's wheel installed from the carried wheels leaves torch, its CUDA build,
@@ -98,6 +100,7 @@ setup() {
   command -v nvcc >/dev/null && nvcc --version | tail -1
   command -v ninja >/dev/null && echo "ninja $(ninja --version)"
   "$PY" -c "import gsplat, numpy, tqdm, rich; print('gsplat', gsplat.__version__, 'numpy', numpy.__version__)"
+  "$PY" -c "import triton; print('triton', triton.__version__)" || echo "no triton: CUDA scores take the per-pair path"
   "$PY" "$KIT/ns_kit.py" imports || return 1
   [[ "${KIT_DEVICE:-}" == cpu ]] && return 0  # a CPU dry run builds nothing
   "$PY" - "$KIT" <<'EOF'
@@ -142,6 +145,7 @@ run_stage() {
       run_script bench_pair_memory --out "$RESULTS" || status=1
       run_script bench_scoring_memory --out "$RESULTS" || status=1 ;;
     pairs) run_script check_pairs_and_layers --out "$RESULTS" || status=1 ;;
+    fused) run_script bench_fused_scoring --out "$RESULTS" ${FUSED_ARGS:-} || status=1 ;;
     methods) run_script run_methods --out "$RESULTS" ${METHODS_SCALE:+--scale "$METHODS_SCALE"} || status=1 ;;
     install) KIT_SITE="$SITE" run_script install_check check --before "$RESULTS/torch_before.json" --out "$RESULTS" || status=1 ;;
     evidence|evidence:*)
@@ -154,7 +158,7 @@ run_stage() {
       for script in check_rasterizer_parity check_scores bench_pair_memory bench_scoring_memory check_pairs_and_layers run_methods; do
         run_script "$script" --quick --out "$RESULTS/quick" || status=1
       done ;;
-    *) echo "unknown stage $stage (setup quick parity scores memory pairs methods install evidence[:SCENE[-PART]])"; status=2 ;;
+    *) echo "unknown stage $stage (setup quick parity scores memory pairs fused methods install evidence[:SCENE[-PART]])"; status=2 ;;
   esac
   if [[ -f "$CACHE/gsplat_cuda/gsplat_cuda.so" && ! -d "$RESULTS/gsplat_cuda" ]]; then
     mkdir -p "$RESULTS/gsplat_cuda" && cp "$CACHE/gsplat_cuda/"* "$RESULTS/gsplat_cuda/"

@@ -6,13 +6,21 @@
   against); float64 tensors always take the reference: the kernels compute in float32, as gsplat's CUDA kernels
   do, and float64 inputs (the exactness tests' brute-force references) keep the reference's precision.
 
+The scores' per-Gaussian statistics (`scores_fused`): the fused Triton kernels of `scoring/fused/` where gsplat's
+CUDA kernels run (and triton is installed); elsewhere the backend above (the compiled moments, the per-pair
+statistics). Inside `fused_scores_on_cpu()` CPU tensors take the fused kernels too, under Triton's interpreter:
+slow, for the tests and the GPU benchmark's dry run.
+
 A leaf module: it decides, `render/dispatch.py` and the scores act on the answer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 from enum import Enum
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -50,3 +58,25 @@ def backend_for(values: Tensor) -> Backend:
     if cpu_backend() == Backend.COMPILED.value and values.dtype != torch.float64:
         return Backend.COMPILED
     return Backend.TORCH
+
+
+_fused_scores_on_cpu = False
+
+
+def scores_fused(values: Tensor) -> bool:
+    """Whether the scores' per-Gaussian statistics on `values` (a model's tensors) run in the fused Triton kernels
+    (`scoring/fused/`); see the module docstring."""
+    if on_gpu(values):
+        return importlib.util.find_spec("triton") is not None
+    return _fused_scores_on_cpu
+
+
+@contextlib.contextmanager
+def fused_scores_on_cpu() -> Iterator[None]:
+    """Inside the block, scores on CPU tensors take the fused kernels under Triton's interpreter (tiny scenes only)."""
+    global _fused_scores_on_cpu
+    previous, _fused_scores_on_cpu = _fused_scores_on_cpu, True
+    try:
+        yield
+    finally:
+        _fused_scores_on_cpu = previous

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from nerfstudio_pruning.render.backend import scores_fused
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
-from nerfstudio_pruning.scoring.pair_stats import PairStatistics, project_and_enumerate, sum_over_pairs
+from nerfstudio_pruning.scoring.fused import fused_view_statistic
+from nerfstudio_pruning.scoring.pair_stats import PairStatistics, project_and_enumerate, project_gaussians, sum_over_pairs
 from nerfstudio_pruning.types import Gaussians, Views
 
 
@@ -27,7 +29,12 @@ def lightgaussian_significance(
     def hits(stats: PairStatistics) -> Tensor:
         return opacity[stats.gaussian] * stats.transmittance
 
+    fused = scores_fused(g.means)
+
     def view_hits(_: int, view: Views) -> Tensor:
+        if fused:  # sums of T per Gaussian in one walk over gsplat's tile lists (`scoring.fused`)
+            proj = project_gaussians(g, view)
+            return opacity * fused_view_statistic("transmittance", proj, view.width, view.height)[:, 0]
         proj, pairs = project_and_enumerate(g, view)
         return sum_over_pairs(proj, pairs, view, len(g), hits)
 

@@ -30,11 +30,12 @@ import torch
 from torch import Tensor
 
 from nerfstudio_pruning.errors import PruningRefused
-from nerfstudio_pruning.render.backend import Backend, backend_for
+from nerfstudio_pruning.render.backend import Backend, backend_for, scores_fused
 from nerfstudio_pruning.render.constants import TILE_SIZE
 from nerfstudio_pruning.render.dispatch import enumerate_pairs, rasterization
 from nerfstudio_pruning.render.projection import ProjectedGaussians
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
+from nerfstudio_pruning.scoring.fused import fused_view_statistic
 from nerfstudio_pruning.scoring.pair_stats import (
     DEFAULT_CHUNK_PAIRS,
     PairStatistics,
@@ -140,12 +141,18 @@ def gradient_moments(
     """One view's projection and [N, 21 + 6 D + 1] float64 per-Gaussian sums of `_compact_m_contributions` over
     the pairs it composites (None if it composites none).
 
-    Where the compiled kernels run, the view is projected by the compiled projection (as the renderer projects it
+    On CUDA the fused Triton kernel accumulates them in one walk over gsplat's tile lists (`scoring.fused`). Where
+    the compiled kernels run, the view is projected by the compiled projection (as the renderer projects it
     there) and the sums are accumulated in one pass over the renderer's tile lists; elsewhere the pairs are
     enumerated and their statistics summed in chunks (`pair_stats`). The same float64 formulas over the same
     pairs of the same projection agree to float64 rounding; the two projections differ by float32 rounding.
     """
     n = len(gaussians)
+    if scores_fused(gaussians.means):
+        with torch.no_grad():
+            proj = project_gaussians(gaussians.detach(), view)
+        rows = fused_view_statistic("moments", proj, view.width, view.height, tile_size, view.background(0))
+        return proj, rows if bool((rows[:, -1] > 0).any()) else None
     if backend_for(gaussians.means) == Backend.COMPILED:
         # Imported here so that numba and its kernels load only where the compiled backend runs.
         from nerfstudio_pruning.render.compiled import compiled_project
@@ -228,7 +235,10 @@ def fisher_blocks(
     size = block_size(gaussians, params)
 
     total = torch.zeros(n, size, size, dtype=torch.float64, device=gaussians.device)
-    compiled = backend_for(gaussians.means) == Backend.COMPILED
+    # The fused path (CUDA, or CPU under the interpreter in tests) takes A and the assembly in batched torch, as
+    # CUDA runs them.
+    fused = scores_fused(gaussians.means)
+    compiled = backend_for(gaussians.means) == Backend.COMPILED and not fused
     if compiled:
         from nerfstudio_pruning.scoring.cpu_moments import compiled_add_fisher_blocks  # loads numba and its kernels
 
@@ -242,7 +252,7 @@ def fisher_blocks(
         # and taking it in slices bounds the float64 forward-mode temporaries (~4 KB per Gaussian). Their blocks
         # go straight into the total: a per-view [N, B, B] buffer would cost more than the blocks themselves.
         for seen in torch.nonzero(m_compact[:, -1] > 0)[:, 0].split(gaussian_chunk):
-            jac = projection_jacobian(gaussians.subset(seen), view, params, radii[seen])
+            jac = projection_jacobian(gaussians.subset(seen), view, params, None if fused else radii[seen])
             if compiled:
                 compiled_add_fisher_blocks(m_compact[seen], jac, seen, total)
                 continue

@@ -27,9 +27,17 @@ import torch
 from torch import Tensor
 
 from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.render.backend import scores_fused
 from nerfstudio_pruning.render.constants import TILE_SIZE
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
-from nerfstudio_pruning.scoring.pair_stats import DEFAULT_CHUNK_PAIRS, PairStatistics, project_and_enumerate, sum_over_pairs
+from nerfstudio_pruning.scoring.fused import fused_view_statistic
+from nerfstudio_pruning.scoring.pair_stats import (
+    DEFAULT_CHUNK_PAIRS,
+    PairStatistics,
+    project_and_enumerate,
+    project_gaussians,
+    sum_over_pairs,
+)
 from nerfstudio_pruning.types import Gaussians, Views
 
 LOSSES = ("l1", "l2", "energy")
@@ -77,7 +85,15 @@ def leave_one_out_importance(
     _check_gt(gt_images, len(views), views.width, views.height, loss)
     gaussians = gaussians.detach()
 
+    fused = scores_fused(gaussians.means)
+
     def view_importance(index: int, view: Views) -> Tensor:
+        if fused:  # one walk over gsplat's tile lists (`scoring.fused`)
+            with torch.no_grad():
+                proj = project_gaussians(gaussians, view)
+            gt_image = None if loss == "energy" else gt_images[index]
+            return fused_view_statistic("leave_one_out", proj, view.width, view.height, tile_size,
+                                        view.background(0), gt_image, loss)[:, 0]
         gt_flat = None if loss == "energy" else gt_images[index].reshape(view.width * view.height, -1).detach().double()
 
         def change(stats: PairStatistics) -> Tensor:

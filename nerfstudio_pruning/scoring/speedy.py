@@ -34,12 +34,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from nerfstudio_pruning.render.backend import scores_fused
 from nerfstudio_pruning.render.constants import TILE_SIZE
 from nerfstudio_pruning.scoring.accumulate import sum_over_views
+from nerfstudio_pruning.scoring.fused import fused_view_statistic
 from nerfstudio_pruning.scoring.pair_stats import (
     DEFAULT_CHUNK_PAIRS,
     PairStatistics,
     project_and_enumerate,
+    project_gaussians,
     sum_over_pairs,
 )
 from nerfstudio_pruning.types import Gaussians, Views
@@ -57,7 +60,13 @@ def speedy_scores(
     g = gaussians.detach()
     n = len(g)
 
+    fused = scores_fused(g.means)
+
     def view_scores(_: int, view: Views) -> Optional[Tensor]:
+        if fused:  # one walk over gsplat's tile lists (`scoring.fused`)
+            with torch.no_grad():
+                proj = project_gaussians(g, view)
+            return fused_view_statistic("speedy", proj, view.width, view.height, tile_size, view.background(0))[:, 0]
         proj, pairs = project_and_enumerate(g, view, tile_size)
         if len(pairs) == 0:
             return None
