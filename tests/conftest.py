@@ -76,9 +76,11 @@ def made_once(root: Path, name: str, make: Callable[[], subprocess.CompletedProc
 
 
 # pytest-xdist (--dist loadgroup) hands out work in collection order, a group or a test at a time, to whichever
-# worker is free. The long groups come first, so that neither core is left with one of them at the end while the
-# other idles (the first needs vedal_run, the first shared run trained below). The tests on ns-prune-compare's
-# two-seed comparison form a group too: split over both workers, one would wait on the other's lock while it is made.
+# worker is free. The long groups come first, then the other tests on the shared runs (the ones that start ns-*
+# commands), then the unit tests: the last minutes are short tests that keep both cores busy, instead of one core
+# on a long group while the other idles. The first group needs vedal_run, the first shared run trained below. The
+# tests on ns-prune-compare's two-seed comparison form a group too: split over both workers, one would wait on the
+# other's lock while the comparison is made.
 LONG_GROUPS = ("vedal-resume", "compare-two-seeds", "viewer-browser")
 
 
@@ -92,7 +94,14 @@ def pytest_collection_modifyitems(config, items):
         if "two_seeds" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("compare-two-seeds"))
     rank = {group: i for i, group in enumerate(LONG_GROUPS)}
-    items.sort(key=lambda item: min((rank[g] for g in _groups(item) if g in rank), default=len(LONG_GROUPS)))
+
+    def order(item) -> int:
+        in_group = [rank[g] for g in _groups(item) if g in rank]
+        if in_group:
+            return min(in_group)
+        return len(LONG_GROUPS) + ("e2e_root" not in getattr(item, "fixturenames", ()))
+
+    items.sort(key=order)
 
 
 # Under pytest-xdist the shared runs are trained side by side before any test: each worker claims, longest first,
