@@ -297,8 +297,6 @@ def check_vedal_gs_page(driver, viewer: tuple) -> None:
     print(f"\nvedal-gs page: {time.time() - started:.1f} s; rgb {frame_summary(rgb)}; {shown_count(page)[2]}")
 
 
-
-
 def check_pup_gs_page(driver, viewer: tuple) -> None:
     """pup-gs's page: a non-blank rgb frame and the sensitivity output with its legend."""
     started = time.time()
