@@ -77,7 +77,7 @@ def made_once(root: Path, name: str, make: Callable[[], subprocess.CompletedProc
 
 # pytest-xdist (--dist loadgroup) hands out work in collection order, a group or a test at a time, to whichever
 # worker is free. The long groups come first, then the other tests on the shared runs (the ones that start ns-*
-# commands), then the unit tests: the last minutes are short tests that keep both cores busy, instead of one core
+# commands) and those marked slow, then the unit tests: the last minutes are short tests that keep both cores busy, instead of one core
 # on a long group while the other idles. The first group needs vedal_run, the first shared run trained below. The
 # tests on ns-prune-compare's two-seed comparison form a group too: split over both workers, one would wait on the
 # other's lock while the comparison is made.
@@ -99,7 +99,8 @@ def pytest_collection_modifyitems(config, items):
         in_group = [rank[g] for g in _groups(item) if g in rank]
         if in_group:
             return min(in_group)
-        return len(LONG_GROUPS) + ("e2e_root" not in getattr(item, "fixturenames", ()))
+        long = "e2e_root" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slow") is not None
+        return len(LONG_GROUPS) + (not long)
 
     items.sort(key=order)
 
