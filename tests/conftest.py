@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +13,16 @@ import pytest
 from filelock import FileLock
 
 from e2e import ns, quick_train_args, run_dir
+
+# nerfstudio's start-up without its inspect.stack() calls (tests/startup/nerfstudio_startup.py): in this process,
+# and through sitecustomize in every Python process the tests start (ns-train, ns-eval, ...).
+STARTUP = str(Path(__file__).resolve().parent / "startup")
+if STARTUP not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (STARTUP, os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, STARTUP)
+import nerfstudio_startup  # noqa: E402
+
+nerfstudio_startup.install()
 
 BASE_STEPS = 150
 VEDAL_STEPS = 240
@@ -64,16 +75,63 @@ def made_once(root: Path, name: str, make: Callable[[], subprocess.CompletedProc
         return proc
 
 
-# Under pytest-xdist, the shared runs each worker trains before its first test: otherwise both workers start with
-# tests that need splatfacto_run, and one waits for the other to train it, then again for vedal_run.
-FIRST_RUNS_OF_WORKER = {"gw0": ("splatfacto_run", "vedal_run"), "gw1": ("pup_run",)}
+# pytest-xdist (--dist loadgroup) hands out work in collection order, a group or a test at a time, to whichever
+# worker is free. The long groups come first, then the other tests on the shared runs (the ones that start ns-*
+# commands) and those marked slow, then the unit tests: the last minutes are short tests that keep both cores busy, instead of one core
+# on a long group while the other idles. The first group needs vedal_run, the first shared run trained below. The
+# tests on ns-prune-compare's two-seed comparison form a group too: split over both workers, one would wait on the
+# other's lock while the comparison is made.
+LONG_GROUPS = ("vedal-resume", "compare-two-seeds", "viewer-browser")
+
+
+def _groups(item) -> set:
+    return {mark.args[0] if mark.args else mark.kwargs.get("name") for mark in item.iter_markers("xdist_group")}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "two_seeds" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("compare-two-seeds"))
+    rank = {group: i for i, group in enumerate(LONG_GROUPS)}
+
+    def order(item) -> int:
+        in_group = [rank[g] for g in _groups(item) if g in rank]
+        if in_group:
+            return min(in_group)
+        long = "e2e_root" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slow") is not None
+        return len(LONG_GROUPS) + (not long)
+
+    items.sort(key=order)
+
+
+# Under pytest-xdist the shared runs are trained side by side before any test: each worker claims, longest first,
+# the runs no other worker has claimed and trains them (a claim is a file created with O_EXCL, so exactly one worker
+# gets each run). Otherwise both workers would start with tests that need the same run and one would wait for the
+# other to train it. Longest first, whichever worker is handed the vedal-resume group waits little for vedal_run.
+SHARED_RUNS_LONGEST_FIRST = ("vedal_run", "pup_run", "splatfacto_run")
+
+
+def _claimed(root: Path, name: str) -> bool:
+    """True for the one worker that creates the claim file of `name`."""
+    try:
+        os.close(os.open(root / f"{name}.claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_runs_trained_side_by_side(request):
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return
     needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
-    for name in FIRST_RUNS_OF_WORKER.get(os.environ.get("PYTEST_XDIST_WORKER", ""), ()):
-        if name in needed:
+    runs = [name for name in SHARED_RUNS_LONGEST_FIRST if name in needed]
+    if not runs:
+        return
+    root = request.getfixturevalue("e2e_root")
+    for name in runs:
+        if _claimed(root, name):
             request.getfixturevalue(name)
 
 

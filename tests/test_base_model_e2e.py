@@ -95,6 +95,7 @@ def test_viewer_starts_loads_and_stops(default_scene_run):
     assert "Done loading checkpoint" in output
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_DATA / "buddha_color13").is_dir(), reason="../shared/data not present")
 def test_trains_on_real_capture_at_low_resolution(tmp_path):
     outputs = tmp_path / "outputs"

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from scipy.stats import spearmanr
 
 from nerfstudio_pruning.render.pairs import find_pairs
 from nerfstudio_pruning.scoring.importance import first_order_importance, leave_one_out_importance
 from nerfstudio_pruning.scoring.pair_stats import project_gaussians, view_pair_statistics
 from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.testing.ranks import spearman
 from nerfstudio_pruning.testing.synthetic import point_on_pixel_centre, GaussianSet, orbit_cameras, random_gaussians
 from nerfstudio_pruning.types import Views
 # One pytest-xdist worker runs this module: its module-scoped fixtures are made once.
@@ -86,10 +86,6 @@ def brute_force(scene):
     return {k: torch.tensor(v, dtype=DTYPE) for k, v in changes.items()}, torch.tensor(unaffected)
 
 
-def _spearman(a, b):
-    return spearmanr(a.numpy(), b.numpy()).statistic
-
-
 def test_scene_exercises_clamp_and_early_stop(scene, brute_force):
     g, viewmats, Ks, _ = scene
     _, unaffected = brute_force
@@ -135,10 +131,10 @@ def test_identity_matches_brute_force_removal(scene, brute_force, loss):
     assert relative[unaffected].max() < 1e-5
     # Elsewhere pairs come back from behind the early stop. Measured here: up to 3% error on single Gaussians,
     # ranking unchanged (Spearman 1.0).
-    spearman = _spearman(importance, exact)
-    assert spearman >= 0.99
+    rho = spearman(importance, exact)
+    assert rho >= 0.99
     print(f"{loss}: max relative error, unaffected {relative[unaffected].max():.1e}, at the early stop "
-          f"{relative[~unaffected].max():.1e} ({int((~unaffected).sum())} of {N}); Spearman {spearman:.5f}")
+          f"{relative[~unaffected].max():.1e} ({int((~unaffected).sum())} of {N}); Spearman {rho:.5f}")
 
 
 @pytest.mark.parametrize("loss", ["l1", "l2"])
@@ -161,7 +157,7 @@ def test_first_order_is_the_linearised_identity_without_clamped_pairs(scene, bru
 
     changes, _ = brute_force
     # A cheaper and rougher ranking than the identity's; reported, not a property of the code to pin down.
-    print(f"{loss}: Spearman of first-order vs brute force {_spearman(first_order, changes[loss]):.3f}")
+    print(f"{loss}: Spearman of first-order vs brute force {spearman(first_order, changes[loss]):.3f}")
 
 
 def test_requires_ground_truth_for_image_losses(scene):

@@ -1,4 +1,4 @@
-"""benchmarks/plot_gate_history.py: on a vedal-gs run it prints the gate's history and reversal rate and writes a PNG;
+"""analysis/plot_gate_history.py: on a vedal-gs run it prints the gate's history and reversal rate and writes a PNG;
 on anything else it says why in one `error:` line and exits with status 1."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_gate_history.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "plot_gate_history.py"
 
 
 def plot_gate_history(*args, cwd: Path) -> subprocess.CompletedProcess:

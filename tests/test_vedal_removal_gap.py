@@ -1,4 +1,4 @@
-"""benchmarks/vedal_removal_gap.py: on a vedal-gs checkpoint from before the removal it prints the gated count and the
+"""analysis/vedal_removal_gap.py: on a vedal-gs checkpoint from before the removal it prints the gated count and the
 four renders' PSNR; on one from after the removal it refuses in one line unless asked to read its gated survivors."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vedal_removal_gap.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "analysis" / "vedal_removal_gap.py"
 MID_GATE = 180  # a checkpoint vedal_run keeps, with grants and before the removal (tests/test_resume.py)
 
 

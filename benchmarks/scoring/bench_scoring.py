@@ -13,7 +13,7 @@ floor, as `removal_pictures.py`), it times:
 - `fisher-appearance`, `lightgaussian`, `speedy`: the other per-view scores.
 Median of the views' times after one warm-up view; the thread count is torch's (set with --threads).
 
-    python benchmarks/bench_scoring.py path/to/run/config.yml --views 5 --threads 2
+    python benchmarks/scoring/bench_scoring.py path/to/run/config.yml --views 5 --threads 2
 """
 
 from __future__ import annotations

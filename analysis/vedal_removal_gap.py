@@ -17,7 +17,7 @@ With `--after-removal` it also reads a checkpoint from after the removal: the su
 frozen p (all >= 0.5), so `inference mask` equals `all kept` there, and the other two rows say whether the
 training after an early removal still fits a mixture rather than the model that is shown.
 
-    python benchmarks/vedal_removal_gap.py path/to/vedal-gs/config.yml [--step 29000] [--samples 4] [--after-removal]
+    python analysis/vedal_removal_gap.py path/to/vedal-gs/config.yml [--step 29000] [--samples 4] [--after-removal]
 """
 
 from __future__ import annotations

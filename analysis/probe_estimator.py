@@ -8,35 +8,27 @@ Measures, on any Gaussian set and cameras given as tensors:
 - seconds per view of exact scoring, of probe scoring, and of one ordinary forward + backward render.
 
 Not a test. Usage:
-    python benchmarks/bench_probe_estimator.py                      # synthetic: 3000 Gaussians, 64x64, 8 views
-    python benchmarks/bench_probe_estimator.py --scene scene.pt     # torch.save'd dict, see `load_scene`
-    python benchmarks/bench_probe_estimator.py --load-config outputs/.../config.yml --downscale 4   # a trained run
+    python analysis/probe_estimator.py                      # synthetic: 3000 Gaussians, 64x64, 8 views
+    python analysis/probe_estimator.py --scene scene.pt     # torch.save'd dict, see `load_scene`
+    python analysis/probe_estimator.py --load-config outputs/.../config.yml --downscale 4   # a trained run
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
-import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
 from nerfstudio_pruning.scoring.fisher import fisher_blocks, fisher_scores, probe_fisher_blocks
 from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.testing.ranks import spearman
 from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
 from nerfstudio_pruning.types import Gaussians, Views
 
 PRUNE_FRACTION = 0.8  # PUP's first round
-
-
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Rank correlation; -inf scores rank lowest (ties share their mean rank)."""
-    ra = rankdata(a.cpu().numpy())
-    rb = rankdata(b.cpu().numpy())
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def prune_set_agreement(a: Tensor, b: Tensor, fraction: float) -> float:

@@ -6,7 +6,7 @@ training images. Compare with `leave_one_out_importance` (the exact per-pixel id
 and with the first-order statistic -o dL/do. Prints Spearman rank correlations and the agreement of the gate's
 decision ("importance below the gate's threshold quantile") between estimate and brute force.
 
-Usage: python benchmarks/bench_loo_importance.py --load-config outputs/.../config.yml [--sample 300] [--loss l1]
+Usage: python analysis/loo_importance.py --load-config outputs/.../config.yml [--sample 300] [--loss l1]
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from nerfstudio_pruning.vedal.gate import ConvergenceGateConfig
 from nerfstudio_pruning.scoring.importance import first_order_importance, leave_one_out_importance, pixel_loss_change
 from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.testing.ranks import spearman
 
 
 def render_all(g, views, opacity_logits):
@@ -68,8 +68,8 @@ def main() -> None:
         t_brute = time.perf_counter() - started
 
     est, fo = estimate[sample].double(), first[sample].double()
-    rho = spearmanr(est.numpy(), brute.numpy()).correlation
-    rho_fo = spearmanr(fo.numpy(), brute.numpy()).correlation
+    rho = spearman(est, brute)
+    rho_fo = spearman(fo, brute)
     q = ConvergenceGateConfig().threshold_quantile
 
     def below(x: torch.Tensor) -> np.ndarray:

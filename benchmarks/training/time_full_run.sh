@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # #12's training goal: how long one full 30k-step splatfacto-portable run of the built-in scene takes on this
 # machine, start-up included. Run it alone on the machine; it prints the wall time and the final Gaussian count.
-# The arguments are ns-prune-compare's at --schedule-scale 1 (as benchmarks/full_schedule.sh passes them), with eval
+# The arguments are ns-prune-compare's at --schedule-scale 1 (as scripts/experiments/full_schedule.sh passes them), with eval
 # images off and one checkpoint at the end.
-# Usage: bash benchmarks/time_full_run.sh OUT [THREADS] [SEED]
+# Usage: bash benchmarks/training/time_full_run.sh OUT [THREADS] [SEED]
 set -euo pipefail
 OUT=$1 THREADS=${2:-2} SEED=${3:-42}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 [ -d "$OUT/scene" ] || "$ROOT/.venv/bin/python" -c "import sys; from pathlib import Path; from nerfstudio_pruning.data.default_scene import ensure_default_scene; ensure_default_scene(Path(sys.argv[1]))" "$OUT/scene"

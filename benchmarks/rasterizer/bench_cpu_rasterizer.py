@@ -14,8 +14,8 @@ several times too long. So each child first waits (up to --max-wait s) for other
 cores they used while it ran are reported with its result, and a run disturbed by over 0.3 cores is repeated
 (up to --retries times), keeping the quietest.
 
-    .venv/bin/python benchmarks/bench_cpu_rasterizer.py            # full run: ~1.5 minutes on an idle 2-core machine
-    .venv/bin/python benchmarks/bench_cpu_rasterizer.py --quick    # 1k and 10k Gaussians at 64x64
+    .venv/bin/python benchmarks/rasterizer/bench_cpu_rasterizer.py            # full run: ~1.5 minutes on an idle 2-core machine
+    .venv/bin/python benchmarks/rasterizer/bench_cpu_rasterizer.py --quick    # 1k and 10k Gaussians at 64x64
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from dense_compositor import check_agreement, dense_rasterization, estimate_bytes, format_agreement
 from nerfstudio_pruning.render.projection import project
 from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.testing.machine import ForeignLoad, current_rss_bytes, wait_for_quiet
 from nerfstudio_pruning.testing.synthetic import orbit_cameras, random_gaussians
 
 SH_DEGREE = 3
@@ -83,11 +84,6 @@ def make_scene(args: argparse.Namespace, n: int, res: int):
     return gs, viewmats, Ks
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def run_child(args: argparse.Namespace) -> dict:
     """One method on one configuration: warm-up, timed repeats, then peak RSS over all of them."""
     torch.set_num_threads(args.threads)
@@ -129,46 +125,14 @@ def run_child(args: argparse.Namespace) -> dict:
                 peak_mb=max(0, peak - rss_before) / 2**20)
 
 
-def busy_cpu_seconds() -> float:
-    """CPU time spent by everything on the machine since boot (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> float:
-    """Wait (up to max_wait s) until other processes use under `threshold` cores; returns the last reading.
-
-    The machine is shared: with torch's 2 threads on 2 cores, one busy foreign process makes a step many times
-    slower (observed: a 23 ms CPU-path step taking up to 3 s), which no number of repeats averages away.
-    """
-    deadline = time.monotonic() + max_wait
-    while True:
-        b0, t0 = busy_cpu_seconds(), time.monotonic()
-        time.sleep(1.0)
-        load = (busy_cpu_seconds() - b0) / (time.monotonic() - t0)
-        if load < threshold or time.monotonic() > deadline:
-            return load
-        time.sleep(2.0)
-
-
 def spawn(args: argparse.Namespace, method: str, n: int, res: int, quiet: float = 0.3) -> dict:
     """Run one child; if other processes were busy meanwhile, run it again (up to --retries), keep the quietest."""
     best = None
     for _ in range(args.retries + 1):
-        if args.max_wait > 0:
-            wait_for_quiet(args.max_wait, quiet)
-        busy0, own0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.monotonic()
-        result = _spawn(args, method, n, res)
-        wall = time.monotonic() - t0
-        # Cores used by other processes while the child ran (imports and scene set-up included).
-        result["others_load"] = max(0.0, (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - own0)) / wall
+        wait_for_quiet(args.max_wait, quiet)
+        with ForeignLoad() as others:  # while the child ran, its imports and scene set-up included
+            result = _spawn(args, method, n, res)
+        result["others_load"] = others.cores
         if best is None or result["others_load"] < best["others_load"]:
             best = result
         if "error" in result or result["others_load"] < quiet:

@@ -6,10 +6,10 @@ modification times), so start-up, data loading and kernel loading are not counte
 read from the checkpoint at the end of the window. nerfstudio writes no checkpoint at the first step, so the
 first timed window starts --window steps in and start-up is never counted.
 
-    .venv/bin/python benchmarks/bench_training_steps.py                                    # built-in scene
-    .venv/bin/python benchmarks/bench_training_steps.py --scene ../shared/data/buddha_gray67 --downscale 4
-    .venv/bin/python benchmarks/bench_training_steps.py --load-checkpoint RUN/nerfstudio_models/step-000005000.ckpt
-    .venv/bin/python benchmarks/bench_training_steps.py --backends compiled --method vedal-gs \
+    .venv/bin/python benchmarks/training/bench_training_steps.py                                    # built-in scene
+    .venv/bin/python benchmarks/training/bench_training_steps.py --scene ../shared/data/buddha_gray67 --downscale 4
+    .venv/bin/python benchmarks/training/bench_training_steps.py --load-checkpoint RUN/nerfstudio_models/step-000005000.ckpt
+    .venv/bin/python benchmarks/training/bench_training_steps.py --backends compiled --method vedal-gs \
         --method-args "--pipeline.model.finetune-start-step 7000" --load-checkpoint VEDAL_RUN/.../step-000024000.ckpt
 
 With --load-checkpoint the windows start from a trained state (e.g. mid-densification, where a step costs the
@@ -25,15 +25,13 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from nerfstudio_pruning.testing.machine import ForeignLoad
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_compiled_rasterizer import busy_cpu_seconds, children_cpu_seconds  # noqa: E402  (the load accounting)
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
 
 
 def dataparser_args(args: argparse.Namespace, work: Path) -> List[str]:
@@ -65,11 +63,9 @@ def run_backend(args: argparse.Namespace, backend: str, work: Path) -> dict:
     command += args.method_args.split() + dataparser_args(args, work)
     env = dict(os.environ, NSP_CPU_RASTERIZER=backend, OMP_NUM_THREADS=str(args.threads), PYTHONHASHSEED="0")
     log = work / f"{backend}.log"
-    busy0, own0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.monotonic()
-    with open(log, "w") as fh:
+    with open(log, "w") as fh, ForeignLoad() as load:
         proc = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=work)
-    wall = time.monotonic() - t0
-    others = max(0.0, (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - own0)) / wall
+    wall, others = load.seconds, load.cores
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-1500:]
         raise SystemExit(f"error: ns-train ({backend}) failed; last lines of {log}:\n{tail}")

@@ -1,7 +1,7 @@
 """The vedal-gs gate over a run: eligible fraction and reversals at every gate update, read from the run's latest
 checkpoint, printed and plotted (not a test).
 
-Usage: python benchmarks/plot_gate_history.py RUN_DIR [RUN_DIR ...] [OUT.png] [--rows N]
+Usage: python analysis/plot_gate_history.py RUN_DIR [RUN_DIR ...] [OUT.png] [--rows N]
 
 RUN_DIR is a vedal-gs run folder (the one holding config.yml and nerfstudio_models/) or its nerfstudio_models/
 folder. OUT.png defaults to RUN_DIR/gate_history.png for one run; several runs (a sweep) are printed one after the
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-USAGE_EPILOG = ("example: python benchmarks/plot_gate_history.py outputs/scene/vedal-gs/2026-11-21_120000 gate.png; "
+USAGE_EPILOG = ("example: python analysis/plot_gate_history.py outputs/scene/vedal-gs/2026-11-21_120000 gate.png; "
                 "a sweep: ... RUN_A RUN_B RUN_C sweep.png")
 
 

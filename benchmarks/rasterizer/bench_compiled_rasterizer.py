@@ -16,8 +16,8 @@ cores they used while the child ran, and reruns a child disturbed by more than 0
 torch runs predicted to take longer than --torch-budget-s per call (from the pairs and Gaussians, see
 TORCH_NS_PER_PAIR_2_THREADS) are skipped and say so.
 
-    .venv/bin/python benchmarks/bench_compiled_rasterizer.py            # everything (~5 minutes on 2 idle cores)
-    .venv/bin/python benchmarks/bench_compiled_rasterizer.py --quick    # 1k and 50k at 64x64 and 256x256, 2 threads
+    .venv/bin/python benchmarks/rasterizer/bench_compiled_rasterizer.py            # everything (~5 minutes on 2 idle cores)
+    .venv/bin/python benchmarks/rasterizer/bench_compiled_rasterizer.py --quick    # 1k and 50k at 64x64 and 256x256, 2 threads
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import tempfile
 import time
 from typing import List, Optional
 
+from nerfstudio_pruning.testing.machine import ForeignLoad, current_rss_bytes, wait_for_quiet
+
 RESULT_TAG = "RESULT "
 SH_DEGREE = 3
 # The torch reference's forward+backward time on 2 threads, fitted to this script's first full run (1k 512x512:
@@ -44,7 +46,7 @@ SH_DEGREE = 3
 TORCH_NS_PER_PAIR_2_THREADS = 180.0
 TORCH_NS_PER_GAUSSIAN_2_THREADS = 3200.0
 TORCH_ONE_THREAD_FACTOR = 1.7
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -91,11 +93,6 @@ def make_scene(n: int, res: int, seed: int):
     gs = random_gaussians(n, sh_degree=SH_DEGREE, extent=0.8, scale=0.06 * (1000.0 / n) ** (1.0 / 3.0), seed=seed)
     viewmats, Ks = orbit_cameras(1, res, res)
     return gs, viewmats, Ks
-
-
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def child_render(args: argparse.Namespace) -> dict:
@@ -307,39 +304,14 @@ def exp_check() -> None:
 # ------------------------------------------------------------------------------------------------- parent
 
 
-def busy_cpu_seconds() -> float:
-    """CPU time used by everything on the machine since boot (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def children_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> None:
-    """Two torch/numba threads on two cores slow down several times whenever anything else runs."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        b0, t0 = busy_cpu_seconds(), time.monotonic()
-        time.sleep(1.0)
-        if (busy_cpu_seconds() - b0) / (time.monotonic() - t0) < threshold or time.monotonic() > deadline:
-            return
-        time.sleep(1.0)
-
-
 def spawn(args: argparse.Namespace, extra: List[str], env: Optional[dict] = None, retry: bool = True) -> dict:
     best = None
     for _ in range(args.retries + 1 if retry else 1):
-        if args.max_wait > 0:
-            wait_for_quiet(args.max_wait)
-        busy0, own0, t0 = busy_cpu_seconds(), children_cpu_seconds(), time.monotonic()
+        wait_for_quiet(args.max_wait)
         cmd = [sys.executable, os.path.abspath(__file__), "--seed", str(args.seed), "--repeats", str(args.repeats),
                *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-        wall = time.monotonic() - t0
+        with ForeignLoad() as others:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         result = None
         for line in proc.stdout.splitlines():
             if line.startswith(RESULT_TAG):
@@ -347,7 +319,7 @@ def spawn(args: argparse.Namespace, extra: List[str], env: Optional[dict] = None
         if result is None:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             result = {"error": f"exit {proc.returncode}: {tail[:200]}"}
-        result["others_load"] = max(0.0, (busy_cpu_seconds() - busy0) - (children_cpu_seconds() - own0)) / wall
+        result["others_load"] = others.cores
         if best is None or result["others_load"] < best["others_load"]:
             best = result
         if "error" in result or result["others_load"] < 0.3:

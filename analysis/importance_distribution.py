@@ -4,7 +4,7 @@ Prints, per run, the quantiles of Delta (mean over all training views, in the un
 quantiles divided by the mean. If the absolute quantiles move with the model size while the relative ones stay
 put, a kl_weight stated relative to the mean works across scenes; the chosen default is read off here.
 
-    python benchmarks/importance_distribution.py path/to/run/config.yml [...] [--step N]
+    python analysis/importance_distribution.py path/to/run/config.yml [...] [--step N]
 """
 
 from __future__ import annotations

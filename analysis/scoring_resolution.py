@@ -5,7 +5,7 @@ ranking with the one at full resolution: Spearman correlation over all Gaussians
 90% pruning would keep (the official pipeline scores at 1/4 of the training resolution, chosen for images about
 1000 pixels wide). Also prints the time each scoring took.
 
-    python benchmarks/scoring_resolution.py path/to/run/config.yml --score fisher --downscales 1 2 4 8
+    python analysis/scoring_resolution.py path/to/run/config.yml --score fisher --downscales 1 2 4 8
 """
 
 from __future__ import annotations
@@ -16,19 +16,7 @@ from pathlib import Path
 
 import torch
 
-
-def ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..N-1 (ties broken by position; -inf, Gaussians no view sees, rank lowest)."""
-    order = torch.argsort(values, stable=True)
-    out = torch.empty_like(order)
-    out[order] = torch.arange(len(values))
-    return out
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ra, rb = ranks(a).double(), ranks(b).double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+from nerfstudio_pruning.testing.ranks import spearman
 
 
 def kept_overlap(a: torch.Tensor, b: torch.Tensor, keep_fraction: float) -> float:

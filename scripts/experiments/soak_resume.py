@@ -14,8 +14,8 @@ Every ns-* subprocess runs with PYTHONHASHSEED (default 0) and OMP_NUM_THREADS (
 Writes soak.json and soak.md under --output-dir and prints the table.
 
 Usage (from the repository root):
-    python benchmarks/soak_resume.py --data ../shared/data/buddha_gray67 --output-dir /work/runs/soak
-    python benchmarks/soak_resume.py --smoke ...   # 60-step schedules, to check the flags
+    python scripts/experiments/soak_resume.py --data ../shared/data/buddha_gray67 --output-dir /work/runs/soak
+    python scripts/experiments/soak_resume.py --smoke ...   # 60-step schedules, to check the flags
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GAUSS_PREFIX = "_model.gauss_params."
 
 

@@ -9,7 +9,7 @@ cut, not the quality after pup-gs's refinement. Besides the pictured view, the k
 eval view. Scores are kept in <output>.scores.pt; `--reuse-scores` takes them from there when they are of the
 same checkpoint (Fisher scoring takes minutes).
 
-    python benchmarks/removal_pictures.py path/to/run/config.yml --scores fisher speedy lightgaussian opacity \
+    python analysis/removal_pictures.py path/to/run/config.yml --scores fisher speedy lightgaussian opacity \
         --prune 0.9 --view 0 --output docs/img/removal.png
 """
 

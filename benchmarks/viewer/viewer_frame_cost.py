@@ -16,7 +16,7 @@ frame several times slower, so the measurement first waits (up to --max-wait s) 
 reports the cores they used while it ran, and is repeated (up to --retries times) when that exceeded 0.3 cores,
 keeping the quietest.
 
-    .venv/bin/python benchmarks/viewer_frame_cost.py --load-config outputs/.../vedal-gs/<run>/config.yml \
+    .venv/bin/python benchmarks/viewer/viewer_frame_cost.py --load-config outputs/.../vedal-gs/<run>/config.yml \
         outputs/.../pup-gs/<run>/config.yml [--rounds 7] [--max-res 512]
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from nerfstudio.utils.eval_utils import eval_setup
 
 from nerfstudio_pruning.methods.pup_gs import PupGSModel
 from nerfstudio_pruning.methods.vedal_gs import VedalGSModel
+from nerfstudio_pruning.testing.machine import ForeignLoad, own_cpu_seconds, wait_for_quiet
 
 
 def cpu_name() -> str:
@@ -47,29 +47,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def busy_cpu_seconds() -> float:
-    """CPU time spent by everything on the machine since boot (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.3) -> None:
-    """Wait (up to max_wait s) until other processes use under `threshold` cores."""
-    deadline = time.monotonic() + max_wait
-    while time.monotonic() < deadline:
-        busy, started = busy_cpu_seconds(), time.monotonic()
-        time.sleep(1.0)
-        if (busy_cpu_seconds() - busy) / (time.monotonic() - started) < threshold:
-            return
-        time.sleep(2.0)
 
 
 def viewer_showing(output: str) -> SimpleNamespace:
@@ -105,11 +82,11 @@ def measure(config: Path, rounds: int, max_res: int, max_wait: float, retries: i
     for _ in range(retries + 1):
         wait_for_quiet(max_wait)
         times: Dict[str, List[float]] = {name: [] for name in settings}
-        busy, own, started = busy_cpu_seconds(), own_cpu_seconds(), time.monotonic()
-        for _ in range(rounds):
-            for name, shown in settings.items():
-                times[name].append(frame(shown))
-        foreign = max(0.0, (busy_cpu_seconds() - busy) - (own_cpu_seconds() - own)) / (time.monotonic() - started)
+        with ForeignLoad(ours=own_cpu_seconds) as others:
+            for _ in range(rounds):
+                for name, shown in settings.items():
+                    times[name].append(frame(shown))
+        foreign = others.cores
         if best is None or foreign < best[0]:
             best = (foreign, times)
         if foreign <= 0.3:

@@ -1,7 +1,7 @@
-"""docs/img/viewer_*.png: ns-viewer pages in headless Chromium, taken by the browser test's own steps
-(tests/test_viewer_browser.py) on the runs given here instead of the test's short ones.
+"""docs/img/viewer_*.png: ns-viewer pages in headless Chromium, taken by the browser test's own checks
+(nerfstudio_pruning/testing/viewer_browser.py) on the runs given here instead of the test's short ones.
 
-    .venv/bin/python benchmarks/viewer_screenshots.py --vedal outputs/.../vedal-gs/<run>/config.yml \
+    .venv/bin/python analysis/viewer_screenshots.py --vedal outputs/.../vedal-gs/<run>/config.yml \
         --pup outputs/.../pup-gs/<run>/config.yml [--out docs/img]
 
 Writes viewer_vedal_rgb.png, viewer_vedal_retention.png, viewer_vedal_rgb_threshold_099.png (the slider at its
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,22 +25,20 @@ def main() -> None:
     parser.add_argument("--pup", type=Path, required=True, help="config.yml of a pup-gs run")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     args = parser.parse_args()
-    os.environ["NSP_VIEWER_SCREENSHOTS"] = str(args.out.resolve())  # read when the test module is imported
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_viewer_browser as browser_test
+    os.environ["NSP_VIEWER_SCREENSHOTS"] = str(args.out.resolve())
+    from nerfstudio_pruning.testing import viewer_browser as browser
 
-    if not (browser_test.CHROMIUM and browser_test.CHROMEDRIVER):
+    if not (browser.CHROMIUM and browser.CHROMEDRIVER):
         raise SystemExit("chromium and chromedriver are needed: apt-get install chromium chromium-driver")
     with tempfile.TemporaryDirectory() as logs, ExitStack() as stack:
-        started = {name: stack.enter_context(browser_test.ns_viewer(config.resolve(), Path(logs)))
+        started = {name: stack.enter_context(browser.ns_viewer(config.resolve(), Path(logs)))
                    for name, config in (("vedal", args.vedal), ("pup", args.pup))}
         for url, proc, log in started.values():
-            browser_test.wait_until_served(url, proc, log)
-        driver = browser_test.chromium()
+            browser.wait_until_served(url, proc, log)
+        driver = browser.chromium()
         stack.callback(driver.quit)
-        urls = {name: url for name, (url, _, _) in started.items()}
-        browser_test.test_vedal_gs_in_the_browser(driver, urls)
-        browser_test.test_pup_gs_in_the_browser(driver, urls)
+        browser.check_vedal_gs_page(driver, started["vedal"])
+        browser.check_pup_gs_page(driver, started["pup"])
     print(f"\nscreenshots in {args.out}")
 
 

@@ -23,14 +23,14 @@
 #                     A cap acts only from the first gate refresh at which the eligible fraction would pass the
 #                     default cap (0.85; about step 15k on buddha at 1/4), so the vedal-cap lane also takes a later
 #                     BRANCH from a default-weight run (the vedal-kl lane's kl 1), taken before that refresh: check
-#                     it with benchmarks/plot_gate_history.py (every eligible fraction up to it under 0.85)
+#                     it with analysis/plot_gate_history.py (every eligible fraction up to it under 0.85)
 # Every run saves a checkpoint each $SAVE_EVERY steps (default 1000) and a lane started again continues each
 # unfinished run from its latest checkpoint (resume is exact), so a lane can be stopped and restarted at will.
-# Usage: bash benchmarks/full_schedule.sh LANE SCENE OUT [SEED] [CORE]
+# Usage: bash scripts/experiments/full_schedule.sh LANE SCENE OUT [SEED] [CORE]
 #   SCENE: a nerfstudio-data folder, or `default` for the built-in scene (written once to OUT/scene)
 set -euo pipefail
 LANE=$1 SCENE=$2 OUT=$3 SEED=${4:-42} CORE=${5:-0}
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 BIN=$ROOT/.venv/bin
 mkdir -p "$OUT/logs"
@@ -122,5 +122,5 @@ case "$LANE" in
       train pup-gs "pup-gs-$SCORE-$SUFFIX" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
-  *) echo "usage: bash benchmarks/full_schedule.sh splatfacto|vedal|vedal-early-removal|vedal-branch|vedal-kl|vedal-no-gate|vedal-cap|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/experiments/full_schedule.sh splatfacto|vedal|vedal-early-removal|vedal-branch|vedal-kl|vedal-no-gate|vedal-cap|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
 esac
