@@ -292,7 +292,7 @@ def probe_fisher_blocks(
 
     Per view and probe, v is a random +-1 per pixel and channel and g = d(v . I)/d(mean, log-scale); since
     E[v v^T] = Id, E[g_i g_i^T] is that view's F_i. The render is shared by a view's probes. Its variance is
-    what `benchmarks/bench_probe_estimator.py` measures.
+    what `analysis/probe_estimator.py` measures.
     """
     if n_probes < 1:
         raise ValueError(f"n_probes must be >= 1, got {n_probes}")
