@@ -33,6 +33,7 @@ from nerfstudio_pruning.methods.viewer import (
     add_output_if_shown,
     score_legend,
 )
+from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.pup.schedule import PupSchedule, PupScheduleConfig
 from nerfstudio_pruning.removal import remove_gaussians, reset_optimizer_state
 from nerfstudio_pruning.scoring.scores import ScoreKind, floored_downscale, score_gaussians
@@ -129,6 +130,23 @@ class PupGSModel(PortableSplatfactoModel):
             scalars.update(score_mean=float(finite.mean()), score_min=float(finite.min()), score_max=float(finite.max()))
         for name, value in scalars.items():
             writer.put_scalar(f"pup/{name}", value, step)
+
+    def check_target_before_training(self, first_step: int) -> None:
+        """InputError for a target that cannot be reached, as far as it is known before training: below
+        min_gaussians, or, once the rounds have started (post-hoc pruning starts them at the first step), not below
+        the Gaussians present."""
+        config, schedule = self.config, self.schedule
+        if config.target_gaussians is not None and config.target_gaussians < config.min_gaussians:
+            raise InputError(f"--pipeline.model.target-gaussians {config.target_gaussians} is below "
+                             f"--pipeline.model.min-gaussians {config.min_gaussians}")
+        if config.has_target() and not schedule.plan and schedule.pruning_started(first_step):
+            wanted = config.planned_counts(self.num_points)[-1]
+            if wanted >= self.num_points:
+                raise InputError(f"the target of {wanted} Gaussians is not below the {self.num_points} of the loaded "
+                                 "model; pup-gs would remove nothing")
+            if wanted < config.min_gaussians:
+                raise InputError(f"the target of {wanted} Gaussians is below --pipeline.model.min-gaussians "
+                                 f"{config.min_gaussians}")
 
     def score(self) -> torch.Tensor:
         """Scores of the current Gaussians on every training view (higher = keep)."""

@@ -8,7 +8,7 @@ line (`InputError`, exit status 1) before anything is loaded, trained or overwri
 training images or one without pixels, training images of several sizes for a method that scores Gaussians on
 them (pup-gs, vedal-gs; found at the first scoring, thousands of steps in, otherwise), a scoring downscale that
 leaves no pixel, a dataset without seed points, a checkpoint that holds no Gaussians, an empty model, or one
-trained on another scene. An `InputError` raised during training (a pruning schedule the model cannot satisfy,
+trained on another scene, a target size below min-gaussians or not below a loaded model's count. An `InputError` raised during training (a pruning schedule the model cannot satisfy,
 NaN scores) first saves a checkpoint of the model as it was, so no training is lost.
 
 After every checkpoint, and when training ends, it writes the model's `pruning_report()` (pup-gs's rounds, vedal-gs's
@@ -134,17 +134,25 @@ class PruningTrainer(Trainer):
         path = checkpoint_to_load(self.config)
         if path is None:
             self._check_model_to_train_from_scratch()
-            return super()._load_checkpoint()
+            super()._load_checkpoint()
+            return self._check_target()
         if not path.exists():
             raise InputError(f"checkpoint {path} does not exist")
         self._check_same_scene(path)
         with numpy_scalars_allowed():
             super()._load_checkpoint()
         self._reseed_if_other_seeds(path)
+        self._check_target()
         end = self._start_step + self.config.max_num_iterations - 1
         CONSOLE.print(f"continuing from step {self._start_step - 1}: this run trains steps {self._start_step} to {end} "
                       "(nerfstudio counts --max-num-iterations from the loaded step; the progress percentage and ETA "
                       "count this run's steps)", soft_wrap=True)
+
+    def _check_target(self) -> None:
+        """A target size the model cannot reach (`check_target_before_training` of pup-gs and vedal-gs)."""
+        check = getattr(self.pipeline.model, "check_target_before_training", None)
+        if check is not None:
+            check(self._start_step)
 
     def _check_model_to_train_from_scratch(self) -> None:
         model = self.pipeline.model

@@ -38,14 +38,11 @@ from nerfstudio_pruning.methods.viewer import (
     add_output_if_shown,
     score_legend,
 )
-from nerfstudio_pruning.removal import remove_gaussians
+from nerfstudio_pruning.removal import remove_gaussians, target_count
 from nerfstudio_pruning.scoring.importance import leave_one_out_importance
-from nerfstudio_pruning.vedal.controller import VedalConfig, VedalController
+from nerfstudio_pruning.vedal.controller import HIDDEN_OPACITY_LOGIT, VedalConfig, VedalController
 from nerfstudio_pruning.vedal.retention_head import RetentionHead, retention_inputs, robust_bounds
 
-# Far below logit(1/255) = -5.54, where the exporter and the rasterizers drop a Gaussian, yet finite, so the
-# exporter's NaN/Inf filter does not report the hidden Gaussians as broken; sigmoid(-100) is ~4e-44.
-HIDDEN_OPACITY_LOGIT = -100.0
 
 
 @dataclass
@@ -103,7 +100,7 @@ class VedalGSModel(PortableSplatfactoModel):
     def hidden_mask(self, threshold: Optional[float] = None) -> Tensor:
         """[N] bool: Gaussians the deterministic inference mask drops (gated and p < threshold)."""
         gated = self.gated_mask()
-        if not gated.any():
+        if not self.vedal.any_gated(self.num_points) and self.vedal.target() is None:
             return gated
         threshold = float(self.retention_threshold_slider.value) if threshold is None else threshold
         return self.vedal.hidden_mask(self.retention_logits(), gated, threshold)
@@ -159,9 +156,29 @@ class VedalGSModel(PortableSplatfactoModel):
         if self.vedal.hard_prune_due(step):
             self.hard_prune(step)
 
+    def check_target_before_training(self, first_step: int) -> None:
+        """InputError for a target that cannot be reached, as far as it is known before training: below
+        min_gaussians, or not below the Gaussians of a model that densifies no more (fine-tuning started, or due
+        at the first step)."""
+        config, n = self.config, self.num_points
+        if config.target_gaussians is not None and config.target_gaussians < config.min_gaussians:
+            raise InputError(f"--pipeline.model.target-gaussians {config.target_gaussians} is below "
+                             f"--pipeline.model.min-gaussians {config.min_gaussians}")
+        if self.vedal.finetuning_started or first_step >= config.finetune_start_step:
+            reference = self.vedal.start_gaussians if self.vedal.finetuning_started else n
+            wanted = self.vedal.target() if self.vedal.finetuning_started else target_count(
+                config.target_gaussians, config.target_fraction, n)
+            if wanted is not None and not self.vedal.pruned and wanted >= reference:
+                raise InputError(f"the target of {wanted} Gaussians is not below the {reference} this model "
+                                 "fine-tunes; vedal-gs would remove nothing")
+            if wanted is not None and wanted < config.min_gaussians:
+                raise InputError(f"the target of {wanted} Gaussians is below --pipeline.model.min-gaussians "
+                                 f"{config.min_gaussians}")
+
     @torch.no_grad()
     def hard_prune(self, step: int) -> int:
-        """Remove every gated Gaussian with p < 0.5; returns how many went."""
+        """Remove what the controller's removal mask selects (gated with p < 0.5, or down to the target by p);
+        returns how many went."""
         logits = self.head_logits().detach()
         gated = self.gated_mask()
         prune = self.vedal.hard_prune_mask(logits, gated)
@@ -218,7 +235,7 @@ class VedalGSModel(PortableSplatfactoModel):
     def get_outputs(self, camera: Cameras) -> Dict:
         if self.training and self.vedal.finetuning_active() and not self._render_overrides:
             gated = self.gated_mask()
-            if gated.any():
+            if self.vedal.any_gated(self.num_points):
                 logits = self.head_logits()
                 masked = self.vedal.sampled_opacity_logits(self.gauss_params["opacities"].squeeze(-1), logits, gated,
                                                            self.step)

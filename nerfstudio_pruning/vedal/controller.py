@@ -48,6 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nerfstudio_pruning.errors import PruningRefused
+from nerfstudio_pruning.removal import check_target, target_count
 from nerfstudio_pruning.vedal.gate import ConvergenceGate, ConvergenceGateConfig
 from nerfstudio_pruning.vedal.retention_head import (
     RetentionHeadConfig,
@@ -121,6 +123,31 @@ class VedalConfig:
     """Convergence gate: EMA decay, convergence test, adaptive threshold and eligibility cap."""
     min_gaussians: int = 64
     """A hard removal that would leave fewer Gaussians than this is refused (the model is kept as is)."""
+    target_gaussians: Optional[int] = None
+    """Gaussians to keep at the hard removal, exactly (instead of 'every gated Gaussian with p < 0.5'); exclusive
+    with target_fraction. The gate's cap follows it (see target_contest) and the removal ranks the gated
+    Gaussians by p: the head decides which go, the target how many. Refused before training when below
+    min_gaussians, or at or above the count of a loaded model that no longer densifies; at the start of
+    fine-tuning when at or above the count then."""
+    target_fraction: Optional[float] = None
+    """The same target as a fraction of the Gaussians present when fine-tuning starts (e.g. 0.2 for 5x fewer)."""
+    target_contest: float = 0.5
+    """With a target of N kept out of n: the share of the N survivors that the head picks from the gated pool.
+    The gate's cap becomes (n - N + target_contest x N) / n (and its threshold quantile at least that), so the
+    head ranks n - N + target_contest x N gated Gaussians and removes the n - N with the lowest p, while the
+    (1 - target_contest) x N most important are kept by the gate outright. 0 would leave the head no choice
+    (every gated Gaussian goes), 1 would let every Gaussian be gated. Why a target sets the cap rather than
+    kl_weight: on buddha (docs/results.md) the cap, not the weight, set the size from weight 0.5 up."""
+    hard_mask_fraction: float = 0.1
+    """The last fraction of the fine-tuning (0.1: 2,300 of 23,000 steps) renders gated Gaussians with the
+    deterministic mask the removal will apply, not with Binary Concrete samples: what is evaluated is what these
+    steps train, so the removal itself changes nothing in the render (on the built-in scene the sampled mixture
+    and the hard mask differed by up to 3.5 dB; docs/results.md). The head still learns in this phase through the
+    straight-through gradient of its relaxed sample, so a kept Gaussian can still be let go. 0: samples until the
+    removal, as in the paper."""
+    head_gradient_rows: int = 8192
+    """Rows through which the retention head's parameter gradient is estimated per step (0: all); see
+    `RetentionHeadConfig.gradient_rows`."""
 
     def __post_init__(self) -> None:
         if self.finetune_start_step < 0:
@@ -137,6 +164,11 @@ class VedalConfig:
             raise ValueError("kl_weight must be > 0 and sparsity_weight >= 0")
         if self.temperature_start <= 0 or self.temperature_end <= 0:
             raise ValueError("temperatures must be > 0")
+        check_target(self.target_gaussians, self.target_fraction)
+        if not 0.0 <= self.target_contest <= 1.0 or not 0.0 <= self.hard_mask_fraction <= 1.0:
+            raise ValueError("target_contest and hard_mask_fraction must be in [0, 1]")
+        if self.head_gradient_rows < 0:
+            raise ValueError(f"head_gradient_rows must be >= 0, got {self.head_gradient_rows}")
 
     def head_config(self) -> RetentionHeadConfig:
         return RetentionHeadConfig(
@@ -147,6 +179,7 @@ class VedalConfig:
             tau_start=self.temperature_start,
             tau_end=self.temperature_end,
             anneal_steps=self.hard_prune_step - self.finetune_start_step,
+            gradient_rows=self.head_gradient_rows,
         )
 
     def measures_importance(self) -> bool:
@@ -207,6 +240,20 @@ class ImportancePassWindow:
         self.view_counts = [int(c) for c in view_counts]
 
 
+def _logit_of_product(r: Tensor, t: Tensor) -> Tensor:
+    """logit(sigmoid(r) sigmoid(t)) in log space: with o = sigmoid(r) and z = sigmoid(t), log(o z) = logsig(r) +
+    logsig(t) and 1 - o z = sigmoid(-r) + sigmoid(r) sigmoid(-t); finite and differentiable where o or z round
+    to 0 or 1."""
+    log_oz = F.logsigmoid(r) + F.logsigmoid(t)
+    log_one_minus_oz = torch.logaddexp(F.logsigmoid(-r), F.logsigmoid(r) + F.logsigmoid(-t))
+    return log_oz - log_one_minus_oz
+
+
+# Far below logit(1/255) = -5.54, where the exporter and the rasterizers drop a Gaussian, yet finite, so that
+# nothing downstream meets an infinity; sigmoid(-100) is ~4e-44.
+HIDDEN_OPACITY_LOGIT = -100.0
+
+
 MeasureImportance = Callable[[List[int]], Tensor]
 """Callback: [N] float64 leave-one-out importance summed over the given training views (mean-L1 units)."""
 
@@ -227,6 +274,8 @@ class VedalController:
         # -1: fine-tuning has not started. Not the configured step: a run resumed from another method's
         # checkpoint starts it at its first step, and the temperature anneal runs from there.
         self.finetune_started_at = -1
+        # Gaussians when fine-tuning started (-1: not started): what target_fraction and the gate's cap refer to.
+        self.start_gaussians = -1
         self.last_refresh_step = -1
         self.refresh_count = 0
         self.pruned = False
@@ -255,13 +304,42 @@ class VedalController:
     def densification_allowed(self, step: int) -> bool:
         return not self.finetuning_started and step < self.config.finetune_start_step
 
+    # -- the target size -------------------------------------------------------------------------------------------
+    def target(self) -> Optional[int]:
+        """Gaussians to keep at the removal, or None without a target (or before fine-tuning, for a fraction)."""
+        return target_count(self.config.target_gaussians, self.config.target_fraction, self.start_gaussians)
+
+    def check_target(self, num_gaussians: int) -> None:
+        """PruningRefused when the target cannot be reached from num_gaussians (checked as fine-tuning starts)."""
+        wanted = target_count(self.config.target_gaussians, self.config.target_fraction, num_gaussians)
+        if wanted is None:
+            return
+        if wanted >= num_gaussians:
+            raise PruningRefused(f"target of {wanted} Gaussians is not below the {num_gaussians} present when "
+                                 "vedal-gs's fine-tuning starts; nothing would be removed")
+        if wanted < self.config.min_gaussians:
+            raise PruningRefused(f"target of {wanted} Gaussians is below min_gaussians={self.config.min_gaussians}")
+
+    def gate_config(self) -> ConvergenceGateConfig:
+        """The gate's settings: as configured, or with a target, its cap (and threshold quantile, so that it does
+        not bind first) at the removal count plus target_contest of the survivors."""
+        wanted, n = self.target(), self.start_gaussians
+        if wanted is None or n <= 0:
+            return self.config.gate
+        pool = min(n, n - wanted + int(round(self.config.target_contest * wanted)))
+        cap = pool / n
+        return replace(self.config.gate, max_eligible_fraction=cap,
+                       threshold_quantile=max(self.config.gate.threshold_quantile, cap))
+
     def before_step(self, step: int, num_gaussians: int, n_views: int, measure: MeasureImportance) -> bool:
         """Start fine-tuning when due and refresh importance when due; True if a refresh ran."""
         if self.pruned:
             return False
         if not self.finetuning_started and step >= self.config.finetune_start_step:
+            self.check_target(num_gaussians)
             self.finetune_started_at = step
-            self.gate = ConvergenceGate(self.config.gate, num_gaussians, self.device)
+            self.start_gaussians = num_gaussians
+            self.gate = ConvergenceGate(self.gate_config(), num_gaussians, self.device)
         if self.finetuning_started and (
             self.last_refresh_step < 0 or step - self.last_refresh_step >= self.config.importance_every
         ):
@@ -279,7 +357,7 @@ class VedalController:
             n = num_gaussians
             if self.gate.num_gaussians != n:
                 # Only a model changed behind VEDAL's back (e.g. by hand) gets here; densification is off.
-                self.gate = ConvergenceGate(self.config.gate, n, self.device)
+                self.gate = ConvergenceGate(self.gate_config(), n, self.device)
                 self.importance_scale = 0.0
             slots = self.refreshes_per_pass(n_views)
             window = self.window
@@ -340,6 +418,28 @@ class VedalController:
             return torch.zeros(n, dtype=torch.bool, device=self.device)
         return self.gate.eligible.to(self.device)
 
+    def any_gated(self, num_gaussians: int) -> bool:
+        """Whether `gated_mask(num_gaussians)` holds a Gaussian, answered on the host (no device read per step)."""
+        if not self.finetuning_started or num_gaussians == 0:
+            return False
+        if not self.config.use_gate:
+            return True
+        return self.gate.num_gaussians == num_gaussians and self.gate.eligible_count > 0
+
+    def gated_count(self, num_gaussians: int) -> int:
+        if not self.any_gated(num_gaussians):
+            return 0
+        return num_gaussians if not self.config.use_gate else self.gate.eligible_count
+
+    def hard_mask_from(self) -> int:
+        """First step rendered with the removal's deterministic mask (hard_mask_fraction of the fine-tuning)."""
+        start = max(self.finetune_started_at, 0)
+        span = max(self.config.hard_prune_step - start, 0)
+        return self.config.hard_prune_step + 1 - int(round(self.config.hard_mask_fraction * span))
+
+    def hard_mask_phase(self, step: int) -> bool:
+        return self.finetuning_active() and self.config.hard_mask_fraction > 0 and step >= self.hard_mask_from()
+
     def temperature(self, step: int) -> float:
         start = max(self.finetune_started_at, 0)
         return temperature(
@@ -354,12 +454,22 @@ class VedalController:
         As logits because splatfacto renders sigmoid(raw opacity). Computed in log space, so that sigmoid of the
         result is o z to rounding and stays differentiable where o or z round to 0 or 1: with o = sigmoid(r) and
         z = sigmoid(t), log(o z) = logsig(r) + logsig(t) and 1 - o z = sigmoid(-r) + sigmoid(r) sigmoid(-t).
+
+        In the last hard_mask_fraction of the fine-tuning (`hard_mask_phase`) the values are those of the removal's
+        deterministic mask instead (o for the kept, HIDDEN_OPACITY_LOGIT for what `removal_mask` removes), with the
+        relaxed sample's gradient for the head (straight-through).
         """
         r = opacity_logits
         t = binary_concrete_logits(logits, self.temperature(step))
-        log_oz = F.logsigmoid(r) + F.logsigmoid(t)
-        log_one_minus_oz = torch.logaddexp(F.logsigmoid(-r), F.logsigmoid(r) + F.logsigmoid(-t))
-        return torch.where(gated, log_oz - log_one_minus_oz, r)
+        if not self.hard_mask_phase(step):
+            return torch.where(gated, _logit_of_product(r, t), r)
+        # The removal's mask, straight through: the render sees o (kept) or nothing (removed), exactly what the
+        # removal leaves, while the head's gradient is that of the relaxed sample (its value subtracted out). The
+        # relaxed path takes r detached, so the raw opacities get the gradient of the hard render only.
+        hidden = self.removal_mask(logits.detach(), gated)
+        relaxed = _logit_of_product(r.detach(), t)
+        hard = torch.where(hidden, torch.full_like(r, HIDDEN_OPACITY_LOGIT), r)
+        return hard + torch.where(gated, relaxed - relaxed.detach(), torch.zeros_like(relaxed))
 
     def inference_logits(self, head_logits: Callable[[], Tensor], num_gaussians: int) -> Tensor:
         """Retention logits as inference sees them: frozen at the hard removal, else the head's."""
@@ -369,10 +479,36 @@ class VedalController:
         return head_logits()
 
     def hidden_mask(self, logits: Tensor, gated: Tensor, threshold: float = 0.5) -> Tensor:
-        """[N] bool: Gaussians the deterministic inference mask drops (gated and p < threshold)."""
+        """[N] bool: Gaussians the deterministic inference mask drops: at 0.5, what the removal would remove now
+        (`removal_mask`); at another threshold, the gated with p below it."""
+        if threshold == 0.5:
+            return self.removal_mask(logits, gated)
         if not gated.any():
             return gated
         return gated & ~hard_mask(logits, threshold)
+
+    def removal_mask(self, logits: Tensor, gated: Tensor) -> Tensor:
+        """[N] bool: what the hard removal removes given these logits. Without a target, every gated Gaussian with
+        p < 0.5. With one of N kept out of n, exactly n - N: the gated Gaussians with the lowest p, and, should
+        fewer than n - N be gated (a gate that has not filled its cap), then every gated one and the ungated with
+        the lowest importance EMA (once the gate has observed them). Counts come from the host (no device read):
+        topk with a known k."""
+        n = logits.numel()
+        wanted = self.target()
+        if wanted is None or not self.finetuning_started:
+            return gated & ~hard_mask(logits, 0.5) if self.finetuning_started else torch.zeros_like(gated)
+        k = max(n - wanted, 0)
+        mask = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        n_gated = self.gated_count(n)
+        from_gated = min(k, n_gated)
+        if from_gated:
+            key = torch.where(gated, logits, torch.full_like(logits, math.inf))
+            mask[torch.topk(key, from_gated, largest=False).indices] = True
+        if k > from_gated and self.gate.num_gaussians == n and self.gate.history:  # every Gaussian observed
+            ema = self.gate.ema.to(logits.device)
+            key = torch.where(gated, torch.full_like(ema, math.inf), ema)
+            mask[torch.topk(key, k - from_gated, largest=False).indices] = True
+        return mask
 
     def regulariser(self, logits: Optional[Tensor], gated: Tensor) -> Dict[str, Tensor]:
         """The retention loss terms for this step: none before any Gaussian is gated or after the removal.
@@ -381,7 +517,7 @@ class VedalController:
         per-parameter normalisation turns a gradient of any size into full-size steps, so a 1e-3-weighted term
         would pull every p down long before any Gaussian has a reconstruction reason to stay.
         """
-        if logits is None or not self.finetuning_active() or not gated.any():
+        if logits is None or not self.finetuning_active() or not self.any_gated(logits.numel()):
             return {}
         _, parts = retention_regulariser(logits, gated, self.scaled_head_config())
         return {"retention_kl": parts["kl"], "retention_sparsity": parts["sparsity"]}
@@ -414,8 +550,8 @@ class VedalController:
                 and step >= self.config.hard_prune_step)
 
     def hard_prune_mask(self, logits: Tensor, gated: Tensor) -> Tensor:
-        """[N] bool: every gated Gaussian with p < 0.5."""
-        return gated & ~hard_mask(logits, 0.5)
+        """[N] bool: what the hard removal removes (`removal_mask`)."""
+        return self.removal_mask(logits, gated)
 
     def per_gaussian_states(self, num_gaussians: int) -> list:
         """The per-Gaussian state a removal must shrink with the Gaussians (see `removal.remove_gaussians`)."""
@@ -485,6 +621,7 @@ class VedalController:
             "use_gate": bool(self.config.use_gate),
             "gate": self.gate.state_dict(),
             "finetune_started_at": int(self.finetune_started_at),
+            "start_gaussians": int(self.start_gaussians),
             "last_refresh_step": int(self.last_refresh_step),
             "refresh_count": int(self.refresh_count),
             "pruned": bool(self.pruned),
@@ -503,9 +640,12 @@ class VedalController:
             raise ValueError(f"the checkpoint's vedal-gs state has format {state.get('format')!r}; this version "
                              f"reads format {STATE_FORMAT}")
         self.reset()
+        self.finetune_started_at = int(state["finetune_started_at"])
+        # States saved before targets existed lack it; they were saved without a target.
+        self.start_gaussians = int(state.get("start_gaussians", -1))
+        self.gate = ConvergenceGate(self.gate_config(), 0, self.device)
         self.gate.load_state_dict(state["gate"])
         self._update_importance_scale()
-        self.finetune_started_at = int(state["finetune_started_at"])
         self.last_refresh_step = int(state["last_refresh_step"])
         self.refresh_count = int(state["refresh_count"])
         self.pruned = bool(state["pruned"])
