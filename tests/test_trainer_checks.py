@@ -106,7 +106,7 @@ def test_a_target_not_below_the_gaussians_vedal_gs_fine_tunes_is_refused_at_setu
     config.pipeline.model.finetune_start_step = 0  # fine-tuning from the first step: the count is known at setup
     config.pipeline.model.target_gaussians = 10**7
     line = refusal_line(config, capsys)
-    assert re.search(r"error: the target of 10000000 Gaussians is not below the \d+ this model fine-tunes", line), line
+    assert re.search(r"error: the target of 10000000 Gaussians is not below the \d+ that vedal-gs would prune from", line), line
 
 
 # -- progress ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -33,7 +33,6 @@ from nerfstudio_pruning.methods.viewer import (
     add_output_if_shown,
     score_legend,
 )
-from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.pup.schedule import PupSchedule, PupScheduleConfig
 from nerfstudio_pruning.removal import remove_gaussians, reset_optimizer_state
 from nerfstudio_pruning.scoring.scores import ScoreKind, floored_downscale, score_gaussians
@@ -131,22 +130,14 @@ class PupGSModel(PortableSplatfactoModel):
         for name, value in scalars.items():
             writer.put_scalar(f"pup/{name}", value, step)
 
-    def check_target_before_training(self, first_step: int) -> None:
-        """InputError for a target that cannot be reached, as far as it is known before training: below
-        min_gaussians, or, once the rounds have started (post-hoc pruning starts them at the first step), not below
-        the Gaussians present."""
+    def target_before_training(self, first_step: int) -> Optional[Tuple[int, int]]:
+        """(Gaussians the target asks for, Gaussians it is taken from) where both are known before training (the
+        trainer refuses what cannot be reached): once the rounds have started (post-hoc pruning starts them at the
+        first step), densification is off and the count is the loaded model's."""
         config, schedule = self.config, self.schedule
-        if config.target_gaussians is not None and config.target_gaussians < config.min_gaussians:
-            raise InputError(f"--pipeline.model.target-gaussians {config.target_gaussians} is below "
-                             f"--pipeline.model.min-gaussians {config.min_gaussians}")
-        if config.has_target() and not schedule.plan and schedule.pruning_started(first_step):
-            wanted = config.planned_counts(self.num_points)[-1]
-            if wanted >= self.num_points:
-                raise InputError(f"the target of {wanted} Gaussians is not below the {self.num_points} of the loaded "
-                                 "model; pup-gs would remove nothing")
-            if wanted < config.min_gaussians:
-                raise InputError(f"the target of {wanted} Gaussians is below --pipeline.model.min-gaussians "
-                                 f"{config.min_gaussians}")
+        if not config.has_target() or not schedule.pruning_started(first_step) or schedule.finished:
+            return None
+        return (schedule.plan[-1] if schedule.plan else config.planned_counts(self.num_points)[-1]), self.num_points
 
     def score(self) -> torch.Tensor:
         """Scores of the current Gaussians on every training view (higher = keep)."""

@@ -149,10 +149,24 @@ class PruningTrainer(Trainer):
                       "count this run's steps)", soft_wrap=True)
 
     def _check_target(self) -> None:
-        """A target size the model cannot reach (`check_target_before_training` of pup-gs and vedal-gs)."""
-        check = getattr(self.pipeline.model, "check_target_before_training", None)
-        if check is not None:
-            check(self._start_step)
+        """A target size (pup-gs, vedal-gs) below min-gaussians, or not below the Gaussians it would be taken
+        from where the model knows that count before training (`target_before_training`)."""
+        model = self.pipeline.model
+        config = model.config
+        minimum = getattr(config, "min_gaussians", 0)
+        if getattr(config, "target_gaussians", None) is not None and config.target_gaussians < minimum:
+            raise InputError(f"--pipeline.model.target-gaussians {config.target_gaussians} is below "
+                             f"--pipeline.model.min-gaussians {minimum}")
+        known = getattr(model, "target_before_training", lambda step: None)(self._start_step)
+        if known is None:
+            return
+        wanted, present = known
+        if wanted >= present:
+            raise InputError(f"the target of {wanted} Gaussians is not below the {present} that {self.config.method_name} "
+                             "would prune from; it would remove nothing")
+        if wanted < minimum:
+            raise InputError(f"the target of {wanted} Gaussians (of {present}) is below --pipeline.model.min-gaussians "
+                             f"{minimum}")
 
     def _check_model_to_train_from_scratch(self) -> None:
         model = self.pipeline.model

@@ -156,24 +156,20 @@ class VedalGSModel(PortableSplatfactoModel):
         if self.vedal.hard_prune_due(step):
             self.hard_prune(step)
 
-    def check_target_before_training(self, first_step: int) -> None:
-        """InputError for a target that cannot be reached, as far as it is known before training: below
-        min_gaussians, or not below the Gaussians of a model that densifies no more (fine-tuning started, or due
-        at the first step)."""
-        config, n = self.config, self.num_points
-        if config.target_gaussians is not None and config.target_gaussians < config.min_gaussians:
-            raise InputError(f"--pipeline.model.target-gaussians {config.target_gaussians} is below "
-                             f"--pipeline.model.min-gaussians {config.min_gaussians}")
-        if self.vedal.finetuning_started or first_step >= config.finetune_start_step:
-            reference = self.vedal.start_gaussians if self.vedal.finetuning_started else n
-            wanted = self.vedal.target() if self.vedal.finetuning_started else target_count(
-                config.target_gaussians, config.target_fraction, n)
-            if wanted is not None and not self.vedal.pruned and wanted >= reference:
-                raise InputError(f"the target of {wanted} Gaussians is not below the {reference} this model "
-                                 "fine-tunes; vedal-gs would remove nothing")
-            if wanted is not None and wanted < config.min_gaussians:
-                raise InputError(f"the target of {wanted} Gaussians is below --pipeline.model.min-gaussians "
-                                 f"{config.min_gaussians}")
+    def target_before_training(self, first_step: int) -> Optional[Tuple[int, int]]:
+        """(Gaussians the target asks for, Gaussians it is taken from) where both are known before training (the
+        trainer refuses what cannot be reached): once fine-tuning has started, or when it starts at the first step,
+        the count no longer grows."""
+        vedal, config = self.vedal, self.config
+        if vedal.pruned:
+            return None
+        if vedal.finetuning_started:
+            wanted = vedal.target()
+            return None if wanted is None else (wanted, vedal.start_gaussians)
+        if first_step >= config.finetune_start_step:
+            wanted = target_count(config.target_gaussians, config.target_fraction, self.num_points)
+            return None if wanted is None else (wanted, self.num_points)
+        return None
 
     @torch.no_grad()
     def hard_prune(self, step: int) -> int:
