@@ -85,9 +85,8 @@ class RetentionHeadConfig:
     from this many rows drawn uniformly with replacement and weighted by N / rows: the same gradient in
     expectation (tests/test_retention_head.py checks it), at a cost that does not grow with N. dL/dlogit_i itself
     (reconstruction through z_i, KL, sparsity) is exact for every Gaussian; only the sum over them is sampled.
-    The relative noise of the estimate is that of a mean over `rows` draws, whatever N is; 8192 is one chunk of
-    the MLP (MLP_CHUNK_ROWS) and cut the head's share of a fine-tuning step from ~60% to what
-    docs/vedal_gs.md measures."""
+    The relative noise of the estimate is that of a mean over `rows` draws, whatever N is; with 8192 the head's
+    backward pass costs what it costs at 8192 Gaussians (docs/vedal_gs.md measures the step)."""
 
 
 def encoding_dim(n_freqs: int) -> int:
@@ -225,9 +224,11 @@ class RetentionHead(nn.Module):
 
 # Rows of the head's MLP evaluated at once. The head runs on every Gaussian at every fine-tuning step; with all of
 # them at once each hidden layer is N x 64 floats (44 MB at 170k Gaussians), and on a CPU the ReLUs and their
-# backward stream those from memory: at 170k Gaussians the head took about half of a vedal-gs step. Chunks of 8192
-# rows stay in cache (2 MB per layer).
-MLP_CHUNK_ROWS = 8192
+# backward stream those from memory: at 170k Gaussians the head took about half of a vedal-gs step. Chunks keep
+# them in cache: 8192 rows (2 MB per layer) on the AMD VM of ad89afe; on the Intel VM of 2026-12-06, 2048 rows
+# (0.5 MB) took 43 ms against 57 for the forward pass over 55k rows, 82 against 117 with the subsampled backward
+# (medians of 6 alternating rounds, one thread, a shared machine), so 2048.
+MLP_CHUNK_ROWS = 2048
 
 
 def _chunked_mlp(mlp: nn.Module, inputs: Tensor, chunk_rows: int, gradient_rows: int = 0) -> Tensor:
