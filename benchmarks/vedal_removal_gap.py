@@ -134,6 +134,8 @@ def main() -> None:
     print("\n| render of the eval views | PSNR |\n|---|---|")
     for label, value in rows.items():
         print(f"| {label} | {value} |")
+    if bool(model.vedal.pruned):
+        return  # after the removal no step renders masks: there is no gap to state
     what = "the removal's mask (hard_mask_fraction phase)" if hard_phase else "sampled masks"
     print(f"\nremoval gap: {inference - trained:+.2f} dB (inference mask against what training renders at step "
           f"{step + 1}: {what})")
