@@ -392,12 +392,13 @@ def test_the_head_and_its_regulariser_read_nothing_back_to_the_host():
         head = RetentionHead(config.head_config(), bounds=([-1.0] * 3, [1.0] * 3)).to(meta)
         means, raw = torch.empty(n, 3, device=meta), torch.empty(n, device=meta, requires_grad=True)
         scales = torch.empty(n, 3, device=meta)
-        for step in (10, 95):  # sampled masks; the removal's mask (the last hard_mask_fraction)
-            assert vedal.hard_mask_phase(step) == (step == 95)
-            logits = head(*retention_inputs(means, raw, scales))
+        for step in (10, 93, 97):  # sampled masks; the hand-over to the removal's mask; its fixed decision
+            assert vedal.hard_mask_phase(step) == (step > 90)
             gated = vedal.gated_mask(n)
             assert vedal.any_gated(n)
-            opacities = vedal.sampled_opacity_logits(raw, logits, gated, step)
-            loss = opacities.sum() + sum(vedal.regulariser(logits, gated).values())
+            opacities, logits = vedal.training_opacity_logits(
+                raw, lambda: head(*retention_inputs(means, raw, scales)), gated, step)
+            loss = opacities.sum() + sum(vedal.regulariser(logits, gated, step).values())
             loss.backward()
-            assert head.output.weight.grad.device == meta
+            assert (logits is None) == (step == 97) and raw.grad.device == meta
+        assert head.output.weight.grad.device == meta and vedal.decided.device == meta

@@ -275,28 +275,43 @@ def test_vedal_target_sets_the_gates_cap_and_the_removal_ranks_the_gated_by_p():
     assert restored.target() == 25 and restored.gate.config == fraction.gate.config
 
 
-def test_the_last_part_of_fine_tuning_renders_the_removals_mask_with_the_relaxed_samples_gradient():
+def test_the_last_part_of_fine_tuning_hands_the_render_over_to_the_removals_mask_then_fixes_it():
     n = 8
-    vedal = _targeted(n, 5, hard_mask_fraction=0.2)  # fine-tuning 0..60: steps 49.. use the removal's mask
-    assert not vedal.hard_mask_phase(48) and vedal.hard_mask_phase(49) and vedal.hard_mask_phase(60)
+    vedal = _targeted(n, 5, hard_mask_fraction=0.2)  # fine-tuning 0..60: steps 49..54 blend, 55..60 fixed
+    assert not vedal.hard_mask_phase(48) and vedal.hard_mask_phase(49)
+    assert [vedal.hardening(step) for step in (48, 49, 51, 54, 55, 60)] == [0.0, 1 / 6, 0.5, 1.0, 1.0, 1.0]
     gated = torch.tensor([True] * 6 + [False] * 2)
     vedal.gate.update(torch.rand(n), step=0)
     vedal.gate.eligible = gated
-    raw = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    raw = torch.randn(n, dtype=torch.float64)
     logits = torch.tensor([3.0, -1.0, 0.5, -2.0, 1.0, -0.5, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
     removed = vedal.removal_mask(logits.detach(), gated)
     assert removed.tolist() == [False, True, False, True, False, True, False, False]
 
+    # the blend: opacity o ((1 - s) z + s [kept]) with z the Binary Concrete sample (1 for the ungated)
+    step = 51
     torch.manual_seed(1)
-    hard = vedal.sampled_opacity_logits(raw, logits, gated, step=55)
-    assert torch.equal(hard.detach()[~removed], raw.detach()[~removed]) and (hard.detach()[removed] == -100.0).all()
-    weights = torch.randn(n, dtype=torch.float64)
-    head_grad, raw_grad = torch.autograd.grad((hard * weights).sum(), (logits, raw))
-    # the head's gradient is the relaxed sample's (same noise), the raw opacity's that of the hard render
+    blended = vedal.sampled_opacity_logits(raw, logits, gated, step)
     torch.manual_seed(1)
-    relaxed = _controller(hard_mask_fraction=0.0)
-    relaxed.finetune_started_at = 0
-    soft = relaxed.sampled_opacity_logits(raw.detach(), logits, gated, step=55)
-    (expected_head,) = torch.autograd.grad((soft * weights).sum(), (logits,))
-    torch.testing.assert_close(head_grad, expected_head)
-    assert torch.equal(raw_grad, torch.where(removed, 0.0, weights))
+    from nerfstudio_pruning.vedal.retention_head import binary_concrete
+
+    z = torch.where(gated, binary_concrete(logits.detach(), vedal.temperature(step)), torch.ones(n, dtype=torch.float64))
+    s = vedal.hardening(step)
+    expected = torch.sigmoid(raw) * ((1 - s) * z + s * (~removed).double())
+    torch.testing.assert_close(torch.sigmoid(blended.detach()), expected, rtol=1e-9, atol=1e-12)
+    (head_grad,) = torch.autograd.grad(blended.sum(), (logits,))
+    assert (head_grad[gated] != 0).all() and (head_grad[~gated] == 0).all()
+    kl_now = vedal.regulariser(logits, gated, step)["retention_kl"]
+    assert float(kl_now) == pytest.approx((1 - s) * float(vedal.regulariser(logits, gated)["retention_kl"]))
+
+    # from the midpoint: the decision is fixed once, the head is no longer asked, nothing more is regularised
+    asked = []
+    opacities, none = vedal.training_opacity_logits(raw, lambda: asked.append(1) or logits.detach(), gated, 55)
+    assert none is None and asked == [1] and torch.equal(vedal.decided, removed)
+    assert torch.equal(opacities[~removed], raw[~removed]) and (opacities[removed] == -100.0).all()
+    vedal.training_opacity_logits(raw, lambda: asked.append(1) or -logits.detach(), gated, 58)
+    assert asked == [1] and torch.equal(vedal.hard_prune_mask(-logits.detach(), gated), removed)
+    assert not vedal.before_step(60, n, 7, lambda views: torch.zeros(n, dtype=torch.float64))  # no refresh
+    restored = _targeted(n, 5, hard_mask_fraction=0.2)
+    restored.load_state_dict(vedal.state_dict())
+    assert torch.equal(restored.decided, removed)

@@ -230,14 +230,12 @@ class VedalGSModel(PortableSplatfactoModel):
     # -- rendering and loss ----------------------------------------------------------------------------------------
     def get_outputs(self, camera: Cameras) -> Dict:
         if self.training and self.vedal.finetuning_active() and not self._render_overrides:
-            gated = self.gated_mask()
-            if self.vedal.any_gated(self.num_points):
-                logits = self.head_logits()
-                masked = self.vedal.sampled_opacity_logits(self.gauss_params["opacities"].squeeze(-1), logits, gated,
-                                                           self.step)
+            masked, logits = self.vedal.training_opacity_logits(
+                self.gauss_params["opacities"].squeeze(-1), self.head_logits, self.gated_mask(), self.step)
+            if masked is not None:
                 with self.rendering_with(opacities=masked[:, None]):
                     outputs = super().get_outputs(camera)
-                return {**outputs, "retention_logits": logits}  # for get_loss_dict's regulariser
+                return outputs if logits is None else {**outputs, "retention_logits": logits}  # for the regulariser
         outputs = super().get_outputs(camera)
         if not self.training and not self._render_overrides and self.viewer_outputs.attached:
             self.refresh_kept_count()
@@ -248,7 +246,7 @@ class VedalGSModel(PortableSplatfactoModel):
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
         if self.training:
-            loss_dict.update(self.vedal.regulariser(outputs.get("retention_logits"), self.gated_mask()))
+            loss_dict.update(self.vedal.regulariser(outputs.get("retention_logits"), self.gated_mask(), self.step))
         return loss_dict
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:

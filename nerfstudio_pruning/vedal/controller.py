@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -139,12 +139,13 @@ class VedalConfig:
     (every gated Gaussian goes), 1 would let every Gaussian be gated. Why a target sets the cap rather than
     kl_weight: on buddha (docs/results.md) the cap, not the weight, set the size from weight 0.5 up."""
     hard_mask_fraction: float = 0.1
-    """The last fraction of the fine-tuning (0.1: 2,300 of 23,000 steps) renders gated Gaussians with the
-    deterministic mask the removal will apply, not with Binary Concrete samples: what is evaluated is what these
-    steps train, so the removal itself changes nothing in the render (on the built-in scene the sampled mixture
-    and the hard mask differed by up to 3.5 dB; docs/results.md). The head still learns in this phase through the
-    straight-through gradient of its relaxed sample, so a kept Gaussian can still be let go. 0: samples until the
-    removal, as in the paper."""
+    """The last fraction of the fine-tuning (0.1: 2,300 of 23,000 steps) hands the render over from Binary Concrete
+    samples to the removal's deterministic mask, so that the removal is trained before it happens (on the built-in
+    scene the sampled mixture and the hard mask differed by up to 3.5 dB; docs/results.md). In its first half each
+    mask is the blend (1 - s) z + s [kept], s rising linearly from 0 to 1, and the retention loss is weighted by
+    1 - s; at its midpoint the head's decision is fixed (what `removal_mask` removes then), and the second half
+    trains the rest of the model on exactly the render the removal leaves. 0: samples until the removal, as in the
+    paper."""
     head_gradient_rows: int = 8192
     """Rows through which the retention head's parameter gradient is estimated per step (0: all); see
     `RetentionHeadConfig.gradient_rows`."""
@@ -283,6 +284,8 @@ class VedalController:
         # After the hard removal p is frozen: the head standardises its features over the Gaussians present, so
         # evaluated after the removal it would move p of the survivors.
         self.frozen_logits: Optional[Tensor] = None
+        # [N] bool: the head's decision, fixed halfway through the hand-over to the removal's mask.
+        self.decided: Optional[Tensor] = None
         self.window: Optional[ImportancePassWindow] = None
         # Mean of the gate's importance EMA over the Gaussians it has observed: the unit of kl_weight.
         self.importance_scale = 0.0
@@ -340,7 +343,7 @@ class VedalController:
             self.finetune_started_at = step
             self.start_gaussians = num_gaussians
             self.gate = ConvergenceGate(self.gate_config(), num_gaussians, self.device)
-        if self.finetuning_started and (
+        if self.finetuning_started and self.decided is None and (
             self.last_refresh_step < 0 or step - self.last_refresh_step >= self.config.importance_every
         ):
             self.refresh(step, num_gaussians, n_views, measure)
@@ -432,13 +435,39 @@ class VedalController:
         return num_gaussians if not self.config.use_gate else self.gate.eligible_count
 
     def hard_mask_from(self) -> int:
-        """First step rendered with the removal's deterministic mask (hard_mask_fraction of the fine-tuning)."""
+        """First step of the hand-over to the removal's mask (the last hard_mask_fraction of the fine-tuning)."""
         start = max(self.finetune_started_at, 0)
         span = max(self.config.hard_prune_step - start, 0)
         return self.config.hard_prune_step + 1 - int(round(self.config.hard_mask_fraction * span))
 
     def hard_mask_phase(self, step: int) -> bool:
         return self.finetuning_active() and self.config.hard_mask_fraction > 0 and step >= self.hard_mask_from()
+
+    def hardening(self, step: int) -> float:
+        """s in [0, 1]: the weight of the removal's mask in the rendered masks at `step` (0 before the phase,
+        rising over its first half, 1 from its midpoint, when the decision is fixed)."""
+        if not self.hard_mask_phase(step):
+            return 0.0
+        start = self.hard_mask_from()
+        ramp = max(1, (self.config.hard_prune_step + 1 - start) // 2)
+        return min(1.0, (step - start + 1) / ramp)
+
+    def training_opacity_logits(self, opacity_logits: Tensor, head_logits: Callable[[], Tensor], gated: Tensor,
+                                step: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(raw opacity logits to render this training step with, retention logits for the regulariser); None for
+        either where there is none (nothing gated: the model renders as it is).
+
+        Once the hand-over is complete (`hardening` 1) the head's decision is fixed at that step and rendered
+        from then on (`decided`): the head is no longer evaluated, nothing is sampled, no retention loss."""
+        n = opacity_logits.numel()
+        if self.hardening(step) >= 1.0:
+            if self.decided is None or self.decided.numel() != n:
+                self.decided = self.removal_mask(head_logits().detach(), gated)
+            return torch.where(self.decided, torch.full_like(opacity_logits, HIDDEN_OPACITY_LOGIT), opacity_logits), None
+        if not self.any_gated(n):
+            return None, None
+        logits = head_logits()
+        return self.sampled_opacity_logits(opacity_logits, logits, gated, step), logits
 
     def temperature(self, step: int) -> float:
         start = max(self.finetune_started_at, 0)
@@ -455,21 +484,26 @@ class VedalController:
         result is o z to rounding and stays differentiable where o or z round to 0 or 1: with o = sigmoid(r) and
         z = sigmoid(t), log(o z) = logsig(r) + logsig(t) and 1 - o z = sigmoid(-r) + sigmoid(r) sigmoid(-t).
 
-        In the last hard_mask_fraction of the fine-tuning (`hard_mask_phase`) the values are those of the removal's
-        deterministic mask instead (o for the kept, HIDDEN_OPACITY_LOGIT for what `removal_mask` removes), with the
-        relaxed sample's gradient for the head (straight-through).
+        In the first half of the last hard_mask_fraction of the fine-tuning the mask is the blend (1 - s) z + s h,
+        s = `hardening(step)` and h = 0 for what `removal_mask` would remove now, 1 otherwise (the ungated included,
+        with z = 1), in the same log space: log z and log(1 - z) of the blend by logaddexp.
         """
         r = opacity_logits
         t = binary_concrete_logits(logits, self.temperature(step))
-        if not self.hard_mask_phase(step):
+        s = self.hardening(step)
+        if s <= 0.0:
             return torch.where(gated, _logit_of_product(r, t), r)
-        # The removal's mask, straight through: the render sees o (kept) or nothing (removed), exactly what the
-        # removal leaves, while the head's gradient is that of the relaxed sample (its value subtracted out). The
-        # relaxed path takes r detached, so the raw opacities get the gradient of the hard render only.
-        hidden = self.removal_mask(logits.detach(), gated)
-        relaxed = _logit_of_product(r.detach(), t)
-        hard = torch.where(hidden, torch.full_like(r, HIDDEN_OPACITY_LOGIT), r)
-        return hard + torch.where(gated, relaxed - relaxed.detach(), torch.zeros_like(relaxed))
+        removed = self.removal_mask(logits.detach(), gated)
+        # Ungated Gaussians have no sample (z = 1); t = 40 makes sigmoid(t) 1 and logsigmoid(-t) -40 (e^-40 ~ 4e-18).
+        t = torch.where(gated, t, torch.full_like(t, 40.0))
+        log_s, log_rest = math.log(s), math.log1p(-s) if s < 1.0 else -math.inf
+        log_z = F.logsigmoid(t) + log_rest
+        log_not_z = F.logsigmoid(-t) + log_rest
+        log_z = torch.where(removed, log_z, torch.logaddexp(log_z, torch.full_like(log_z, log_s)))
+        log_not_z = torch.where(removed, torch.logaddexp(log_not_z, torch.full_like(log_not_z, log_s)), log_not_z)
+        log_oz = F.logsigmoid(r) + log_z
+        log_one_minus_oz = torch.logaddexp(F.logsigmoid(-r), F.logsigmoid(r) + log_not_z)
+        return torch.where(gated | removed, log_oz - log_one_minus_oz, r)
 
     def inference_logits(self, head_logits: Callable[[], Tensor], num_gaussians: int) -> Tensor:
         """Retention logits as inference sees them: frozen at the hard removal, else the head's."""
@@ -492,8 +526,13 @@ class VedalController:
         p < 0.5. With one of N kept out of n, exactly n - N: the gated Gaussians with the lowest p, and, should
         fewer than n - N be gated (a gate that has not filled its cap), then every gated one and the ungated with
         the lowest importance EMA (once the gate has observed them). Counts come from the host (no device read):
-        topk with a known k."""
+        topk with a known k. Once the decision is fixed (`training_opacity_logits`) it is that decision; after the
+        removal, nothing."""
         n = logits.numel()
+        if self.pruned:
+            return torch.zeros(n, dtype=torch.bool, device=logits.device)
+        if self.decided is not None and self.decided.numel() == n:
+            return self.decided.to(logits.device)
         wanted = self.target()
         if wanted is None or not self.finetuning_started:
             return gated & ~hard_mask(logits, 0.5) if self.finetuning_started else torch.zeros_like(gated)
@@ -510,7 +549,7 @@ class VedalController:
             mask[torch.topk(key, k - from_gated, largest=False).indices] = True
         return mask
 
-    def regulariser(self, logits: Optional[Tensor], gated: Tensor) -> Dict[str, Tensor]:
+    def regulariser(self, logits: Optional[Tensor], gated: Tensor, step: Optional[int] = None) -> Dict[str, Tensor]:
         """The retention loss terms for this step: none before any Gaussian is gated or after the removal.
 
         Not before the gate has opened: the sparsity term would then be the head's only gradient, and Adam's
@@ -520,7 +559,10 @@ class VedalController:
         if logits is None or not self.finetuning_active() or not self.any_gated(logits.numel()):
             return {}
         _, parts = retention_regulariser(logits, gated, self.scaled_head_config())
-        return {"retention_kl": parts["kl"], "retention_sparsity": parts["sparsity"]}
+        # During the hand-over the reconstruction reaches the head through (1 - s) z only; the same weight on the
+        # prior keeps the balance of Proposition 1 (Adam would otherwise let the prior win as s grows).
+        weight = 1.0 - self.hardening(step) if step is not None else 1.0
+        return {"retention_kl": weight * parts["kl"], "retention_sparsity": weight * parts["sparsity"]}
 
     def kl_lambda(self) -> float:
         """lambda_KL in the units of Delta: kl_weight itself, or kl_weight x the mean importance EMA (0 until the
@@ -562,6 +604,7 @@ class VedalController:
         count before it, the removal is recorded for `report`."""
         self.frozen_logits = kept_logits.detach()
         self.pruned = True
+        self.decided = None
         if step is not None and gaussians_before is not None:
             self.hard_prune_record = {"step": int(step), "gaussians_before": int(gaussians_before),
                                       "gaussians_after": int(kept_logits.numel())}
@@ -626,6 +669,7 @@ class VedalController:
             "refresh_count": int(self.refresh_count),
             "pruned": bool(self.pruned),
             "frozen_retention_logits": torch.zeros(0) if frozen is None else frozen.detach().cpu().clone(),
+            "decided": torch.zeros(0, dtype=torch.bool) if self.decided is None else self.decided.cpu().clone(),
             "importance_sums": (torch.zeros(0, dtype=ImportancePassWindow.DTYPE) if window is None
                                 else window.sums.cpu().clone()),
             "importance_view_counts": [] if window is None else list(window.view_counts),
@@ -651,6 +695,8 @@ class VedalController:
         self.pruned = bool(state["pruned"])
         frozen = state["frozen_retention_logits"]
         self.frozen_logits = frozen.to(self.device).float() if frozen.numel() else None
+        decided = state.get("decided", torch.zeros(0, dtype=torch.bool))
+        self.decided = decided.to(self.device, torch.bool) if decided.numel() else None
         sums, counts = state["importance_sums"], state["importance_view_counts"]
         if sums.numel():
             self.window = ImportancePassWindow(sums.shape[0], sums.shape[1], self.device)
