@@ -242,12 +242,11 @@ class ImportancePassWindow:
 
 
 def _logit_of_product(r: Tensor, t: Tensor) -> Tensor:
-    """logit(sigmoid(r) sigmoid(t)) in log space: with o = sigmoid(r) and z = sigmoid(t), log(o z) = logsig(r) +
-    logsig(t) and 1 - o z = sigmoid(-r) + sigmoid(r) sigmoid(-t); finite and differentiable where o or z round
-    to 0 or 1."""
-    log_oz = F.logsigmoid(r) + F.logsigmoid(t)
-    log_one_minus_oz = torch.logaddexp(F.logsigmoid(-r), F.logsigmoid(r) + F.logsigmoid(-t))
-    return log_oz - log_one_minus_oz
+    """logit(sigmoid(r) sigmoid(t)), exactly and stably: o z / (1 - o z) = 1 / ((1 + e^-r)(1 + e^-t) - 1)
+    = 1 / (e^-r + e^-t + e^-(r+t)), so the logit is -logsumexp(-r, -t, -r - t); finite and differentiable where o
+    or z round to 0 or 1. One logsumexp instead of four logsigmoids and a logaddexp: this runs on every Gaussian at
+    every fine-tuning step."""
+    return -torch.logsumexp(torch.stack([-r, -t, -(r + t)]), dim=0)
 
 
 # Far below logit(1/255) = -5.54, where the exporter and the rasterizers drop a Gaussian, yet finite, so that
@@ -480,9 +479,8 @@ class VedalController:
         """[N] training opacities as logits: logit(o_i z_i), z_i ~ BinaryConcrete(logit p_i, tau), for gated
         Gaussians, the raw logit otherwise.
 
-        As logits because splatfacto renders sigmoid(raw opacity). Computed in log space, so that sigmoid of the
-        result is o z to rounding and stays differentiable where o or z round to 0 or 1: with o = sigmoid(r) and
-        z = sigmoid(t), log(o z) = logsig(r) + logsig(t) and 1 - o z = sigmoid(-r) + sigmoid(r) sigmoid(-t).
+        As logits because splatfacto renders sigmoid(raw opacity). Computed in log space (`_logit_of_product`), so
+        that sigmoid of the result is o z to rounding and stays differentiable where o or z round to 0 or 1.
 
         In the first half of the last hard_mask_fraction of the fine-tuning the mask is the blend (1 - s) z + s h,
         s = `hardening(step)` and h = 0 for what `removal_mask` would remove now, 1 otherwise (the ungated included,
