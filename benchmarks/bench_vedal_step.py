@@ -10,7 +10,7 @@ fine-tunes). The variants alternate in rounds, so that load from other processes
 all of them alike; the spread over the rounds is printed with the median.
 
     python benchmarks/bench_vedal_step.py [--checkpoint RUN/nerfstudio_models/step-N.ckpt] [--rounds 5] [--steps 10]
-        [--gradient-rows 8192 0] [--threads 1]
+        [--gradient-rows 2048 8192 0] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=None, help="Gaussians to use (default: random ones)")
     parser.add_argument("--gaussians", type=int, default=100_000, help="count of random Gaussians without --checkpoint")
     parser.add_argument("--gated", type=float, default=0.85, help="gated fraction (the gate's default cap)")
-    parser.add_argument("--gradient-rows", type=int, nargs="+", default=[8192, 0],
+    parser.add_argument("--gradient-rows", type=int, nargs="+", default=[2048, 8192, 0],
                         help="vedal-gs variants by head_gradient_rows (0: the full head gradient)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")

@@ -146,7 +146,7 @@ class VedalConfig:
     1 - s; at its midpoint the head's decision is fixed (what `removal_mask` removes then), and the second half
     trains the rest of the model on exactly the render the removal leaves. 0: samples until the removal, as in the
     paper."""
-    head_gradient_rows: int = 8192
+    head_gradient_rows: int = 2048
     """Rows through which the retention head's parameter gradient is estimated per step (0: all); see
     `RetentionHeadConfig.gradient_rows`."""
 

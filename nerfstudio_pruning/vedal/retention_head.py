@@ -78,15 +78,17 @@ class RetentionHeadConfig:
     lr: float = 1e-3
     """Adam learning rate for the head: the usual value for a small MLP; the splat parameters keep theirs."""
 
-    gradient_rows: int = 8192
+    gradient_rows: int = 2048
     """Rows (Gaussians) through which the head's parameter gradient is taken at each step; 0: all of them. The
     forward pass always runs on every Gaussian (every gated one needs its own z in the render), but the
     gradient of the loss with respect to the head's parameters, sum_i dL/dlogit_i x dlogit_i/dtheta, is estimated
     from this many rows drawn uniformly with replacement and weighted by N / rows: the same gradient in
     expectation (tests/test_retention_head.py checks it), at a cost that does not grow with N. dL/dlogit_i itself
     (reconstruction through z_i, KL, sparsity) is exact for every Gaussian; only the sum over them is sampled.
-    The relative noise of the estimate is that of a mean over `rows` draws, whatever N is; with 8192 the head's
-    backward pass costs what it costs at 8192 Gaussians (docs/vedal_gs.md measures the step)."""
+    The relative noise of the estimate is that of a mean over `rows` draws, whatever N is (a mini-batch, as MLPs
+    are usually trained); with 2048, one chunk of the MLP (MLP_CHUNK_ROWS), the head's backward pass costs what it
+    costs at 2048 Gaussians: at 55k Gaussians on CPU a fine-tuning step went from 1.44x splatfacto's with 8192
+    rows to 1.28x (docs/vedal_gs.md)."""
 
 
 def encoding_dim(n_freqs: int) -> int:
