@@ -13,6 +13,12 @@ and the distribution of p over the gated Gaussians. If the sampled-mask PSNR is 
 quality and the inference mask is far below it, the model was trained for a mixture that the removal does not
 reproduce (docs/results.md reads the seed-42 run).
 
+The last line is the removal gap: the inference mask's PSNR minus that of what the training steps at this point
+render, i.e. the sampled masks, or, in the second half of the last `hard_mask_fraction` of the fine-tuning (where
+training renders the removal's own mask, fixed), the inference mask itself, so that the gap there is 0 by
+construction and what matters is the PSNR of that row against the sampled-mask rows of a run without it. (In the
+first half training renders a blend of the two; the line then compares with the sampled masks.)
+
 With `--after-removal` it also reads a checkpoint from after the removal: the survivors that were gated keep their
 frozen p (all >= 0.5), so `inference mask` equals `all kept` there, and the other two rows say whether the
 training after an early removal still fits a mixture rather than the model that is shown.
@@ -123,9 +129,17 @@ def main() -> None:
             sampled.append(eval_psnr(pipeline, with_gated(z)))
         spread = f" (min {min(sampled):.2f}, max {max(sampled):.2f})" if len(sampled) > 1 else ""
         rows[f"sampled masks z ~ Bern(p), mean of {len(sampled)}"] = f"{statistics.fmean(sampled):.2f}{spread}"
+        inference = float(rows["inference mask (what the removal keeps)"])
+        hard_phase = not bool(model.vedal.pruned) and model.vedal.hardening(step + 1) >= 1.0
+        trained = inference if hard_phase else statistics.fmean(sampled)
     print("\n| render of the eval views | PSNR |\n|---|---|")
     for label, value in rows.items():
         print(f"| {label} | {value} |")
+    if bool(model.vedal.pruned):
+        return  # after the removal no step renders masks: there is no gap to state
+    what = "the removal's mask, fixed (hard_mask_fraction)" if hard_phase else "sampled masks"
+    print(f"\nremoval gap: {inference - trained:+.2f} dB (inference mask against what training renders at step "
+          f"{step + 1}: {what})")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ and per-Gaussian state of our own (gates, scores) that must shrink with the Gaus
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, MutableMapping, Protocol
+from typing import Dict, Iterable, List, MutableMapping, Optional, Protocol
 
 import torch
 from gsplat.strategy import ops as gsplat_ops
@@ -96,12 +96,38 @@ def lowest_fraction_mask(scores: Tensor, fraction: float) -> Tensor:
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"prune fraction must be in (0, 1), got {fraction}")
+    return lowest_count_mask(scores, int(round(fraction * scores.numel())))
+
+
+def lowest_count_mask(scores: Tensor, count: int) -> Tensor:
+    """Mask of the `count` entries with the lowest scores (-inf first; ties broken by index); NaN refused."""
+    if not 0 <= count <= scores.numel():
+        raise ValueError(f"cannot select {count} of {scores.numel()} scores")
     n_nan = int(torch.isnan(scores).sum())
     if n_nan:
         raise PruningRefused(f"{n_nan} of {scores.numel()} scores are NaN; refusing to prune by an undefined order")
-    k = int(round(fraction * scores.numel()))
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
+    if count > 0:
         order = torch.argsort(scores, stable=True)
-        mask[order[:k]] = True
+        mask[order[:count]] = True
     return mask
+
+
+def check_target(target_gaussians: Optional[int], target_fraction: Optional[float]) -> None:
+    """ValueError unless at most one target form is given and it is meaningful (a count >= 1, a fraction in (0, 1))."""
+    if target_gaussians is not None and target_fraction is not None:
+        raise ValueError("give target_gaussians or target_fraction, not both")
+    if target_gaussians is not None and target_gaussians < 1:
+        raise ValueError(f"target_gaussians must be >= 1, got {target_gaussians}")
+    if target_fraction is not None and not 0.0 < target_fraction < 1.0:
+        raise ValueError(f"target_fraction must be in (0, 1), got {target_fraction}")
+
+
+def target_count(target_gaussians: Optional[int], target_fraction: Optional[float], reference: int) -> Optional[int]:
+    """Gaussians a target asks to keep: the count itself, or round(fraction x reference) once `reference` (the
+    Gaussians the fraction refers to) is known (> 0); None without a target or before that."""
+    if target_gaussians is not None:
+        return int(target_gaussians)
+    if target_fraction is not None and reference > 0:
+        return max(1, int(round(target_fraction * reference)))
+    return None

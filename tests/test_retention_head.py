@@ -333,3 +333,72 @@ def test_chunked_head_gives_the_plain_mlps_logits_and_gradients(monkeypatch):
         torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(head(means, features), plain_logits, rtol=1e-6, atol=1e-6)
+
+
+def test_subsampled_head_gradient_is_unbiased():
+    """With gradient_rows < N the parameter gradient is taken through a random subset of rows, reweighted: the
+    mean over many draws must equal the full gradient, element by element, within a few standard errors of that
+    mean; the same test rejects the estimate without its N / rows weight."""
+    torch.manual_seed(0)
+    n, rows, draws = 200, 20, 1500
+    means, features, weights = torch.randn(n, 3), torch.randn(n, 2), torch.randn(n)
+    head = RetentionHead(RetentionHeadConfig(gradient_rows=0))
+    head.set_bounds(*robust_bounds(means))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+    def gradient() -> torch.Tensor:
+        head.zero_grad()
+        logits = head(means, features)
+        (torch.sigmoid(logits) * weights).sum().backward()
+        return torch.cat([p.grad.reshape(-1) for p in head.parameters()])
+
+    full = gradient()
+    full_logits = head(means, features).detach()
+    head.config.gradient_rows = rows
+    sampled_logits = head(means, features).detach()
+    torch.testing.assert_close(sampled_logits, full_logits)  # the forward pass is never subsampled
+    samples = torch.stack([gradient() for _ in range(draws)]).double()
+    mean, standard_error = samples.mean(0), samples.std(0) / math.sqrt(draws)
+    assert not torch.equal(samples[0], samples[1])  # draws differ: the gradient is sampled
+    tolerance = 5 * standard_error + 1e-7
+    assert ((mean - full.double()).abs() <= tolerance).all()
+    unweighted = mean * rows / n
+    assert ((unweighted - full.double()).abs() > tolerance).float().mean() > 0.5
+
+
+def test_the_head_and_its_regulariser_read_nothing_back_to_the_host():
+    """A step of the head (forward, Binary Concrete or the straight-through removal mask with a target, KL and
+    sparsity, backward with a subsampled gradient) on tensors of the meta device, which hold no values: any read
+    of a value on the host (.item(), bool(tensor), boolean indexing, nonzero) raises there."""
+    from nerfstudio_pruning.vedal.controller import VedalConfig, VedalController
+    from nerfstudio_pruning.vedal.gate import ConvergenceGate
+    from nerfstudio_pruning.vedal.retention_head import retention_inputs
+
+    n = 4000
+    meta = torch.device("meta")
+    for target in (None, 1000):
+        config = VedalConfig(finetune_start_step=0, hard_prune_step=100, head_gradient_rows=512,
+                             target_gaussians=target)
+        vedal = VedalController(config, ssim_lambda=0.2, device=meta)
+        vedal.finetune_started_at, vedal.start_gaussians = 0, n
+        gate = ConvergenceGate(vedal.gate_config(), n)
+        gate.update(torch.rand(n), step=0)  # on the CPU: the gate's own refresh may read counts back
+        gate.eligible = torch.arange(n) < 3 * n // 4
+        gate._to(meta)
+        vedal.gate = gate
+        vedal.importance_scale = 1e-6
+        head = RetentionHead(config.head_config(), bounds=([-1.0] * 3, [1.0] * 3)).to(meta)
+        means, raw = torch.empty(n, 3, device=meta), torch.empty(n, device=meta, requires_grad=True)
+        scales = torch.empty(n, 3, device=meta)
+        for step in (10, 93, 97):  # sampled masks; the hand-over to the removal's mask; its fixed decision
+            assert vedal.hard_mask_phase(step) == (step > 90)
+            gated = vedal.gated_mask(n)
+            assert vedal.any_gated(n)
+            opacities, logits = vedal.training_opacity_logits(
+                raw, lambda: head(*retention_inputs(means, raw, scales)), gated, step)
+            loss = opacities.sum() + sum(vedal.regulariser(logits, gated, step).values())
+            loss.backward()
+            assert (logits is None) == (step == 97) and raw.grad.device == meta
+        assert head.output.weight.grad.device == meta and vedal.decided.device == meta

@@ -10,7 +10,7 @@ import torch
 from nerfstudio_pruning.errors import PruningRefused
 from nerfstudio_pruning.pup.schedule import PupSchedule, PupScheduleConfig
 from nerfstudio_pruning.vedal.controller import ImportancePassWindow, VedalConfig, VedalController
-from nerfstudio_pruning.vedal.gate import ConvergenceGateConfig
+from nerfstudio_pruning.vedal.gate import ConvergenceGate, ConvergenceGateConfig
 
 
 # -- PUP ------------------------------------------------------------------------------------------------------------
@@ -203,3 +203,115 @@ def test_controller_state_round_trips_and_refuses_another_format():
     assert torch.equal(restored.gate.ema, vedal.gate.ema) and torch.equal(restored.frozen_logits, vedal.frozen_logits)
     with pytest.raises(ValueError, match="format"):
         restored.load_state_dict({**vedal.state_dict(), "format": 1})
+
+
+# -- target sizes ---------------------------------------------------------------------------------------------------
+def test_pup_target_keeps_the_rounds_shape_and_ends_exactly_on_it():
+    paper = PupScheduleConfig(target_fraction=0.1)
+    assert paper.planned_counts(1000) == PupScheduleConfig().planned_counts(1000) == [200, 100]
+    for target, n in ((7153, 143067), (28614, 143067), (101, 1000)):
+        counts = PupScheduleConfig(target_gaussians=target).planned_counts(n)
+        assert counts[-1] == target and n > counts[0] > target
+        # the first round takes log(0.2) / log(0.1) of the log-reduction, as 80% + 50% does
+        assert math.log(counts[0] / n) / math.log(target / n) == pytest.approx(math.log(0.2) / math.log(0.1), abs=1e-3)
+
+    schedule = PupSchedule(PupScheduleConfig(prune_start_step=10, refine_steps=(5, 5), target_gaussians=77,
+                                             min_gaussians=8))
+    n = 1000
+    schedule.check_feasible(n)
+    assert schedule.plan == [schedule.plan[0], 77] and schedule.remaining_after_all_rounds(n) == 77
+    scores = torch.randn(n)
+    mask = schedule.prune_mask(scores)
+    assert int((~mask).sum()) == schedule.plan[0] and scores[~mask].min() >= scores[mask].max()
+    schedule.round_done()
+    restored = PupSchedule(schedule.config)
+    restored.load_state_dict(schedule.state_dict())
+    survivors = scores[~mask]
+    assert int((~restored.prune_mask(survivors)).sum()) == 77
+
+    too_many = PupSchedule(PupScheduleConfig(target_gaussians=1000))
+    with pytest.raises(PruningRefused, match="not below the 1000"):
+        too_many.check_feasible(1000)
+    with pytest.raises(ValueError, match="not both"):
+        PupScheduleConfig(target_gaussians=5, target_fraction=0.5)
+    with pytest.raises(ValueError, match="target_fraction"):
+        PupScheduleConfig(target_fraction=1.0)
+
+
+def _targeted(n: int, target: int, **overrides) -> VedalController:
+    vedal = _controller(target_gaussians=target, min_gaussians=1, **overrides)
+    vedal.finetune_started_at, vedal.start_gaussians = 0, n
+    vedal.gate = ConvergenceGate(vedal.gate_config(), n)
+    return vedal
+
+
+def test_vedal_target_sets_the_gates_cap_and_the_removal_ranks_the_gated_by_p():
+    n, target = 100, 20
+    vedal = _targeted(n, target)
+    cap = vedal.gate.config.max_eligible_fraction
+    assert cap == pytest.approx((n - target + 0.5 * target) / n) and vedal.gate.config.threshold_quantile >= cap
+    gated = torch.arange(n) < 90
+    vedal.gate.update(torch.linspace(0, 1, n), step=0)
+    vedal.gate.eligible = gated
+    logits = torch.randn(n)
+    removed = vedal.hard_prune_mask(logits, gated)
+    assert int(removed.sum()) == n - target and not removed[~gated].any()
+    assert logits[removed].max() <= logits[gated & ~removed].min()  # the head ranks: the lowest p go
+
+    # A gate that has not filled: every gated one goes, then the ungated with the lowest importance EMA.
+    few = torch.arange(n) < 50
+    vedal.gate.eligible = few
+    removed = vedal.hard_prune_mask(logits, few)
+    assert int(removed.sum()) == n - target and removed[few].all()
+    assert torch.equal(removed[50:], torch.arange(50, n) < 50 + (n - target - 50))  # the EMA rises with the index
+
+    with pytest.raises(PruningRefused, match="not below"):
+        _controller(target_gaussians=n).before_step(10, n, 7, lambda views: torch.zeros(n, dtype=torch.float64))
+    fraction = _controller(target_fraction=0.25, min_gaussians=1)
+    fraction.before_step(10, n, 7, lambda views: torch.zeros(n, dtype=torch.float64))
+    assert fraction.target() == 25 and fraction.state_dict()["start_gaussians"] == n
+    restored = _controller(target_fraction=0.25, min_gaussians=1)
+    restored.load_state_dict(fraction.state_dict())
+    assert restored.target() == 25 and restored.gate.config == fraction.gate.config
+
+
+def test_the_last_part_of_fine_tuning_hands_the_render_over_to_the_removals_mask_then_fixes_it():
+    n = 8
+    vedal = _targeted(n, 5, hard_mask_fraction=0.2)  # fine-tuning 0..60: steps 49..54 blend, 55..60 fixed
+    assert not vedal.hard_mask_phase(48) and vedal.hard_mask_phase(49)
+    assert [vedal.hardening(step) for step in (48, 49, 51, 54, 55, 60)] == [0.0, 1 / 6, 0.5, 1.0, 1.0, 1.0]
+    gated = torch.tensor([True] * 6 + [False] * 2)
+    vedal.gate.update(torch.rand(n), step=0)
+    vedal.gate.eligible = gated
+    raw = torch.randn(n, dtype=torch.float64)
+    logits = torch.tensor([3.0, -1.0, 0.5, -2.0, 1.0, -0.5, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    removed = vedal.removal_mask(logits.detach(), gated)
+    assert removed.tolist() == [False, True, False, True, False, True, False, False]
+
+    # the blend: opacity o ((1 - s) z + s [kept]) with z the Binary Concrete sample (1 for the ungated)
+    step = 51
+    torch.manual_seed(1)
+    blended = vedal.sampled_opacity_logits(raw, logits, gated, step)
+    torch.manual_seed(1)
+    from nerfstudio_pruning.vedal.retention_head import binary_concrete
+
+    z = torch.where(gated, binary_concrete(logits.detach(), vedal.temperature(step)), torch.ones(n, dtype=torch.float64))
+    s = vedal.hardening(step)
+    expected = torch.sigmoid(raw) * ((1 - s) * z + s * (~removed).double())
+    torch.testing.assert_close(torch.sigmoid(blended.detach()), expected, rtol=1e-9, atol=1e-12)
+    (head_grad,) = torch.autograd.grad(blended.sum(), (logits,))
+    assert (head_grad[gated] != 0).all() and (head_grad[~gated] == 0).all()
+    kl_now = vedal.regulariser(logits, gated, step)["retention_kl"]
+    assert float(kl_now) == pytest.approx((1 - s) * float(vedal.regulariser(logits, gated)["retention_kl"]))
+
+    # from the midpoint: the decision is fixed once, the head is no longer asked, nothing more is regularised
+    asked = []
+    opacities, none = vedal.training_opacity_logits(raw, lambda: asked.append(1) or logits.detach(), gated, 55)
+    assert none is None and asked == [1] and torch.equal(vedal.decided, removed)
+    assert torch.equal(opacities[~removed], raw[~removed]) and (opacities[removed] == -100.0).all()
+    vedal.training_opacity_logits(raw, lambda: asked.append(1) or -logits.detach(), gated, 58)
+    assert asked == [1] and torch.equal(vedal.hard_prune_mask(-logits.detach(), gated), removed)
+    assert not vedal.before_step(60, n, 7, lambda views: torch.zeros(n, dtype=torch.float64))  # no refresh
+    restored = _targeted(n, 5, hard_mask_fraction=0.2)
+    restored.load_state_dict(vedal.state_dict())
+    assert torch.equal(restored.decided, removed)

@@ -94,6 +94,21 @@ def test_scoring_downscale_without_pixels_is_refused_at_setup(default_scene, tmp
     assert "1/200 of the 128x96 training images, which leaves no pixel" in line
 
 
+def test_a_target_below_min_gaussians_is_refused_at_setup(default_scene, tmp_path, capsys):
+    config = trainer_config("pup-gs", default_scene, tmp_path / "out")
+    config.pipeline.model.target_gaussians = 10
+    line = refusal_line(config, capsys)
+    assert "--pipeline.model.target-gaussians 10 is below --pipeline.model.min-gaussians 64" in line
+
+
+def test_a_target_not_below_the_gaussians_vedal_gs_fine_tunes_is_refused_at_setup(default_scene, tmp_path, capsys):
+    config = trainer_config("vedal-gs", default_scene, tmp_path / "out")
+    config.pipeline.model.finetune_start_step = 0  # fine-tuning from the first step: the count is known at setup
+    config.pipeline.model.target_gaussians = 10**7
+    line = refusal_line(config, capsys)
+    assert re.search(r"error: the target of 10000000 Gaussians is not below the \d+ that vedal-gs would prune from", line), line
+
+
 # -- progress ---------------------------------------------------------------------------------------------------------
 
 

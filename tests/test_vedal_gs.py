@@ -443,3 +443,62 @@ def test_export_before_the_hard_removal_writes_only_retained_gaussians(vedal_run
     assert hidden.any(), "nothing hidden before the removal: the check below would not test the mask"
     count = _export_count(stopped_early, e2e_root / "vedal_export_early", e2e_root)
     assert count == n - int((hidden | low_opacity).sum())
+
+
+def test_with_a_target_the_removal_keeps_exactly_that_many_and_eval_hides_exactly_those():
+    model = tiny_model(target_gaussians=20)
+    n = model.num_points
+    _gate_and_split_the_head(model)
+    model.vedal.start_gaussians = n
+    logits = model.head_logits().detach()
+    gated = model.gated_mask()
+    model.eval()
+    hidden = model.hidden_mask()
+    assert int(hidden.sum()) == n - 20 and not hidden[~gated].any()
+    assert logits[hidden].max() <= logits[gated & ~hidden].min()
+    model.train()
+    assert model.hard_prune(step=100) == n - 20 and model.num_points == 20
+    model.eval()
+    assert not model.hidden_mask().any()  # the removal was the mask: nothing more is hidden after it
+
+
+def test_a_training_step_reads_nothing_back_to_the_host_in_the_head_and_gate_path(monkeypatch):
+    """The vedal-gs part of a fine-tuning step (mask, head, regulariser, and their backward) calls no .item(),
+    bool(tensor), .tolist() or .cpu(): counted by patching them while a step runs, attributed by the caller's file
+    (splatfacto's own code is not this plugin's to change)."""
+    import sys
+
+    model = tiny_model(head_gradient_rows=16)
+    n = model.num_points
+    model.train()
+    model.vedal.finetune_started_at, model.vedal.start_gaussians = 0, n
+    model.vedal.gate = ConvergenceGate(model.config.gate, n)
+    model.vedal.gate.eligible = torch.arange(n) < n // 2
+    model.vedal.importance_scale = 1e-6
+    image = (torch.rand(SIZE, SIZE, 3) * 255).to(torch.uint8)
+    ours = ("nerfstudio_pruning/vedal/", "nerfstudio_pruning/methods/vedal_gs.py")
+    calls = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if any(part in caller for part in ours):
+                calls.append((name, caller, sys._getframe(1).f_lineno))
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "__bool__", "tolist", "cpu", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    kinds = []
+    for step in (50, 93, 97):  # sampled masks, the hand-over to the removal's mask, its fixed decision
+        model.step = step
+        outputs = model.get_outputs(tiny_camera())
+        losses = model.get_loss_dict(outputs, {"image": image})
+        sum(losses.values()).backward()
+        kinds.append("retention_kl" in losses)
+    monkeypatch.undo()
+    assert kinds == [True, True, False] and model.retention_head.output.weight.grad.abs().sum() > 0
+    assert calls == []

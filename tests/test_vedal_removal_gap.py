@@ -30,6 +30,11 @@ def test_renders_a_pre_removal_checkpoint_four_ways(vedal_run, tmp_path):
     assert f"{eligible:,} gated" in proc.stdout
     rows = dict(re.findall(r"^\| (.+?) \| ([0-9.]+)", proc.stdout, flags=re.M))
     assert len(rows) == 4 and all(math.isfinite(float(v)) and float(v) > 5 for v in rows.values()), proc.stdout
+    # before the hand-over to the removal's mask, training renders sampled masks: the gap is against their mean
+    gap = re.search(r"^removal gap: ([+-][0-9.]+) dB .*sampled masks\)$", proc.stdout, flags=re.M)
+    sampled = next(float(v) for k, v in rows.items() if k.startswith("sampled masks"))
+    inference = float(rows["inference mask (what the removal keeps)"])
+    assert gap and abs(float(gap.group(1)) - (inference - sampled)) < 0.016, proc.stdout
 
 
 def test_a_checkpoint_after_the_removal_is_refused(vedal_run, tmp_path):

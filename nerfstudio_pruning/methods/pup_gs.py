@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -129,6 +129,15 @@ class PupGSModel(PortableSplatfactoModel):
             scalars.update(score_mean=float(finite.mean()), score_min=float(finite.min()), score_max=float(finite.max()))
         for name, value in scalars.items():
             writer.put_scalar(f"pup/{name}", value, step)
+
+    def target_before_training(self, first_step: int) -> Optional[Tuple[int, int]]:
+        """(Gaussians the target asks for, Gaussians it is taken from) where both are known before training (the
+        trainer refuses what cannot be reached): once the rounds have started (post-hoc pruning starts them at the
+        first step), densification is off and the count is the loaded model's."""
+        config, schedule = self.config, self.schedule
+        if not config.has_target() or not schedule.pruning_started(first_step) or schedule.finished:
+            return None
+        return (schedule.plan[-1] if schedule.plan else config.planned_counts(self.num_points)[-1]), self.num_points
 
     def score(self) -> torch.Tensor:
         """Scores of the current Gaussians on every training view (higher = keep)."""

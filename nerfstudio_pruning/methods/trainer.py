@@ -10,7 +10,8 @@ them (pup-gs, vedal-gs; found at the first scoring, thousands of steps in, other
 leaves no pixel, a dataset without seed points, a checkpoint that holds no Gaussians, an empty model, or one
 trained on another scene; a PLY for `--pipeline.model.init-ply` that is not a usable 3DGS PLY of the configured SH
 degree (checked before ns-train writes its config.yml), or one that fits the training images better in the other
-world frame. An `InputError` raised during training (a pruning schedule the model cannot satisfy,
+world frame; a target size below min-gaussians or not below a loaded model's count. An `InputError` raised during
+training (a pruning schedule the model cannot satisfy,
 NaN scores) first saves a checkpoint of the model as it was, so no training is lost.
 
 After every checkpoint, and when training ends, it writes the model's `pruning_report()` (pup-gs's rounds, vedal-gs's
@@ -153,13 +154,15 @@ class PruningTrainer(Trainer):
             return self._start_from_ply(model_config.init_ply)
         if path is None:
             self._check_model_to_train_from_scratch()
-            return super()._load_checkpoint()
+            super()._load_checkpoint()
+            return self._check_target()
         if not path.exists():
             raise InputError(f"checkpoint {path} does not exist")
         self._check_same_scene(path)
         with numpy_scalars_allowed():
             super()._load_checkpoint()
         self._reseed_if_other_seeds(path)
+        self._check_target()
         end = self._start_step + self.config.max_num_iterations - 1
         CONSOLE.print(f"continuing from step {self._start_step - 1}: this run trains steps {self._start_step} to {end} "
                       "(nerfstudio counts --max-num-iterations from the loaded step; the progress percentage and ETA "
@@ -191,6 +194,7 @@ class PruningTrainer(Trainer):
         model.set_gaussians(placed)
         self._start_step = model.first_step_from_trained_gaussians()
         advance_schedulers(self.optimizers, self._start_step)
+        self._check_target()
         end = self._start_step + self.config.max_num_iterations - 1
         CONSOLE.print(f"initialised {len(placed)} Gaussians (SH degree {placed.sh_degree}) from {ply} ({psnr[chosen]:.1f} dB "
                       f"PSNR on {PLY_CHECK_VIEWS} training views); this run trains steps {self._start_step} to {end} "
@@ -228,6 +232,26 @@ class PruningTrainer(Trainer):
                 raise RuntimeError(f"rendered {tuple(rendered.shape)}, image {tuple(image.shape)}")
             errors.append(float(((rendered - image) ** 2).mean()))
         return -10.0 * math.log10(max(sum(errors) / len(errors), 1e-10))
+
+    def _check_target(self) -> None:
+        """A target size (pup-gs, vedal-gs) below min-gaussians, or not below the Gaussians it would be taken
+        from where the model knows that count before training (`target_before_training`)."""
+        model = self.pipeline.model
+        config = model.config
+        minimum = getattr(config, "min_gaussians", 0)
+        if getattr(config, "target_gaussians", None) is not None and config.target_gaussians < minimum:
+            raise InputError(f"--pipeline.model.target-gaussians {config.target_gaussians} is below "
+                             f"--pipeline.model.min-gaussians {minimum}")
+        known = getattr(model, "target_before_training", lambda step: None)(self._start_step)
+        if known is None:
+            return
+        wanted, present = known
+        if wanted >= present:
+            raise InputError(f"the target of {wanted} Gaussians is not below the {present} that {self.config.method_name} "
+                             "would prune from; it would remove nothing")
+        if wanted < minimum:
+            raise InputError(f"the target of {wanted} Gaussians (of {present}) is below --pipeline.model.min-gaussians "
+                             f"{minimum}")
 
     def _check_model_to_train_from_scratch(self) -> None:
         model = self.pipeline.model

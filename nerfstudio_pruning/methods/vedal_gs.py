@@ -38,14 +38,11 @@ from nerfstudio_pruning.methods.viewer import (
     add_output_if_shown,
     score_legend,
 )
-from nerfstudio_pruning.removal import remove_gaussians
+from nerfstudio_pruning.removal import remove_gaussians, target_count
 from nerfstudio_pruning.scoring.importance import leave_one_out_importance
-from nerfstudio_pruning.vedal.controller import VedalConfig, VedalController
+from nerfstudio_pruning.vedal.controller import HIDDEN_OPACITY_LOGIT, VedalConfig, VedalController
 from nerfstudio_pruning.vedal.retention_head import RetentionHead, retention_inputs, robust_bounds
 
-# Far below logit(1/255) = -5.54, where the exporter and the rasterizers drop a Gaussian, yet finite, so the
-# exporter's NaN/Inf filter does not report the hidden Gaussians as broken; sigmoid(-100) is ~4e-44.
-HIDDEN_OPACITY_LOGIT = -100.0
 
 
 @dataclass
@@ -103,7 +100,7 @@ class VedalGSModel(PortableSplatfactoModel):
     def hidden_mask(self, threshold: Optional[float] = None) -> Tensor:
         """[N] bool: Gaussians the deterministic inference mask drops (gated and p < threshold)."""
         gated = self.gated_mask()
-        if not gated.any():
+        if not self.vedal.any_gated(self.num_points) and self.vedal.target() is None:
             return gated
         threshold = float(self.retention_threshold_slider.value) if threshold is None else threshold
         return self.vedal.hidden_mask(self.retention_logits(), gated, threshold)
@@ -159,9 +156,25 @@ class VedalGSModel(PortableSplatfactoModel):
         if self.vedal.hard_prune_due(step):
             self.hard_prune(step)
 
+    def target_before_training(self, first_step: int) -> Optional[Tuple[int, int]]:
+        """(Gaussians the target asks for, Gaussians it is taken from) where both are known before training (the
+        trainer refuses what cannot be reached): once fine-tuning has started, or when it starts at the first step,
+        the count no longer grows."""
+        vedal, config = self.vedal, self.config
+        if vedal.pruned:
+            return None
+        if vedal.finetuning_started:
+            wanted = vedal.target()
+            return None if wanted is None else (wanted, vedal.start_gaussians)
+        if first_step >= config.finetune_start_step:
+            wanted = target_count(config.target_gaussians, config.target_fraction, self.num_points)
+            return None if wanted is None else (wanted, self.num_points)
+        return None
+
     @torch.no_grad()
     def hard_prune(self, step: int) -> int:
-        """Remove every gated Gaussian with p < 0.5; returns how many went."""
+        """Remove what the controller's removal mask selects (gated with p < 0.5, or down to the target by p);
+        returns how many went."""
         logits = self.head_logits().detach()
         gated = self.gated_mask()
         prune = self.vedal.hard_prune_mask(logits, gated)
@@ -221,14 +234,12 @@ class VedalGSModel(PortableSplatfactoModel):
     # -- rendering and loss ----------------------------------------------------------------------------------------
     def get_outputs(self, camera: Cameras) -> Dict:
         if self.training and self.vedal.finetuning_active() and not self._render_overrides:
-            gated = self.gated_mask()
-            if gated.any():
-                logits = self.head_logits()
-                masked = self.vedal.sampled_opacity_logits(self.gauss_params["opacities"].squeeze(-1), logits, gated,
-                                                           self.step)
+            masked, logits = self.vedal.training_opacity_logits(
+                self.gauss_params["opacities"].squeeze(-1), self.head_logits, self.gated_mask(), self.step)
+            if masked is not None:
                 with self.rendering_with(opacities=masked[:, None]):
                     outputs = super().get_outputs(camera)
-                return {**outputs, "retention_logits": logits}  # for get_loss_dict's regulariser
+                return outputs if logits is None else {**outputs, "retention_logits": logits}  # for the regulariser
         outputs = super().get_outputs(camera)
         if not self.training and not self._render_overrides and self.viewer_outputs.attached:
             self.refresh_kept_count()
@@ -239,7 +250,7 @@ class VedalGSModel(PortableSplatfactoModel):
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
         if self.training:
-            loss_dict.update(self.vedal.regulariser(outputs.get("retention_logits"), self.gated_mask()))
+            loss_dict.update(self.vedal.regulariser(outputs.get("retention_logits"), self.gated_mask(), self.step))
         return loss_dict
 
     def get_param_groups(self) -> Dict[str, List[torch.nn.Parameter]]:

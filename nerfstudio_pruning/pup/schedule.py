@@ -8,17 +8,26 @@ records (`rounds`) travel in the state dict, so a resumed run still reports ever
 
 The paper's schedule: from a trained model (splatfacto's 30k steps) prune 80%, refine 5k steps with
 densification and opacity reset off and fresh Adam state, prune 50% of the rest, refine 5k more: 10% kept.
+
+A target size (`target_gaussians` or `target_fraction`) keeps the rounds' shape and sets their scale: round r
+keeps the share (1 - f_r) of the configured fractions raised to the power log(k) / log(prod_s (1 - f_s)), k the
+kept fraction the target asks for. Each round thus takes the same share of the total log-reduction as in the
+configured schedule (the paper's 80% + 50%: 70% and 30% of it), the paper's own schedule is the target of 10%,
+and the last round removes exactly what leaves the target. Equal rounds (sqrt(k) each) would be the other simple
+choice; this one changes nothing at the paper's operating point and makes the first, larger cut on the model
+that was trained with every Gaussian, as the paper does.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from torch import Tensor
 
 from nerfstudio_pruning.errors import PruningRefused
-from nerfstudio_pruning.removal import lowest_fraction_mask
+from nerfstudio_pruning.removal import check_target, lowest_count_mask, lowest_fraction_mask, target_count
 
 
 @dataclass
@@ -34,6 +43,12 @@ class PupScheduleConfig:
     """Fine-tuning steps after each round (same length as prune_fractions)."""
     min_gaussians: int = 64
     """A round that would leave fewer Gaussians than this is refused."""
+    target_gaussians: Optional[int] = None
+    """Gaussians to keep after the last round, exactly; the rounds' fractions are solved for it (module
+    docstring). Exclusive with target_fraction. Refused before training when below min_gaussians or, for a loaded
+    model, at or above its count."""
+    target_fraction: Optional[float] = None
+    """The same target as a fraction of the Gaussians at the first round (0.1 is the paper's 80% + 50%)."""
 
     def __post_init__(self) -> None:
         if len(self.prune_fractions) != len(self.refine_steps):
@@ -46,6 +61,30 @@ class PupScheduleConfig:
                 raise ValueError(f"each prune fraction must be in (0, 1), got {f}")
         if any(s < 0 for s in self.refine_steps):
             raise ValueError(f"refine_steps must be >= 0, got {tuple(self.refine_steps)}")
+        check_target(self.target_gaussians, self.target_fraction)
+
+    def has_target(self) -> bool:
+        return self.target_gaussians is not None or self.target_fraction is not None
+
+    def planned_counts(self, num_gaussians: int) -> List[int]:
+        """Gaussians left after each round from num_gaussians at the first round: with a target, the configured
+        fractions' shape scaled to reach it, the last round exactly on it; without, the configured fractions."""
+        wanted = target_count(self.target_gaussians, self.target_fraction, num_gaussians)
+        if wanted is None:
+            left, counts = num_gaussians, []
+            for f in self.prune_fractions:
+                left -= int(round(f * left))
+                counts.append(left)
+            return counts
+        if not 0 < wanted < num_gaussians:
+            return [wanted] * len(self.prune_fractions)
+        logs = [math.log1p(-f) for f in self.prune_fractions]
+        total, done, counts = sum(logs), 0.0, []
+        for r, log_keep in enumerate(logs):
+            done += log_keep
+            share = done / total
+            counts.append(wanted if r == len(logs) - 1 else int(round(num_gaussians * (wanted / num_gaussians) ** share)))
+        return counts
 
     def total_steps(self) -> int:
         """Steps of a whole run from scratch: training, then every round's refinement."""
@@ -61,6 +100,8 @@ class PupSchedule:
         self.first_round_step = config.prune_start_step
         # One plain dict per round done (`round_record`): checkpoints load with torch.load(weights_only=True).
         self.rounds: List[Dict[str, Any]] = []
+        # Gaussians left after each round, fixed at the first round from the count then (`planned_counts`).
+        self.plan: List[int] = []
 
     @property
     def n_rounds(self) -> int:
@@ -75,6 +116,7 @@ class PupSchedule:
         self.first_round_step = step + 1
         self.rounds_done = 0
         self.rounds = []
+        self.plan = []
 
     def round_step(self, k: int) -> int:
         return int(self.first_round_step) + sum(self.config.refine_steps[:k])
@@ -84,28 +126,44 @@ class PupSchedule:
         return step >= int(self.first_round_step)
 
     def due(self, step: int) -> Optional[float]:
-        """The fraction to remove at `step`, or None when no round is due."""
+        """The configured fraction of the round due at `step` (with a target the round removes what the plan
+        says: `prune_mask`), or None when no round is due."""
         if self.finished or step < self.round_step(self.rounds_done):
             return None
         return self.config.prune_fractions[self.rounds_done]
 
     def remaining_after_all_rounds(self, num_gaussians: int) -> int:
+        if self.plan:
+            return self.plan[-1]
+        if self.config.has_target():
+            return self.config.planned_counts(num_gaussians)[-1]
         left = num_gaussians
         for f in self.config.prune_fractions[self.rounds_done:]:
             left -= int(round(f * left))
         return left
 
     def check_feasible(self, num_gaussians: int) -> None:
-        """PruningRefused if the remaining rounds would leave fewer than min_gaussians (checked before scoring)."""
+        """PruningRefused if the remaining rounds would leave fewer than min_gaussians, or a target is not below
+        the count at the first round (checked before scoring). At the first round, the plan is fixed."""
+        if self.config.has_target() and not self.plan:
+            wanted = self.config.planned_counts(num_gaussians)[-1]
+            if wanted >= num_gaussians:
+                raise PruningRefused(f"target of {wanted} Gaussians is not below the {num_gaussians} present at the "
+                                     "first pruning round; nothing was pruned")
         left = self.remaining_after_all_rounds(num_gaussians)
         if left < self.config.min_gaussians:
             raise PruningRefused(
                 f"the remaining pruning rounds would leave {left} of {num_gaussians} Gaussians, fewer than "
                 f"min_gaussians={self.config.min_gaussians}; nothing was pruned"
             )
+        if self.config.has_target() and not self.plan:
+            self.plan = self.config.planned_counts(num_gaussians)
 
     def prune_mask(self, scores: Tensor) -> Tensor:
-        """[N] bool: the Gaussians this round removes (the lowest-scored fraction)."""
+        """[N] bool: the Gaussians this round removes: the lowest-scored fraction, or with a target the lowest
+        scores down to the plan's count for this round (`check_feasible` fixes the plan first)."""
+        if self.plan:
+            return lowest_count_mask(scores, max(scores.numel() - self.plan[self.rounds_done], 0))
         return lowest_fraction_mask(scores, self.config.prune_fractions[self.rounds_done])
 
     def round_done(self, record: Optional[Dict[str, Any]] = None) -> None:
@@ -122,11 +180,15 @@ class PupSchedule:
                 "gaussians_after": int(gaussians_after), "scoring_seconds": float(scoring_seconds)}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"rounds_done": int(self.rounds_done), "first_round_step": int(self.first_round_step),
-                "rounds": [dict(record) for record in self.rounds]}
+        state = {"rounds_done": int(self.rounds_done), "first_round_step": int(self.first_round_step),
+                 "rounds": [dict(record) for record in self.rounds]}
+        if self.plan:
+            state["plan"] = [int(count) for count in self.plan]
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.rounds_done = int(state["rounds_done"])
         self.first_round_step = int(state["first_round_step"])
         # Checkpoints written before rounds were recorded have none.
         self.rounds = [dict(record) for record in state.get("rounds", [])]
+        self.plan = [int(count) for count in state.get("plan", [])]

@@ -42,12 +42,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Literal, Optional
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from nerfstudio_pruning.errors import PruningRefused
+from nerfstudio_pruning.removal import check_target, target_count
 from nerfstudio_pruning.vedal.gate import ConvergenceGate, ConvergenceGateConfig
 from nerfstudio_pruning.vedal.retention_head import (
     RetentionHeadConfig,
@@ -121,6 +123,32 @@ class VedalConfig:
     """Convergence gate: EMA decay, convergence test, adaptive threshold and eligibility cap."""
     min_gaussians: int = 64
     """A hard removal that would leave fewer Gaussians than this is refused (the model is kept as is)."""
+    target_gaussians: Optional[int] = None
+    """Gaussians to keep at the hard removal, exactly (instead of 'every gated Gaussian with p < 0.5'); exclusive
+    with target_fraction. The gate's cap follows it (see target_contest) and the removal ranks the gated
+    Gaussians by p: the head decides which go, the target how many. Refused before training when below
+    min_gaussians, or at or above the count of a loaded model that no longer densifies; at the start of
+    fine-tuning when at or above the count then."""
+    target_fraction: Optional[float] = None
+    """The same target as a fraction of the Gaussians present when fine-tuning starts (e.g. 0.2 for 5x fewer)."""
+    target_contest: float = 0.5
+    """With a target of N kept out of n: the share of the N survivors that the head picks from the gated pool.
+    The gate's cap becomes (n - N + target_contest x N) / n (and its threshold quantile at least that), so the
+    head ranks n - N + target_contest x N gated Gaussians and removes the n - N with the lowest p, while the
+    (1 - target_contest) x N most important are kept by the gate outright. 0 would leave the head no choice
+    (every gated Gaussian goes), 1 would let every Gaussian be gated. Why a target sets the cap rather than
+    kl_weight: on buddha (docs/results.md) the cap, not the weight, set the size from weight 0.5 up."""
+    hard_mask_fraction: float = 0.1
+    """The last fraction of the fine-tuning (0.1: 2,300 of 23,000 steps) hands the render over from Binary Concrete
+    samples to the removal's deterministic mask, so that the removal is trained before it happens (on the built-in
+    scene the sampled mixture and the hard mask differed by up to 3.5 dB; docs/results.md). In its first half each
+    mask is the blend (1 - s) z + s [kept], s rising linearly from 0 to 1, and the retention loss is weighted by
+    1 - s; at its midpoint the head's decision is fixed (what `removal_mask` removes then), and the second half
+    trains the rest of the model on exactly the render the removal leaves. 0: samples until the removal, as in the
+    paper."""
+    head_gradient_rows: int = 2048
+    """Rows through which the retention head's parameter gradient is estimated per step (0: all); see
+    `RetentionHeadConfig.gradient_rows`."""
 
     def __post_init__(self) -> None:
         if self.finetune_start_step < 0:
@@ -137,6 +165,11 @@ class VedalConfig:
             raise ValueError("kl_weight must be > 0 and sparsity_weight >= 0")
         if self.temperature_start <= 0 or self.temperature_end <= 0:
             raise ValueError("temperatures must be > 0")
+        check_target(self.target_gaussians, self.target_fraction)
+        if not 0.0 <= self.target_contest <= 1.0 or not 0.0 <= self.hard_mask_fraction <= 1.0:
+            raise ValueError("target_contest and hard_mask_fraction must be in [0, 1]")
+        if self.head_gradient_rows < 0:
+            raise ValueError(f"head_gradient_rows must be >= 0, got {self.head_gradient_rows}")
 
     def head_config(self) -> RetentionHeadConfig:
         return RetentionHeadConfig(
@@ -147,6 +180,7 @@ class VedalConfig:
             tau_start=self.temperature_start,
             tau_end=self.temperature_end,
             anneal_steps=self.hard_prune_step - self.finetune_start_step,
+            gradient_rows=self.head_gradient_rows,
         )
 
     def measures_importance(self) -> bool:
@@ -207,6 +241,19 @@ class ImportancePassWindow:
         self.view_counts = [int(c) for c in view_counts]
 
 
+def _logit_of_product(r: Tensor, t: Tensor) -> Tensor:
+    """logit(sigmoid(r) sigmoid(t)), exactly and stably: o z / (1 - o z) = 1 / ((1 + e^-r)(1 + e^-t) - 1)
+    = 1 / (e^-r + e^-t + e^-(r+t)), so the logit is -logsumexp(-r, -t, -r - t); finite and differentiable where o
+    or z round to 0 or 1. One logsumexp instead of four logsigmoids and a logaddexp: this runs on every Gaussian at
+    every fine-tuning step."""
+    return -torch.logsumexp(torch.stack([-r, -t, -(r + t)]), dim=0)
+
+
+# Far below logit(1/255) = -5.54, where the exporter and the rasterizers drop a Gaussian, yet finite, so that
+# nothing downstream meets an infinity; sigmoid(-100) is ~4e-44.
+HIDDEN_OPACITY_LOGIT = -100.0
+
+
 MeasureImportance = Callable[[List[int]], Tensor]
 """Callback: [N] float64 leave-one-out importance summed over the given training views (mean-L1 units)."""
 
@@ -227,6 +274,8 @@ class VedalController:
         # -1: fine-tuning has not started. Not the configured step: a run resumed from another method's
         # checkpoint starts it at its first step, and the temperature anneal runs from there.
         self.finetune_started_at = -1
+        # Gaussians when fine-tuning started (-1: not started): what target_fraction and the gate's cap refer to.
+        self.start_gaussians = -1
         self.last_refresh_step = -1
         self.refresh_count = 0
         self.pruned = False
@@ -234,6 +283,8 @@ class VedalController:
         # After the hard removal p is frozen: the head standardises its features over the Gaussians present, so
         # evaluated after the removal it would move p of the survivors.
         self.frozen_logits: Optional[Tensor] = None
+        # [N] bool: the head's decision, fixed halfway through the hand-over to the removal's mask.
+        self.decided: Optional[Tensor] = None
         self.window: Optional[ImportancePassWindow] = None
         # Mean of the gate's importance EMA over the Gaussians it has observed: the unit of kl_weight.
         self.importance_scale = 0.0
@@ -255,14 +306,43 @@ class VedalController:
     def densification_allowed(self, step: int) -> bool:
         return not self.finetuning_started and step < self.config.finetune_start_step
 
+    # -- the target size -------------------------------------------------------------------------------------------
+    def target(self) -> Optional[int]:
+        """Gaussians to keep at the removal, or None without a target (or before fine-tuning, for a fraction)."""
+        return target_count(self.config.target_gaussians, self.config.target_fraction, self.start_gaussians)
+
+    def check_target(self, num_gaussians: int) -> None:
+        """PruningRefused when the target cannot be reached from num_gaussians (checked as fine-tuning starts)."""
+        wanted = target_count(self.config.target_gaussians, self.config.target_fraction, num_gaussians)
+        if wanted is None:
+            return
+        if wanted >= num_gaussians:
+            raise PruningRefused(f"target of {wanted} Gaussians is not below the {num_gaussians} present when "
+                                 "vedal-gs's fine-tuning starts; nothing would be removed")
+        if wanted < self.config.min_gaussians:
+            raise PruningRefused(f"target of {wanted} Gaussians is below min_gaussians={self.config.min_gaussians}")
+
+    def gate_config(self) -> ConvergenceGateConfig:
+        """The gate's settings: as configured, or with a target, its cap (and threshold quantile, so that it does
+        not bind first) at the removal count plus target_contest of the survivors."""
+        wanted, n = self.target(), self.start_gaussians
+        if wanted is None or n <= 0:
+            return self.config.gate
+        pool = min(n, n - wanted + int(round(self.config.target_contest * wanted)))
+        cap = pool / n
+        return replace(self.config.gate, max_eligible_fraction=cap,
+                       threshold_quantile=max(self.config.gate.threshold_quantile, cap))
+
     def before_step(self, step: int, num_gaussians: int, n_views: int, measure: MeasureImportance) -> bool:
         """Start fine-tuning when due and refresh importance when due; True if a refresh ran."""
         if self.pruned:
             return False
         if not self.finetuning_started and step >= self.config.finetune_start_step:
+            self.check_target(num_gaussians)
             self.finetune_started_at = step
-            self.gate = ConvergenceGate(self.config.gate, num_gaussians, self.device)
-        if self.finetuning_started and (
+            self.start_gaussians = num_gaussians
+            self.gate = ConvergenceGate(self.gate_config(), num_gaussians, self.device)
+        if self.finetuning_started and self.decided is None and (
             self.last_refresh_step < 0 or step - self.last_refresh_step >= self.config.importance_every
         ):
             self.refresh(step, num_gaussians, n_views, measure)
@@ -279,7 +359,7 @@ class VedalController:
             n = num_gaussians
             if self.gate.num_gaussians != n:
                 # Only a model changed behind VEDAL's back (e.g. by hand) gets here; densification is off.
-                self.gate = ConvergenceGate(self.config.gate, n, self.device)
+                self.gate = ConvergenceGate(self.gate_config(), n, self.device)
                 self.importance_scale = 0.0
             slots = self.refreshes_per_pass(n_views)
             window = self.window
@@ -340,6 +420,54 @@ class VedalController:
             return torch.zeros(n, dtype=torch.bool, device=self.device)
         return self.gate.eligible.to(self.device)
 
+    def any_gated(self, num_gaussians: int) -> bool:
+        """Whether `gated_mask(num_gaussians)` holds a Gaussian, answered on the host (no device read per step)."""
+        if not self.finetuning_started or num_gaussians == 0:
+            return False
+        if not self.config.use_gate:
+            return True
+        return self.gate.num_gaussians == num_gaussians and self.gate.eligible_count > 0
+
+    def gated_count(self, num_gaussians: int) -> int:
+        if not self.any_gated(num_gaussians):
+            return 0
+        return num_gaussians if not self.config.use_gate else self.gate.eligible_count
+
+    def hard_mask_from(self) -> int:
+        """First step of the hand-over to the removal's mask (the last hard_mask_fraction of the fine-tuning)."""
+        start = max(self.finetune_started_at, 0)
+        span = max(self.config.hard_prune_step - start, 0)
+        return self.config.hard_prune_step + 1 - int(round(self.config.hard_mask_fraction * span))
+
+    def hard_mask_phase(self, step: int) -> bool:
+        return self.finetuning_active() and self.config.hard_mask_fraction > 0 and step >= self.hard_mask_from()
+
+    def hardening(self, step: int) -> float:
+        """s in [0, 1]: the weight of the removal's mask in the rendered masks at `step` (0 before the phase,
+        rising over its first half, 1 from its midpoint, when the decision is fixed)."""
+        if not self.hard_mask_phase(step):
+            return 0.0
+        start = self.hard_mask_from()
+        ramp = max(1, (self.config.hard_prune_step + 1 - start) // 2)
+        return min(1.0, (step - start + 1) / ramp)
+
+    def training_opacity_logits(self, opacity_logits: Tensor, head_logits: Callable[[], Tensor], gated: Tensor,
+                                step: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(raw opacity logits to render this training step with, retention logits for the regulariser); None for
+        either where there is none (nothing gated: the model renders as it is).
+
+        Once the hand-over is complete (`hardening` 1) the head's decision is fixed at that step and rendered
+        from then on (`decided`): the head is no longer evaluated, nothing is sampled, no retention loss."""
+        n = opacity_logits.numel()
+        if self.hardening(step) >= 1.0:
+            if self.decided is None or self.decided.numel() != n:
+                self.decided = self.removal_mask(head_logits().detach(), gated)
+            return torch.where(self.decided, torch.full_like(opacity_logits, HIDDEN_OPACITY_LOGIT), opacity_logits), None
+        if not self.any_gated(n):
+            return None, None
+        logits = head_logits()
+        return self.sampled_opacity_logits(opacity_logits, logits, gated, step), logits
+
     def temperature(self, step: int) -> float:
         start = max(self.finetune_started_at, 0)
         return temperature(
@@ -351,15 +479,29 @@ class VedalController:
         """[N] training opacities as logits: logit(o_i z_i), z_i ~ BinaryConcrete(logit p_i, tau), for gated
         Gaussians, the raw logit otherwise.
 
-        As logits because splatfacto renders sigmoid(raw opacity). Computed in log space, so that sigmoid of the
-        result is o z to rounding and stays differentiable where o or z round to 0 or 1: with o = sigmoid(r) and
-        z = sigmoid(t), log(o z) = logsig(r) + logsig(t) and 1 - o z = sigmoid(-r) + sigmoid(r) sigmoid(-t).
+        As logits because splatfacto renders sigmoid(raw opacity). Computed in log space (`_logit_of_product`), so
+        that sigmoid of the result is o z to rounding and stays differentiable where o or z round to 0 or 1.
+
+        In the first half of the last hard_mask_fraction of the fine-tuning the mask is the blend (1 - s) z + s h,
+        s = `hardening(step)` and h = 0 for what `removal_mask` would remove now, 1 otherwise (the ungated included,
+        with z = 1), in the same log space: log z and log(1 - z) of the blend by logaddexp.
         """
         r = opacity_logits
         t = binary_concrete_logits(logits, self.temperature(step))
-        log_oz = F.logsigmoid(r) + F.logsigmoid(t)
-        log_one_minus_oz = torch.logaddexp(F.logsigmoid(-r), F.logsigmoid(r) + F.logsigmoid(-t))
-        return torch.where(gated, log_oz - log_one_minus_oz, r)
+        s = self.hardening(step)
+        if s <= 0.0:
+            return torch.where(gated, _logit_of_product(r, t), r)
+        removed = self.removal_mask(logits.detach(), gated)
+        # Ungated Gaussians have no sample (z = 1); t = 40 makes sigmoid(t) 1 and logsigmoid(-t) -40 (e^-40 ~ 4e-18).
+        t = torch.where(gated, t, torch.full_like(t, 40.0))
+        log_s, log_rest = math.log(s), math.log1p(-s) if s < 1.0 else -math.inf
+        log_z = F.logsigmoid(t) + log_rest
+        log_not_z = F.logsigmoid(-t) + log_rest
+        log_z = torch.where(removed, log_z, torch.logaddexp(log_z, torch.full_like(log_z, log_s)))
+        log_not_z = torch.where(removed, torch.logaddexp(log_not_z, torch.full_like(log_not_z, log_s)), log_not_z)
+        log_oz = F.logsigmoid(r) + log_z
+        log_one_minus_oz = torch.logaddexp(F.logsigmoid(-r), F.logsigmoid(r) + log_not_z)
+        return torch.where(gated | removed, log_oz - log_one_minus_oz, r)
 
     def inference_logits(self, head_logits: Callable[[], Tensor], num_gaussians: int) -> Tensor:
         """Retention logits as inference sees them: frozen at the hard removal, else the head's."""
@@ -369,22 +511,56 @@ class VedalController:
         return head_logits()
 
     def hidden_mask(self, logits: Tensor, gated: Tensor, threshold: float = 0.5) -> Tensor:
-        """[N] bool: Gaussians the deterministic inference mask drops (gated and p < threshold)."""
+        """[N] bool: Gaussians the deterministic inference mask drops: at 0.5, what the removal would remove now
+        (`removal_mask`); at another threshold, the gated with p below it."""
+        if threshold == 0.5:
+            return self.removal_mask(logits, gated)
         if not gated.any():
             return gated
         return gated & ~hard_mask(logits, threshold)
 
-    def regulariser(self, logits: Optional[Tensor], gated: Tensor) -> Dict[str, Tensor]:
+    def removal_mask(self, logits: Tensor, gated: Tensor) -> Tensor:
+        """[N] bool: what the hard removal removes given these logits. Without a target, every gated Gaussian with
+        p < 0.5. With one of N kept out of n, exactly n - N: the gated Gaussians with the lowest p, and, should
+        fewer than n - N be gated (a gate that has not filled its cap), then every gated one and the ungated with
+        the lowest importance EMA (once the gate has observed them). Counts come from the host (no device read):
+        topk with a known k. Once the decision is fixed (`training_opacity_logits`) it is that decision; after the
+        removal, nothing."""
+        n = logits.numel()
+        if self.pruned:
+            return torch.zeros(n, dtype=torch.bool, device=logits.device)
+        if self.decided is not None and self.decided.numel() == n:
+            return self.decided.to(logits.device)
+        wanted = self.target()
+        if wanted is None or not self.finetuning_started:
+            return gated & ~hard_mask(logits, 0.5) if self.finetuning_started else torch.zeros_like(gated)
+        k = max(n - wanted, 0)
+        mask = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        n_gated = self.gated_count(n)
+        from_gated = min(k, n_gated)
+        if from_gated:
+            key = torch.where(gated, logits, torch.full_like(logits, math.inf))
+            mask[torch.topk(key, from_gated, largest=False).indices] = True
+        if k > from_gated and self.gate.num_gaussians == n and self.gate.history:  # every Gaussian observed
+            ema = self.gate.ema.to(logits.device)
+            key = torch.where(gated, torch.full_like(ema, math.inf), ema)
+            mask[torch.topk(key, k - from_gated, largest=False).indices] = True
+        return mask
+
+    def regulariser(self, logits: Optional[Tensor], gated: Tensor, step: Optional[int] = None) -> Dict[str, Tensor]:
         """The retention loss terms for this step: none before any Gaussian is gated or after the removal.
 
         Not before the gate has opened: the sparsity term would then be the head's only gradient, and Adam's
         per-parameter normalisation turns a gradient of any size into full-size steps, so a 1e-3-weighted term
         would pull every p down long before any Gaussian has a reconstruction reason to stay.
         """
-        if logits is None or not self.finetuning_active() or not gated.any():
+        if logits is None or not self.finetuning_active() or not self.any_gated(logits.numel()):
             return {}
         _, parts = retention_regulariser(logits, gated, self.scaled_head_config())
-        return {"retention_kl": parts["kl"], "retention_sparsity": parts["sparsity"]}
+        # During the hand-over the reconstruction reaches the head through (1 - s) z only; the same weight on the
+        # prior keeps the balance of Proposition 1 (Adam would otherwise let the prior win as s grows).
+        weight = 1.0 - self.hardening(step) if step is not None else 1.0
+        return {"retention_kl": weight * parts["kl"], "retention_sparsity": weight * parts["sparsity"]}
 
     def kl_lambda(self) -> float:
         """lambda_KL in the units of Delta: kl_weight itself, or kl_weight x the mean importance EMA (0 until the
@@ -414,8 +590,8 @@ class VedalController:
                 and step >= self.config.hard_prune_step)
 
     def hard_prune_mask(self, logits: Tensor, gated: Tensor) -> Tensor:
-        """[N] bool: every gated Gaussian with p < 0.5."""
-        return gated & ~hard_mask(logits, 0.5)
+        """[N] bool: what the hard removal removes (`removal_mask`)."""
+        return self.removal_mask(logits, gated)
 
     def per_gaussian_states(self, num_gaussians: int) -> list:
         """The per-Gaussian state a removal must shrink with the Gaussians (see `removal.remove_gaussians`)."""
@@ -426,6 +602,7 @@ class VedalController:
         count before it, the removal is recorded for `report`."""
         self.frozen_logits = kept_logits.detach()
         self.pruned = True
+        self.decided = None
         if step is not None and gaussians_before is not None:
             self.hard_prune_record = {"step": int(step), "gaussians_before": int(gaussians_before),
                                       "gaussians_after": int(kept_logits.numel())}
@@ -485,10 +662,12 @@ class VedalController:
             "use_gate": bool(self.config.use_gate),
             "gate": self.gate.state_dict(),
             "finetune_started_at": int(self.finetune_started_at),
+            "start_gaussians": int(self.start_gaussians),
             "last_refresh_step": int(self.last_refresh_step),
             "refresh_count": int(self.refresh_count),
             "pruned": bool(self.pruned),
             "frozen_retention_logits": torch.zeros(0) if frozen is None else frozen.detach().cpu().clone(),
+            "decided": torch.zeros(0, dtype=torch.bool) if self.decided is None else self.decided.cpu().clone(),
             "importance_sums": (torch.zeros(0, dtype=ImportancePassWindow.DTYPE) if window is None
                                 else window.sums.cpu().clone()),
             "importance_view_counts": [] if window is None else list(window.view_counts),
@@ -503,14 +682,19 @@ class VedalController:
             raise ValueError(f"the checkpoint's vedal-gs state has format {state.get('format')!r}; this version "
                              f"reads format {STATE_FORMAT}")
         self.reset()
+        self.finetune_started_at = int(state["finetune_started_at"])
+        # States saved before targets existed lack it; they were saved without a target.
+        self.start_gaussians = int(state.get("start_gaussians", -1))
+        self.gate = ConvergenceGate(self.gate_config(), 0, self.device)
         self.gate.load_state_dict(state["gate"])
         self._update_importance_scale()
-        self.finetune_started_at = int(state["finetune_started_at"])
         self.last_refresh_step = int(state["last_refresh_step"])
         self.refresh_count = int(state["refresh_count"])
         self.pruned = bool(state["pruned"])
         frozen = state["frozen_retention_logits"]
         self.frozen_logits = frozen.to(self.device).float() if frozen.numel() else None
+        decided = state.get("decided", torch.zeros(0, dtype=torch.bool))
+        self.decided = decided.to(self.device, torch.bool) if decided.numel() else None
         sums, counts = state["importance_sums"], state["importance_view_counts"]
         if sums.numel():
             self.window = ImportancePassWindow(sums.shape[0], sums.shape[1], self.device)

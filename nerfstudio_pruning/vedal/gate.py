@@ -140,17 +140,30 @@ class ConvergenceGate:
         if not 0.0 < c.threshold_quantile <= 1.0 or not 0.0 <= c.max_eligible_fraction <= 1.0:
             raise ValueError("threshold_quantile must be in (0, 1] and max_eligible_fraction in [0, 1]")
 
+    @property
+    def eligible(self) -> Tensor:
+        """[N] bool: the Gaussians under the KL prior."""
+        return self._eligible
+
+    @eligible.setter
+    def eligible(self, mask: Tensor) -> None:
+        # The count is taken here, where eligibility changes (at a gate refresh, a removal, a load), so that the
+        # per-step question "is anything gated?" (`eligible_count`) never reads a device tensor back to the host.
+        self._eligible = mask
+        self.eligible_count = int(mask.sum())
+
     def _allocate(self, n: int, device: torch.device) -> None:
         self.ema = torch.zeros(n, dtype=torch.float32, device=device)
         # inf, not 0: a Gaussian that has not been observed twice has no measured change and must not look stable.
         self.last_relative_change = torch.full((n,), math.inf, dtype=torch.float32, device=device)
         self.stable_count = torch.zeros(n, dtype=torch.long, device=device)
         self.n_updates = torch.zeros(n, dtype=torch.long, device=device)
-        self.eligible = torch.zeros(n, dtype=torch.bool, device=device)
+        self._eligible, self.eligible_count = torch.zeros(n, dtype=torch.bool, device=device), 0
 
     def _to(self, device: torch.device) -> None:
         for key in _PER_GAUSSIAN_KEYS:
-            setattr(self, key, getattr(self, key).to(device))
+            # The eligible mask directly: moving it changes no count, and its setter would read the count back.
+            setattr(self, "_eligible" if key == "eligible" else key, getattr(self, key).to(device))
 
     @property
     def num_gaussians(self) -> int:
@@ -163,7 +176,7 @@ class ConvergenceGate:
     @property
     def eligible_fraction(self) -> float:
         n = self.num_gaussians
-        return float(self.eligible.sum().item()) / n if n else 0.0
+        return self.eligible_count / n if n else 0.0
 
     @property
     def reversal_rate(self) -> float:

@@ -78,6 +78,18 @@ class RetentionHeadConfig:
     lr: float = 1e-3
     """Adam learning rate for the head: the usual value for a small MLP; the splat parameters keep theirs."""
 
+    gradient_rows: int = 2048
+    """Rows (Gaussians) through which the head's parameter gradient is taken at each step; 0: all of them. The
+    forward pass always runs on every Gaussian (every gated one needs its own z in the render), but the
+    gradient of the loss with respect to the head's parameters, sum_i dL/dlogit_i x dlogit_i/dtheta, is estimated
+    from this many rows drawn uniformly with replacement and weighted by N / rows: the same gradient in
+    expectation (tests/test_retention_head.py checks it), at a cost that does not grow with N. dL/dlogit_i itself
+    (reconstruction through z_i, KL, sparsity) is exact for every Gaussian; only the sum over them is sampled.
+    The relative noise of the estimate is that of a mean over `rows` draws, whatever N is (a mini-batch, as MLPs
+    are usually trained); with 2048, one chunk of the MLP (MLP_CHUNK_ROWS), the head's backward pass costs what it
+    costs at 2048 Gaussians: at 55k Gaussians on CPU a fine-tuning step went from 1.44x splatfacto's with 8192
+    rows to 1.28x (docs/vedal_gs.md)."""
+
 
 def encoding_dim(n_freqs: int) -> int:
     return 3 + 6 * n_freqs
@@ -137,11 +149,12 @@ def retention_inputs(means: Tensor, opacity_logits: Tensor, log_scales: Tensor) 
     """
     means = means.detach()
     features = gaussian_features(opacity_logits, log_scales).detach()
-    if not torch.isfinite(features).all() or not torch.isfinite(means).all():
-        finite_features = torch.isfinite(features)
-        typical = torch.where(finite_features, features, 0.0).sum(0) / finite_features.sum(0).clamp_min(1)
-        features = torch.where(finite_features, features, typical)
-        means = torch.where(torch.isfinite(means), means, 0.0)
+    # Unconditionally, not behind a test of whether anything is non-finite: that test would read a value back to
+    # the host at every step (a device synchronisation on a GPU); the replacement costs a few elementwise passes.
+    finite_features = torch.isfinite(features)
+    typical = torch.where(finite_features, features, 0.0).sum(0) / finite_features.sum(0).clamp_min(1)
+    features = torch.where(finite_features, features, typical)
+    means = torch.where(torch.isfinite(means), means, 0.0)
     return means, features
 
 
@@ -166,8 +179,15 @@ class RetentionHead(nn.Module):
         # NaN marks "no bounds": forward then normalises by the current means. Buffers, so checkpoints keep them.
         self.register_buffer("bounds_lo", torch.full((3,), math.nan))
         self.register_buffer("bounds_hi", torch.full((3,), math.nan))
+        # Whether the buffers hold bounds, kept on the host: asking the buffers at every forward pass would be a
+        # device synchronisation per step. Set with the buffers (set_bounds, loading a state dict).
+        self._bounded = False
         if bounds is not None:
             self.set_bounds(*bounds)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._bounded = not bool(torch.isnan(self.bounds_lo).any())
 
     def set_bounds(self, lo: Bound, hi: Bound) -> None:
         """Fix the encoding's box (e.g. `robust_bounds(means)` once at the start of fine-tuning), so p of a
@@ -175,6 +195,7 @@ class RetentionHead(nn.Module):
         with torch.no_grad():
             self.bounds_lo.copy_(torch.as_tensor(lo, dtype=self.bounds_lo.dtype).expand(3))
             self.bounds_hi.copy_(torch.as_tensor(hi, dtype=self.bounds_hi.dtype).expand(3))
+        self._bounded = True
 
     def forward(self, means: Tensor, extra_features: Optional[Tensor] = None) -> Tensor:
         """means [N, 3], extra_features [N, n_extra_features] -> logits [N].
@@ -185,7 +206,7 @@ class RetentionHead(nn.Module):
         cfg = self.config
         dtype = self.output.weight.dtype
         means = means.detach().to(dtype)
-        bounds = None if torch.isnan(self.bounds_lo).any() else (self.bounds_lo, self.bounds_hi)
+        bounds = (self.bounds_lo, self.bounds_hi) if self._bounded else None
         inputs = [positional_encoding(means, cfg.n_freqs, bounds)]
         if cfg.n_extra_features:
             if extra_features is None:
@@ -200,34 +221,46 @@ class RetentionHead(nn.Module):
             inputs.append((features - mean) / std)
         elif extra_features is not None:
             raise ValueError("head was configured without extra features (n_extra_features = 0)")
-        return _chunked_mlp(self.mlp, torch.cat(inputs, dim=-1), MLP_CHUNK_ROWS).squeeze(-1)
+        return _chunked_mlp(self.mlp, torch.cat(inputs, dim=-1), MLP_CHUNK_ROWS, cfg.gradient_rows).squeeze(-1)
 
 
 # Rows of the head's MLP evaluated at once. The head runs on every Gaussian at every fine-tuning step; with all of
 # them at once each hidden layer is N x 64 floats (44 MB at 170k Gaussians), and on a CPU the ReLUs and their
-# backward stream those from memory: at 170k Gaussians the head took about half of a vedal-gs step. Chunks of 8192
-# rows stay in cache (2 MB per layer).
-MLP_CHUNK_ROWS = 8192
+# backward stream those from memory: at 170k Gaussians the head took about half of a vedal-gs step. Chunks keep
+# them in cache: 8192 rows (2 MB per layer) on the AMD VM of ad89afe; on the Intel VM of 2026-12-06, 2048 rows
+# (0.5 MB) took 43 ms against 57 for the forward pass over 55k rows, 82 against 117 with the subsampled backward
+# (medians of 6 alternating rounds, one thread, a shared machine), so 2048.
+MLP_CHUNK_ROWS = 2048
 
 
-def _chunked_mlp(mlp: nn.Module, inputs: Tensor, chunk_rows: int) -> Tensor:
-    """mlp(inputs) for inputs that need no gradient, evaluated `chunk_rows` rows at a time in both passes."""
-    if inputs.shape[0] <= chunk_rows:
-        return mlp(inputs)
+def _chunked_mlp(mlp: nn.Module, inputs: Tensor, chunk_rows: int, gradient_rows: int = 0) -> Tensor:
+    """mlp(inputs) for inputs that need no gradient, evaluated `chunk_rows` rows at a time in both passes; with
+    gradient_rows > 0 (and fewer than the rows), the parameter gradient is estimated from that many rows
+    (`_ChunkedMLP`)."""
+    n = inputs.shape[0]
+    sampled = 0 < gradient_rows < n
     if not torch.is_grad_enabled():
-        return torch.cat([mlp(part) for part in inputs.split(chunk_rows)])
+        return mlp(inputs) if n <= chunk_rows else torch.cat([mlp(part) for part in inputs.split(chunk_rows)])
+    if n <= chunk_rows and not sampled:
+        return mlp(inputs)
     params = tuple(p for p in mlp.parameters() if p.requires_grad)
-    return _ChunkedMLP.apply(mlp, inputs, chunk_rows, *params)
+    return _ChunkedMLP.apply(mlp, inputs, chunk_rows, gradient_rows if sampled else 0, *params)
 
 
 class _ChunkedMLP(torch.autograd.Function):
     """The forward pass keeps no activations; the backward pass runs the forward again one chunk at a time and
     takes that chunk's parameter gradients while its activations are still in cache. The gradients are those of
-    the plain MLP, summed over chunks (so their float32 rounding differs: 5.5e-6 relative at 170k rows)."""
+    the plain MLP, summed over chunks (so their float32 rounding differs: 5.5e-6 relative at 170k rows).
+
+    With gradient_rows > 0 the backward pass does this for gradient_rows rows drawn uniformly with replacement
+    (torch's generator of the inputs' device, so a run's random state in its checkpoints covers it), each
+    weighted by N / gradient_rows: E[(N/m) sum_{j<m} g_{I_j}] = N E[g_I] = sum_i g_i, with g_i the row's
+    contribution grad_output_i x d mlp(x_i) / d theta. The indices are drawn and gathered on the device: nothing
+    is read back to the host."""
 
     @staticmethod
-    def forward(ctx, mlp, inputs, chunk_rows, *params):
-        ctx.mlp, ctx.chunk_rows = mlp, chunk_rows
+    def forward(ctx, mlp, inputs, chunk_rows, gradient_rows, *params):
+        ctx.mlp, ctx.chunk_rows, ctx.gradient_rows = mlp, chunk_rows, gradient_rows
         ctx.save_for_backward(inputs)
         with torch.no_grad():
             return torch.cat([mlp(part) for part in inputs.split(chunk_rows)])
@@ -235,6 +268,10 @@ class _ChunkedMLP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (inputs,) = ctx.saved_tensors
+        if ctx.gradient_rows:
+            n, m = inputs.shape[0], ctx.gradient_rows
+            rows = torch.randint(0, n, (m,), device=inputs.device)
+            inputs, grad_output = inputs[rows], grad_output[rows] * (n / m)
         params = [p for p in ctx.mlp.parameters() if p.requires_grad]
         totals = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
@@ -243,7 +280,7 @@ class _ChunkedMLP(torch.autograd.Function):
                 for total, grad in zip(totals, grads):
                     if grad is not None:
                         total += grad
-        return (None, None, None, *totals)
+        return (None, None, None, None, *totals)
 
 
 def binary_concrete_logits(logits: Tensor, tau: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -317,7 +354,8 @@ def retention_regulariser(
     if gated_mask.shape != logits.shape:
         raise ValueError(f"gated_mask {tuple(gated_mask.shape)} does not match logits {tuple(logits.shape)}")
     gated = gated_mask.to(device=logits.device, dtype=torch.bool)
-    kl = _bernoulli_kl_from_logits(logits[gated], cfg.prior_pi).sum()
+    # Masked, not indexed: logits[gated] would size its result from the mask's count, read back to the host.
+    kl = torch.where(gated, _bernoulli_kl_from_logits(logits, cfg.prior_pi), 0.0).sum()
     p = torch.sigmoid(logits)
     mean_p = p.mean() if p.numel() else p.sum()
     kl_term = cfg.lambda_kl * kl
