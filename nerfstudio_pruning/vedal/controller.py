@@ -658,7 +658,7 @@ class VedalController:
         frozen, window = self.frozen_logits, self.window
         return {
             "format": STATE_FORMAT,
-            # Read by benchmarks/plot_gate_history.py: without the gate its history is not the run's eligibility.
+            # Read by analysis/plot_gate_history.py: without the gate its history is not the run's eligibility.
             "use_gate": bool(self.config.use_gate),
             "gate": self.gate.state_dict(),
             "finetune_started_at": int(self.finetune_started_at),

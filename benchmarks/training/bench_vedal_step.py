@@ -9,7 +9,7 @@ densifies (splatfacto's densification statistics are not accumulated: vedal-gs d
 fine-tunes). The variants alternate in rounds, so that load from other processes on a shared machine falls on
 all of them alike; the spread over the rounds is printed with the median.
 
-    python benchmarks/bench_vedal_step.py [--checkpoint RUN/nerfstudio_models/step-N.ckpt] [--rounds 5] [--steps 10]
+    python benchmarks/training/bench_vedal_step.py [--checkpoint RUN/nerfstudio_models/step-N.ckpt] [--rounds 5] [--steps 10]
         [--gradient-rows 2048 8192 0] [--threads 1]
 """
 
