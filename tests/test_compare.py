@@ -139,6 +139,13 @@ def test_equal_budgets_and_seeds(two_seeds):
     assert "[compare] training [4/4] pup-gs-opacity/s1" in proc.stdout  # plain progress lines when not on a terminal
 
 
+def test_lpips_is_omitted_in_one_line_without_a_download(two_seeds):
+    proc, out = two_seeds
+    text = proc.stdout + proc.stderr
+    computed = all("lpips" in r["metrics"] for r in json.loads((out / "results.json").read_text())["runs"])
+    assert "Downloading" not in text and text.count("LPIPS omitted") == (0 if computed else 1), text[-3000:]
+
+
 def _copy_run(config, dest):
     """A run folder holding a copy of config.yml (and a link to the original checkpoints), for a fake pruning.json."""
     dest.mkdir(parents=True)
@@ -440,3 +447,39 @@ def test_train_false_without_runs_is_refused(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "error: --no-train needs --runs: nothing to evaluate"], proc.stderr
     assert not out.exists()
+
+
+def test_compare_modules_import_only_those_before_them():
+    """The package's order (its docstring): no module imports a later one, so there is no import loop, and none
+    imports the package itself (whose __init__ imports them all)."""
+    import ast
+    from pathlib import Path
+
+    import nerfstudio_pruning.compare as package
+
+    order = ["config", "data", "progress", "records", "schedule", "plan", "runner", "report", "merge", "cli"]
+    folder = Path(package.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("__")) == sorted(order)
+    for position, name in enumerate(order):
+        tree = ast.parse((folder / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        inside = {m.rsplit(".", 1)[1] if m != "nerfstudio_pruning.compare" else "__init__"
+                  for m in imported if m == "nerfstudio_pruning.compare" or m.startswith("nerfstudio_pruning.compare.")}
+        assert inside <= set(order[:position]), (name, sorted(inside - set(order[:position])))
+
+
+def test_the_schedule_is_the_methods_defaults():
+    """At scale 1 the comparison's step counts are what ns-train runs by default, read from the configs."""
+    from nerfstudio_pruning.compare import Schedule
+    from nerfstudio_pruning.methods.registry import splatfacto_portable
+    from nerfstudio_pruning.pup.schedule import PupScheduleConfig
+    from nerfstudio_pruning.vedal.controller import VedalConfig
+
+    full = Schedule.of(1.0)
+    assert full.steps_30k == splatfacto_portable.config.max_num_iterations
+    assert full.refine == tuple(PupScheduleConfig().refine_steps) and full.refine_scale == 1.0
+    assert full.densify_stop == VedalConfig().finetune_start_step and full.vedal_steps == VedalConfig().hard_prune_step + 1
+    assert full.importance_every == VedalConfig().importance_every
+    apart = Schedule.of(0.01, refine_scale=0.1)
+    assert apart.steps_30k == round(0.01 * full.steps_30k) and apart.refine == tuple(round(0.1 * s) for s in full.refine)
+    assert apart.steps_40k == apart.steps_30k + sum(apart.refine)

@@ -40,10 +40,7 @@ LOW_MODULES = {"types", "errors", "removal", "plugin_guard", "torchvision_fix"}
 # Modules that import nothing from the package: the questions everything else asks.
 LEAF_MODULES = {"render.constants", "render.backend", "types", "errors", "plugin_guard"}
 # Import cycles that are known and scheduled for removal; any other cycle fails.
-ALLOWED_CYCLES = [
-    # removed when compare/ becomes a package (issue 33 part 2)
-    {"compare", "compare_merge"},
-]
+ALLOWED_CYCLES: list = []
 
 
 def _modules() -> Dict[str, Path]:

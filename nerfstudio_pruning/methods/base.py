@@ -12,7 +12,8 @@ checkpoint format):
 - two hooks let the pruning methods change what is rendered without copying splatfacto: `rendering_with`
   overrides the raw opacities or colours for one render (VEDAL's sampled masks), `render_value_image` renders
   a per-Gaussian value as a one-channel image (the viewer's score outputs);
-- LPIPS is built on first use and, when its weights cannot be loaded offline, reported once and omitted;
+- LPIPS is built on first use when AlexNet's weights are in the torch hub cache; otherwise it is omitted, with one
+  line per process and no download attempt;
 - optimizers are rebound to the current parameters each step (after a checkpoint load resized them);
 - checkpoints also hold densification's running statistics, and a checkpoint that cannot fit this model is
   refused with an `InputError`.
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, Literal, Optional, Type
@@ -83,23 +86,45 @@ def _camera_for_cpu_model(camera: Cameras) -> Cameras:
     return camera
 
 
+@functools.lru_cache(maxsize=None)
+def lpips_unavailable_reason() -> Optional[str]:
+    """Why LPIPS cannot be computed without a network, or None when torchmetrics' AlexNet weights are in the torch
+    hub cache. Checked before LPIPS is built: building it without them starts a download, which prints and then
+    fails offline."""
+    try:
+        from torchvision.models import AlexNet_Weights
+    except Exception as err:  # a broken torchvision: torchmetrics' LPIPS needs it
+        return f"torchvision does not import ({type(err).__name__})"
+    name = Path(urllib.parse.urlparse(AlexNet_Weights.DEFAULT.url).path).name
+    path = Path(torch.hub.get_dir()) / "checkpoints" / name
+    return None if path.is_file() else f"AlexNet's weights are not in the torch hub cache ({path})"
+
+
+_lpips_omission_told = False
+
+
 class LazyLPIPS:
-    """LPIPS built on first call; NaN (and one warning) when its pretrained weights are not available."""
+    """LPIPS built on first call when its weights are available locally; otherwise NaN, and one line per process."""
 
     def __init__(self) -> None:
         self._metric = None
         self.available: Optional[bool] = None
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        global _lpips_omission_told
         if self.available is None:
-            try:
-                from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+            reason = lpips_unavailable_reason()
+            if reason is None:
+                try:
+                    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-                self._metric = LearnedPerceptualImagePatchSimilarity(normalize=True)
-                self.available = True
-            except Exception as err:  # no network, no cached AlexNet weights, broken torchvision...
-                self.available = False
-                CONSOLE.print(f"[yellow]LPIPS unavailable ({type(err).__name__}: {err}); the metric is omitted.")
+                    self._metric = LearnedPerceptualImagePatchSimilarity(normalize=True)
+                except Exception as err:  # unreadable weights, a torchmetrics that wants others...
+                    reason = f"{type(err).__name__}: {err}"
+            self.available = reason is None
+            if reason is not None and not _lpips_omission_told:
+                _lpips_omission_told = True
+                CONSOLE.print(f"[yellow]LPIPS omitted: {reason}", soft_wrap=True)
         if not self.available:
             return torch.tensor(float("nan"))
         self._metric = self._metric.to(a.device)

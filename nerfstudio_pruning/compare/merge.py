@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from nerfstudio_pruning.compare import (SPREAD, CompareConfig, CompareError, RunRecord, absolute_scene, add_x_fewer,
-                                        rows_of, seeds_note, write_outputs)
+from nerfstudio_pruning.compare.config import CompareConfig, CompareError
+from nerfstudio_pruning.compare.records import SPREAD, RunRecord, absolute_scene, add_x_fewer, rows_of
+from nerfstudio_pruning.compare.report import seeds_note, write_outputs
 
 PATH_FIELDS = ("config", "eval_config")
 
@@ -58,8 +59,8 @@ def merge(cfg: CompareConfig) -> List[RunRecord]:
     results = [(p, read_results(p)) for p in files]
     first_path, first = results[0]
     for path, data in results[1:]:
-        for key in ("scene", "schedule_scale", "downscale_factor"):
-            if key == "downscale_factor" and not (key in data and key in first):
+        for key in ("scene", "schedule_scale", "downscale_factor", "refine_scale"):
+            if key in ("downscale_factor", "refine_scale") and not (key in data and key in first):
                 continue  # files written before the factor was recorded
             if normalised(key, data.get(key)) != normalised(key, first.get(key)):
                 raise CompareError(f"--merge: {path} has {key} {data.get(key)!r} but {first_path} has "
@@ -108,7 +109,8 @@ def merge(cfg: CompareConfig) -> List[RunRecord]:
         "scene": normalised("scene", first.get("scene")),
         "downscale_factor": next((d["downscale_factor"] for _, d in results if "downscale_factor" in d), None),
         "dataparser": first.get("dataparser"), "random_init": first.get("random_init"),
-        "schedule_scale": first["schedule_scale"], "schedule": first.get("schedule"), "device": ", ".join(devices),
+        "schedule_scale": first["schedule_scale"], "refine_scale": first.get("refine_scale"),
+        "schedule": first.get("schedule"), "device": ", ".join(devices),
         "seeds": seeds, "seed": seeds[0], "spread": SPREAD,
         "merged_from": [{"file": str(p), "seeds": data.get("seeds"), "device": data.get("device"),
                          "notes": data.get("notes", [])} for p, data in results],

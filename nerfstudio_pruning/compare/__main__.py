@@ -1,0 +1,3 @@
+from nerfstudio_pruning.compare.cli import entrypoint
+
+entrypoint()
