@@ -307,6 +307,63 @@ def test_vedal_variants_train_with_their_own_knob(tmp_path):
     assert any(note.startswith("vedal-gs-no-gate: the paper's ablation") for note in notes)
 
 
+def test_target_rows_train_each_method_at_its_target_and_report_asked_against_obtained(tmp_path):
+    """--target-fractions adds one row per method and fraction, passing the fraction to ns-train beside the
+    default rows; the table's 'asked' column is the size the run resolved (pruning.json), drawn as curves."""
+    from types import SimpleNamespace
+
+    from nerfstudio_pruning.compare import Schedule, make_plan, table_notes
+    from nerfstudio_pruning.compare.report import draw, markdown_table
+
+    cfg = CompareConfig(output_dir=tmp_path, target_fractions=(0.2, 0.05))
+    sched = Schedule.of(float(TINY))
+    plan = make_plan(cfg, sched, (42,), {}, tmp_path, False)
+    jobs = {j.label: j for j in plan.jobs}
+    for method in ("pup-gs", "vedal-gs"):
+        for f in ("0.2", "0.05"):
+            extra = jobs[f"{method}-t{f}/s42"].extra
+            assert extra[extra.index("--pipeline.model.target-fraction") + 1] == f
+        assert "--pipeline.model.target-fraction" not in jobs[f"{method}/s42"].extra
+    assert jobs["pup-gs-t0.2/s42"].extra[:2] == jobs["pup-gs/s42"].extra[:2]  # the same 30k checkpoint
+    records = {r.row: r for r in plan.records}
+    assert records["pup-gs-t0.2"].baseline == "splatfacto (40k)" and records["pup-gs-t0.2"].target_fraction == 0.2
+    assert records["vedal-gs-t0.05"].baseline == "splatfacto (densify to 7k)"
+
+    for i, r in enumerate(plan.records):
+        r.metrics = {"psnr": 20.0 + i, "ssim": 0.8, "num_gaussians": 1000.0 / (i + 1)}
+    records["pup-gs-t0.2"].pruning = {"method": "pup-gs", "target_gaussians": 300}
+    scene = SimpleNamespace(name="default", dataparser="nsp-default-scene", random_init=False, notes=[])
+    notes = table_notes(cfg, sched, scene, (42,), plan.records, [], jobs)
+    assert any(n.startswith("pup-gs-tF, vedal-gs-tF (F = 0.2, 0.05)") for n in notes)
+    table = markdown_table(plan.records, notes)
+    header = table.splitlines()[0]
+    assert "| asked |" in header
+    line = next(row for row in table.splitlines() if row.startswith("| pup-gs-t0.2 |"))
+    assert line.split("|")[header.split("|").index(" asked ")].strip() == "300"
+    assert "| asked |" not in markdown_table([r for r in plan.records if r.row != "pup-gs-t0.2"], notes)
+    draw(plan.records, {}, tmp_path / "compare.png", sched.scale)
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+    given = tmp_path / "given" / "config.yml"
+    given.parent.mkdir()
+    given.write_text("")
+    (given.parent / "nerfstudio_models").mkdir()
+    (given.parent / "nerfstudio_models" / "step-000000009.ckpt").write_bytes(b"")
+    assert set(parse_runs(CompareConfig(output_dir=tmp_path, target_fractions=(0.2,),
+                                        runs=(f"vedal-gs-t0.2={given}",)), (42,))) == {("vedal-gs-t0.2", 42)}
+
+
+@pytest.mark.parametrize("fractions, methods, message", [
+    ((0.0,), ("pup-gs",), r"--target-fractions are fractions of the Gaussians to keep, in \(0, 1\), got 0"),
+    ((1.0,), ("vedal-gs",), r"--target-fractions are fractions of the Gaussians to keep, in \(0, 1\), got 1"),
+    ((0.1,), ("splatfacto-portable",), "--target-fractions: pup-gs and vedal-gs rows, and --methods leaves both out"),
+])
+def test_unusable_target_fractions_are_refused(fractions, methods, message, tmp_path):
+    with pytest.raises(CompareError, match=message):
+        run(CompareConfig(output_dir=tmp_path / "out", methods=methods, target_fractions=fractions))
+    assert not (tmp_path / "out").exists()
+
+
 def test_vedal_variants_without_vedal_gs_are_refused(tmp_path):
     with pytest.raises(CompareError, match="--kl-weights, --eligible-caps: vedal-gs rows, and --methods leaves vedal-gs out"):
         run(CompareConfig(output_dir=tmp_path / "out", methods=("pup-gs",), kl_weights=(2.0,), eligible_caps=(0.9,)))

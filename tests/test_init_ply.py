@@ -315,6 +315,17 @@ def test_pup_gs_prunes_a_ply_post_hoc_and_exports_it_in_the_same_layout(trained_
     assert_same_gaussians(exported, pruned.subset(kept))
 
 
+def test_pup_gs_reaches_a_target_fraction_and_reports_the_size_asked(trained_ply, default_scene, tmp_path):
+    source, ply = trained_ply
+    outputs = tmp_path / "outputs"
+    ns("ns-train", ["pup-gs", *quick_train_args("target", 10, outputs), "--pipeline.model.init-ply", str(ply),
+                    "--pipeline.model.refine-steps", "5", "5", "--pipeline.model.target-fraction", "0.3",
+                    "nsp-default-scene", "--data", str(default_scene)], cwd=tmp_path)
+    report = json.loads((run_dir(outputs, "target", "pup-gs") / "pruning.json").read_text())
+    asked = round(0.3 * len(source))
+    assert report["target_gaussians"] == asked == report["final_gaussians"] == report["rounds"][-1]["gaussians_after"]
+
+
 def test_vedal_gs_fine_tunes_a_ply_without_densifying(trained_ply, default_scene, tmp_path):
     source, ply = trained_ply
     outputs = tmp_path / "outputs"

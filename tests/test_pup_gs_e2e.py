@@ -42,7 +42,8 @@ def test_full_schedule_prunes_80_then_50_percent(e2e_root, pup_run):
 def test_the_run_writes_what_each_round_did_to_pruning_json(pup_run):
     proc, run = pup_run
     report = json.loads((run / "pruning.json").read_text())
-    assert report.keys() == {"method", "rounds", "final_gaussians"} and report["method"] == "pup-gs"
+    assert report.keys() == {"method", "rounds", "target_gaussians", "final_gaussians"} and report["method"] == "pup-gs"
+    assert report["target_gaussians"] is None  # no target asked
     rounds = report["rounds"]
     assert [r["step"] for r in rounds] == [80, 100], rounds
     keys = {"step", "score", "gaussians_before", "gaussians_after", "scoring_seconds"}

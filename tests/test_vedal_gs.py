@@ -406,7 +406,8 @@ def test_the_run_writes_its_importance_time_gate_and_removal_to_pruning_json(ved
     _, run = vedal_run
     report = json.loads((run / "pruning.json").read_text())
     assert report.keys() == {"method", "importance_seconds", "importance_passes", "gate", "hard_prune",
-                             "final_gaussians"} and report["method"] == "vedal-gs"
+                             "target_gaussians", "final_gaussians"} and report["method"] == "vedal-gs"
+    assert report["target_gaussians"] is None  # no target asked
     final = _checkpoint(run, STEPS - 1)
     vedal = final["_model._extra_state"]["vedal"]
     remain = final["_model.gauss_params.means"].shape[0]

@@ -31,6 +31,11 @@ def check(cfg: CompareConfig) -> None:
                                                ("--gate-ablation", cfg.gate_ablation)) if asked]
     if vedal_variants and "vedal-gs" not in cfg.methods:
         raise CompareError(f"{', '.join(vedal_variants)}: vedal-gs rows, and --methods leaves vedal-gs out")
+    if cfg.target_fractions and not {"pup-gs", "vedal-gs"} & set(cfg.methods):
+        raise CompareError("--target-fractions: pup-gs and vedal-gs rows, and --methods leaves both out")
+    for fraction in cfg.target_fractions:
+        if not 0 < fraction < 1:
+            raise CompareError(f"--target-fractions are fractions of the Gaussians to keep, in (0, 1), got {fraction:g}")
     for cap in cfg.eligible_caps:
         if not 0 < cap <= 1:
             raise CompareError(f"--eligible-caps are fractions of the Gaussians in (0, 1], got {cap:g}")
@@ -81,7 +86,7 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
         r.metrics, image, gt = evaluate(r, cfg)
         r.metrics["ply_mb"] = export_size_mb(r, output_dir)
         images.setdefault("ground truth", gt)
-        if r.kl_weight is None:
+        if r.kl_weight is None and r.target_fraction is None:
             images.setdefault(r.row, image)
     add_x_fewer(records)
     notes = table_notes(cfg, sched, scene, seeds, records, plan.notes, jobs)

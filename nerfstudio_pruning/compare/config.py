@@ -36,11 +36,13 @@ class CompareConfig:
     methods: Tuple[str, ...] = METHODS
     """Methods to compare. pup-gs brings its baselines splatfacto (30k) and (40k), vedal-gs brings splatfacto (densify to 7k); splatfacto-portable alone gives the 30k and 40k rows."""
     runs: Tuple[str, ...] = ()
-    """Existing runs to use instead of training, as KEY=path/to/config.yml, or KEY/sSEED=... with several seeds. KEY: splatfacto-portable (a 40k run that kept its 30k checkpoint, or a 30k run, which is then continued to 40k), pup-gs, vedal-gs, splatfacto-densify, and the variants' row labels (pup-gs-speedy with --pup-scores speedy, vedal-gs-kl2 with --kl-weights 2, vedal-gs-cap0.95 with --eligible-caps 0.95, vedal-gs-no-gate with --gate-ablation)."""
+    """Existing runs to use instead of training, as KEY=path/to/config.yml, or KEY/sSEED=... with several seeds. KEY: splatfacto-portable (a 40k run that kept its 30k checkpoint, or a 30k run, which is then continued to 40k), pup-gs, vedal-gs, splatfacto-densify, and the variants' row labels (pup-gs-speedy with --pup-scores speedy, vedal-gs-kl2 with --kl-weights 2, vedal-gs-cap0.95 with --eligible-caps 0.95, vedal-gs-no-gate with --gate-ablation, pup-gs-t0.2 and vedal-gs-t0.2 with --target-fractions 0.2)."""
     kl_weights: Tuple[float, ...] = ()
     """Extra vedal-gs runs, one per KL weight, drawn as a rate-distortion curve."""
     eligible_caps: Tuple[float, ...] = ()
     """Extra vedal-gs runs at the default KL weight, one per gate cap (--pipeline.model.gate.max-eligible-fraction instead of its default). Only gated Gaussians can be removed, so a cap C allows at most 1/(1 - C) x fewer; at the default weight on our scenes the cap, not the weight, sets the size (docs/results.md)."""
+    target_fractions: Tuple[float, ...] = ()
+    """Extra pup-gs and vedal-gs runs (of the methods asked for), one per fraction of Gaussians to keep (--pipeline.model.target-fraction), drawn as one rate-distortion curve per method; the table gives the size asked for beside the size obtained. pup-gs's fraction is of the model it prunes, vedal-gs's of the Gaussians at its fine-tuning start."""
     gate_ablation: bool = False
     """Also run vedal-gs with the gate disabled (synchronous variational pruning, the paper's ablation)."""
     pup_scores: Tuple[str, ...] = ("fisher",)

@@ -45,6 +45,8 @@ class Row:
     """ns-train arguments beside the schedule's."""
     kl_weight: Optional[float] = None
     """For the KL sweep's rows: the weight, drawn as a curve."""
+    target_fraction: Optional[float] = None
+    """For the target rows: the fraction of Gaussians asked for, drawn as the method's curve."""
 
 
 def vedal_variants(cfg: CompareConfig) -> List[Row]:
@@ -56,13 +58,19 @@ def vedal_variants(cfg: CompareConfig) -> List[Row]:
                  for w in cfg.kl_weights]
     variants += [Row(f"vedal-gs-cap{c:g}", "vedal-gs", ROW_DENSIFY, ("--pipeline.model.gate.max-eligible-fraction", str(c)))
                  for c in cfg.eligible_caps]
-    return variants
+    return variants + target_rows(cfg, "vedal-gs", ROW_DENSIFY)
+
+
+def target_rows(cfg: CompareConfig, method: str, baseline: str) -> List[Row]:
+    """One row of `method` per --target-fractions entry, at its default settings otherwise."""
+    return [Row(f"{method}-t{f:g}", method, baseline, (f"--{flag('target_fraction')}", str(f)), target_fraction=f)
+            for f in cfg.target_fractions]
 
 
 def pup_rows(cfg: CompareConfig) -> List[Row]:
-    """One pup-gs row per score; the paper's (fisher) is the row called pup-gs."""
+    """One pup-gs row per score (the paper's, fisher, is the row called pup-gs), then one per target size."""
     return [Row("pup-gs" if score == "fisher" else f"pup-gs-{score}", "pup-gs", ROW_40K, (f"--{flag('score')}", score))
-            for score in cfg.pup_scores]
+            for score in cfg.pup_scores] + target_rows(cfg, "pup-gs", ROW_40K)
 
 
 def rows(cfg: CompareConfig) -> List[Row]:
@@ -163,7 +171,7 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
 
         def record(row: Row, config: Path, job: Optional[Job] = None) -> RunRecord:
             r = RunRecord(f"{row.label}/{tag}", row.label, row.method, seed, config, job=job.label if job else None,
-                          baseline=row.baseline, kl_weight=row.kl_weight)
+                          baseline=row.baseline, kl_weight=row.kl_weight, target_fraction=row.target_fraction)
             plan.records.append(r)
             return r
 

@@ -34,6 +34,7 @@ class RunRecord:
     scoring_seconds: Optional[float] = None
     scoring_source: Optional[str] = None
     kl_weight: Optional[float] = None
+    target_fraction: Optional[float] = None
     gate: Optional[dict] = None
     pruning: Optional[dict] = None
     eval_config: Optional[Path] = None
@@ -135,7 +136,7 @@ def attach_scoring(record: RunRecord, log: Optional[Path]) -> None:
 # -- rows ----------------------------------------------------------------------------------------------------------
 # (key, header, format); the value of a key is a metric, or a record attribute, or x_fewer.
 COLUMNS = [("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", ".3f"),
-           ("num_gaussians", "Gaussians", ".0f"), ("x_fewer", "x fewer", ".2f"), ("ply_mb", "PLY MB", ".2f"),
+           ("num_gaussians", "Gaussians", ".0f"), ("target_gaussians", "asked", ".0f"), ("x_fewer", "x fewer", ".2f"), ("ply_mb", "PLY MB", ".2f"),
            ("render_ms", "render ms", ".1f"), ("fps", "FPS", ".1f"), ("train_seconds", "train s", ".0f"),
            ("scoring_seconds", "scoring s", ".1f")]
 
@@ -143,6 +144,10 @@ COLUMNS = [("psnr", "PSNR", ".2f"), ("ssim", "SSIM", ".3f"), ("lpips", "LPIPS", 
 def record_value(record: RunRecord, key: str) -> Optional[float]:
     if key in ("train_seconds", "scoring_seconds"):
         return getattr(record, key)
+    if key == "target_gaussians":
+        # The size a target row asked for, as the run resolved it (pruning.json); the table's 'Gaussians' is what it got.
+        asked = (record.pruning or {}).get("target_gaussians")
+        return float(asked) if isinstance(asked, (int, float)) else None
     return record.metrics.get(key)
 
 

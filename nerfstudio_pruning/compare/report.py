@@ -13,7 +13,7 @@ import torch
 from nerfstudio_pruning.compare.config import CompareConfig
 from nerfstudio_pruning.compare.data import Scene
 from nerfstudio_pruning.compare.plan import ROW_30K, ROW_40K, ROW_DENSIFY, Job
-from nerfstudio_pruning.compare.records import COLUMNS, SPREAD, RunRecord, aggregates
+from nerfstudio_pruning.compare.records import COLUMNS, SPREAD, RunRecord, aggregates, record_value
 from nerfstudio_pruning.compare.schedule import Schedule, full_schedule
 
 
@@ -56,6 +56,13 @@ def table_notes(cfg: CompareConfig, sched: Schedule, scene: Scene, seeds: Tuple[
         notes.append("vedal-gs-capC: vedal-gs at its default KL weight with the gate's cap (max_eligible_fraction) at C "
                      f"instead of {full_schedule().eligible_cap:g}; only gated Gaussians can be removed, so it removes "
                      "at most a fraction C.")
+    targets = sorted({r.target_fraction for r in records if r.target_fraction is not None}, reverse=True)
+    if targets:
+        fractions = ", ".join(f"{f:g}" for f in targets)
+        notes.append(f"pup-gs-tF, vedal-gs-tF (F = {fractions}): the method at its defaults with "
+                     "--pipeline.model.target-fraction F, read against the same row as the method; 'asked' is the "
+                     "size the run resolved F to (pup-gs: of the model it prunes; vedal-gs: of the Gaussians at its "
+                     "fine-tuning start), 'Gaussians' the size it ended with.")
     if "vedal-gs-no-gate" in rows:
         notes.append("vedal-gs-no-gate: the paper's ablation, every Gaussian under the KL prior from the fine-tuning "
                      "start, no gate; its importance passes (scoring s) only set the unit of kl_weight.")
@@ -93,7 +100,8 @@ def cell(agg, fmt: str) -> str:
 
 def markdown_table(records: List[RunRecord], notes: List[str]) -> str:
     has_lpips = all("lpips" in r.metrics for r in records)
-    columns = [c for c in COLUMNS if has_lpips or c[0] != "lpips"]
+    has_targets = any(record_value(r, "target_gaussians") is not None for r in records)
+    columns = [c for c in COLUMNS if (has_lpips or c[0] != "lpips") and (has_targets or c[0] != "target_gaussians")]
     head = ["run"] + [h for _, h, _ in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row, agg in aggregates(records).items():
@@ -121,15 +129,22 @@ def draw(records: List[RunRecord], images: Dict[str, torch.Tensor], path: Path, 
         n, p = agg[row]["metrics"]["num_gaussians"], agg[row]["metrics"]["psnr"]
         return n["mean"], p["mean"], n["spread"], p["spread"]
 
-    kl = {r.row: r.kl_weight for r in records if r.kl_weight is not None}
-    sweep = sorted(kl, key=lambda row: point(row)[0])
-    if len(sweep) > 1:
-        ax.plot([point(r)[0] for r in sweep], [point(r)[1] for r in sweep], "-o", color="tab:green", alpha=0.6,
-                label="vedal-gs KL sweep")
+    # Curves: the KL sweep, and each method's target sizes; a row on a drawn curve gets no marker of its own.
+    curves = [("vedal-gs KL sweep", "tab:green", {r.row: f"{r.kl_weight:g}" for r in records if r.kl_weight is not None})]
+    for method, colour in (("pup-gs", "tab:blue"), ("vedal-gs", "tab:red")):
+        curves.append((f"{method} target sizes", colour, {r.row: f"{r.target_fraction:.0%}" for r in records
+                                                          if r.target_fraction is not None and r.method == method}))
+    on_curve = set()
+    for name, colour, annotations in curves:
+        sweep = sorted(annotations, key=lambda row: point(row)[0])
+        if len(sweep) < 2:
+            continue
+        ax.plot([point(r)[0] for r in sweep], [point(r)[1] for r in sweep], "-o", color=colour, alpha=0.6, label=name)
         for row in sweep:
-            ax.annotate(f"{kl[row]:g}", point(row)[:2], fontsize=7)
+            ax.annotate(annotations[row], point(row)[:2], fontsize=7)
+        on_curve.update(sweep)
     for row in agg:
-        if row not in kl or len(sweep) <= 1:
+        if row not in on_curve:
             x, y, dx, dy = point(row)
             ax.errorbar(x, y, xerr=dx or None, yerr=dy or None, fmt="o", markersize=7, label=row, zorder=3)
     ax.set_xscale("log")

@@ -307,7 +307,8 @@ class VedalGSModel(PortableSplatfactoModel):
 
     def pruning_report(self) -> Dict[str, Any]:
         """What the run has pruned so far, as the trainer writes it to `pruning.json` in the run's folder."""
-        return {"method": "vedal-gs", **self.vedal.report(), "final_gaussians": int(self.num_points)}
+        return {"method": "vedal-gs", **self.vedal.report(), "target_gaussians": self.vedal.target(),
+                "final_gaussians": int(self.num_points)}
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
