@@ -16,7 +16,8 @@ from nerfstudio.utils import writer
 
 from nerfstudio_pruning.data.dataparser import DefaultSceneDataParser, DefaultSceneDataParserConfig
 from nerfstudio_pruning.errors import InputError
-from nerfstudio_pruning.methods.trainer import check_training_views, scoring_downscale, show_progress_of_this_run
+from nerfstudio_pruning.methods.checks import check_training_views
+from nerfstudio_pruning.methods.progress import show_progress_of_this_run
 from test_bad_input import refusal_line, trainer_config
 
 
@@ -49,17 +50,17 @@ def test_views_without_pixels_are_refused_for_every_method():
 def test_scoring_downscale_of_each_method():
     from nerfstudio_pruning.methods import registry
 
-    assert scoring_downscale(registry.pup_gs.config.pipeline.model) == 4
+    assert registry.pup_gs.config.pipeline.model.scoring_downscale() == 4
     # The floor keeps the longer side of the scoring renders at 256 pixels or more.
-    assert scoring_downscale(registry.pup_gs.config.pipeline.model, 1237, 822) == 4
-    assert scoring_downscale(registry.pup_gs.config.pipeline.model, 684, 384) == 2
-    assert scoring_downscale(registry.pup_gs.config.pipeline.model, 128, 96) == 1
+    assert registry.pup_gs.config.pipeline.model.scoring_downscale(1237, 822) == 4
+    assert registry.pup_gs.config.pipeline.model.scoring_downscale(684, 384) == 2
+    assert registry.pup_gs.config.pipeline.model.scoring_downscale(128, 96) == 1
     vedal = registry.vedal_gs.config.pipeline.model
-    assert scoring_downscale(vedal) == 1
+    assert vedal.scoring_downscale() == 1
     # The ablation measures importance for kl_weight's unit, and only for that: in 'loss' units it scores nothing.
-    assert scoring_downscale(type(vedal)(use_gate=False)) == 1
-    assert scoring_downscale(type(vedal)(use_gate=False, kl_weight_units="loss")) is None
-    assert scoring_downscale(registry.splatfacto_portable.config.pipeline.model) is None
+    assert type(vedal)(use_gate=False).scoring_downscale() == 1
+    assert type(vedal)(use_gate=False, kl_weight_units="loss").scoring_downscale() is None
+    assert registry.splatfacto_portable.config.pipeline.model.scoring_downscale() is None
 
 
 @dataclass

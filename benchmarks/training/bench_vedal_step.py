@@ -46,7 +46,7 @@ def main() -> None:
 
     from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
     from nerfstudio_pruning.methods.base import PortableSplatfactoModelConfig
-    from nerfstudio_pruning.methods.trainer import FusedOnCpuAdam
+    from nerfstudio_pruning.methods.optimizers import FusedOnCpuAdam
     from nerfstudio_pruning.methods.vedal_gs import VedalGSModelConfig
     from nerfstudio_pruning.vedal.gate import ConvergenceGate
 

@@ -27,7 +27,7 @@ import functools
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Literal, Optional, Type
+from typing import Any, Dict, Iterator, Literal, Optional, Tuple, Type
 from unittest import mock
 
 import nerfstudio.models.splatfacto as splatfacto_module
@@ -53,7 +53,7 @@ def views_from_cameras(cameras: Cameras, device: torch.device, backgrounds: Opti
     """gsplat views of nerfstudio cameras, which must share one image size.
 
     `PruningTrainer` refuses training images of mixed sizes before training starts
-    (`trainer.check_training_views`); this InputError is for callers outside a training run.
+    (`checks.check_training_views`); this InputError is for callers outside a training run.
     """
     widths, heights = cameras.width.unique(), cameras.height.unique()
     if widths.numel() != 1 or heights.numel() != 1:
@@ -149,6 +149,17 @@ class PortableSplatfactoModelConfig(SplatfactoModelConfig):
     """World frame of init-ply: 'dataset': nerfstudio's dataparser frame, as ns-export writes it (train with the same
     dataparser and options as the run it came from); 'colmap': the frame of the poses the dataparser read, as Inria's
     3DGS writes it on COLMAP data, mapped by the dataparser's transform and scale as its seed points are."""
+
+    def scoring_downscale(self, width: int = 0, height: int = 0) -> Optional[float]:
+        """The downscale at which the method scores Gaussians on training views of width x height (as configured
+        when no size is given), or None when it scores none: the trainer then accepts training images of any
+        sizes. splatfacto scores nothing."""
+        return None
+
+    def gaussian_count_limits(self) -> Tuple[Optional[int], int]:
+        """(target_gaussians, min_gaussians) of a method that prunes to a size, as the trainer checks them before
+        training; splatfacto has neither (None, 0)."""
+        return None, 0
 
 
 class PortableSplatfactoModel(SplatfactoModel):

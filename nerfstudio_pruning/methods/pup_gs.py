@@ -68,9 +68,15 @@ class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
         if self.score_min_side < 0:
             raise ValueError(f"score_min_side must be >= 0, got {self.score_min_side}")
 
-    def score_downscale(self, width: int, height: int) -> float:
-        """The downscale the scores use for training views of this size."""
-        return floored_downscale(width, height, self.fisher_downscale, self.score_min_side)
+    def scoring_downscale(self, width: int = 0, height: int = 0) -> float:
+        """The downscale the scores use for training views of this size: fisher_downscale, lowered to keep
+        score_min_side (as configured when no size is given)."""
+        if width and height:
+            return floored_downscale(width, height, self.fisher_downscale, self.score_min_side)
+        return int(self.fisher_downscale)
+
+    def gaussian_count_limits(self) -> Tuple[Optional[int], int]:
+        return self.target_gaussians, self.min_gaussians
 
 
 class PupGSModel(PortableSplatfactoModel):
@@ -146,7 +152,7 @@ class PupGSModel(PortableSplatfactoModel):
         views = views_from_cameras(self._score_cameras, self.device, self.background_color.to(self.device))
         return score_gaussians(
             self.config.score, self.gaussians(sh_degree=self.config.sh_degree), views,
-            downscale=self.config.score_downscale(views.width, views.height), n_probes=self.config.n_probes, seed=self.config.score_seed,
+            downscale=self.config.scoring_downscale(views.width, views.height), n_probes=self.config.n_probes, seed=self.config.score_seed,
         )
 
     def pruning_report(self) -> Dict[str, Any]:

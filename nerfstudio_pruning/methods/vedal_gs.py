@@ -51,6 +51,14 @@ class VedalGSModelConfig(PortableSplatfactoModelConfig, VedalConfig):
 
     _target: Type = field(default_factory=lambda: VedalGSModel)
 
+    def scoring_downscale(self, width: int = 0, height: int = 0) -> Optional[int]:
+        """importance_downscale where the run measures importance; None for the ungated ablation with kl_weight in
+        'loss' units, which measures nothing."""
+        return int(self.importance_downscale) if self.measures_importance() else None
+
+    def gaussian_count_limits(self) -> Tuple[Optional[int], int]:
+        return self.target_gaussians, self.min_gaussians
+
 
 class VedalGSModel(PortableSplatfactoModel):
     config: VedalGSModelConfig
