@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import urllib.parse
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from unittest import mock
 
 import nerfstudio.models.splatfacto as splatfacto_module
 import torch
+import tyro
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.models.splatfacto import RGB2SH, SH2RGB, SplatfactoModel, SplatfactoModelConfig, get_viewmat
@@ -47,6 +49,23 @@ from nerfstudio_pruning.types import Gaussians, Views
 GAUSSIAN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
 
 splatfacto_module.rasterization = rasterization
+
+# A method's settings are one object the model config holds (pup-gs's `schedule`, vedal-gs's `vedal`), as a gsplat
+# trainer holds its strategy; on the command line they stay flat: --pipeline.model.<setting>, not
+# --pipeline.model.schedule.<setting>.
+FLAT = tyro.conf.arg(name="")
+
+
+def settings_held_in(state: Dict[str, Any], name: str, settings_type: type) -> Dict[str, Any]:
+    """A model config's state (pickled, copied or read from a config.yml) with its method's settings held in the
+    field `name`. config.yml files written while the model configs inherited those settings hold them as fields of
+    the model config itself; they are gathered into a `settings_type` here (yaml restores an object through
+    `__setstate__`, without `__init__`)."""
+    if name in state:
+        return state
+    own = {f.name for f in dataclasses.fields(settings_type)}
+    held = settings_type(**{key: value for key, value in state.items() if key in own})
+    return {**{key: value for key, value in state.items() if key not in own}, name: held}
 
 
 def views_from_cameras(cameras: Cameras, device: torch.device, backgrounds: Optional[torch.Tensor] = None) -> Views:

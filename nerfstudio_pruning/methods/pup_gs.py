@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Annotated, Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -21,9 +21,11 @@ from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_pruning.methods.base import (
+    FLAT,
     GAUSSIAN_PARAMS,
     PortableSplatfactoModel,
     PortableSplatfactoModelConfig,
+    settings_held_in,
     views_from_cameras,
 )
 from nerfstudio_pruning.methods.viewer import (
@@ -39,10 +41,12 @@ from nerfstudio_pruning.scoring.scores import ScoreKind, floored_downscale, scor
 
 
 @dataclass
-class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
+class PupGSModelConfig(PortableSplatfactoModelConfig):
     """PUP 3D-GS: prune by the log-determinant of each Gaussian's Fisher block over (mean, log-scale)."""
 
     _target: Type = field(default_factory=lambda: PupGSModel)
+    schedule: Annotated[PupScheduleConfig, FLAT] = field(default_factory=PupScheduleConfig)
+    """The rounds: when, how much, down to what size (`pup.schedule`); its settings are --pipeline.model.* flags."""
     score: ScoreKind = "fisher"
     """Pruning score: exact Fisher log-det (PUP), the same over opacity and base colour too (fisher-appearance, an
     option for flat regions), its probe estimate, Speedy-Splat's squared footprint gradient (speedy), or the
@@ -62,7 +66,6 @@ class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
     """Seed of the random score and of the probe estimator."""
 
     def __post_init__(self) -> None:
-        PupScheduleConfig.__post_init__(self)
         if self.fisher_downscale < 1:
             raise ValueError(f"fisher_downscale must be >= 1, got {self.fisher_downscale}")
         if self.score_min_side < 0:
@@ -76,7 +79,10 @@ class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
         return int(self.fisher_downscale)
 
     def gaussian_count_limits(self) -> Tuple[Optional[int], int]:
-        return self.target_gaussians, self.min_gaussians
+        return self.schedule.target_gaussians, self.schedule.min_gaussians
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(settings_held_in(state, "schedule", PupScheduleConfig))
 
 
 class PupGSModel(PortableSplatfactoModel):
@@ -84,7 +90,7 @@ class PupGSModel(PortableSplatfactoModel):
 
     def populate_modules(self) -> None:
         super().populate_modules()
-        self.schedule = PupSchedule(self.config)
+        self.schedule = PupSchedule(self.config.schedule)
         # Last round's scores of the surviving Gaussians, for the viewer; a buffer so checkpoints keep it.
         self.register_buffer("sensitivity", torch.zeros(0, dtype=torch.float64))
         self._score_cameras: Optional[Cameras] = None
@@ -121,7 +127,7 @@ class PupGSModel(PortableSplatfactoModel):
         CONSOLE.print(f"pup-gs: scored {n_before} Gaussians in {seconds:.2f} s")
         prune = schedule.prune_mask(scores)
         remove_gaussians(self.gauss_params, self.optimizers, self.strategy_state, prune,
-                         min_remaining=self.config.min_gaussians)
+                         min_remaining=self.config.schedule.min_gaussians)
         reset_optimizer_state(self.optimizers, GAUSSIAN_PARAMS)
         self.sensitivity = scores[~prune.to(scores.device)].to(self.sensitivity)
         schedule.round_done(schedule.round_record(step, self.config.score, n_before, self.num_points, seconds))
@@ -140,7 +146,7 @@ class PupGSModel(PortableSplatfactoModel):
         """(Gaussians the target asks for, Gaussians it is taken from) where both are known before training (the
         trainer refuses what cannot be reached): once the rounds have started (post-hoc pruning starts them at the
         first step), densification is off and the count is the loaded model's."""
-        config, schedule = self.config, self.schedule
+        config, schedule = self.config.schedule, self.schedule
         if not config.has_target() or not schedule.pruning_started(first_step) or schedule.finished:
             return None
         return (schedule.plan[-1] if schedule.plan else config.planned_counts(self.num_points)[-1]), self.num_points
@@ -162,7 +168,7 @@ class PupGSModel(PortableSplatfactoModel):
 
     def first_step_from_trained_gaussians(self) -> int:
         # A PLY trained elsewhere enters where a splatfacto run would: at the first pruning round.
-        return int(self.config.prune_start_step)
+        return int(self.config.schedule.prune_start_step)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def update_to_step(self, step: int) -> None:

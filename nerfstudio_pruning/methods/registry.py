@@ -71,7 +71,7 @@ splatfacto_portable = MethodSpecification(
 
 _pup_model = PupGSModelConfig()
 pup_gs = MethodSpecification(
-    config=splatfacto_trainer_config("pup-gs", _pup_model, max_steps=_pup_model.total_steps()),
+    config=splatfacto_trainer_config("pup-gs", _pup_model, max_steps=_pup_model.schedule.total_steps()),
     description="PUP 3D-GS: prune splatfacto by Fisher sensitivity (log det over mean and log-scale), "
     "80% then 50% with refinement",
 )

@@ -64,7 +64,8 @@ STATE_FORMAT = 2
 
 @dataclass
 class VedalConfig:
-    """VEDAL's settings. The nerfstudio model config inherits these fields, so each is a `--pipeline.model.*` flag."""
+    """VEDAL's settings. The nerfstudio model config holds them (`VedalGSModelConfig.vedal`), flat on the command
+    line: each is a `--pipeline.model.*` flag."""
 
     finetune_start_step: int = 7000
     """First step of the VEDAL fine-tuning (the paper: 7k steps of ordinary training first). From here on,
