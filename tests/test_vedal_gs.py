@@ -369,7 +369,7 @@ def _export_count(config, out, cwd) -> int:
 
 def _hidden_at_inference(state: dict, model_config: VedalGSModelConfig) -> torch.Tensor:
     """Gated Gaussians with p < 0.5, recomputed from the checkpoint with a head of its own."""
-    head = RetentionHead(model_config.vedal.head_config())
+    head = RetentionHead(model_config.vedal.retention_head_config())
     head.load_state_dict({k[len("_model.retention_head."):]: v for k, v in state.items()
                           if k.startswith("_model.retention_head.")})
     with torch.no_grad():

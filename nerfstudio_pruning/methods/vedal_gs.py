@@ -76,8 +76,9 @@ class VedalGSModel(PortableSplatfactoModel):
 
     def populate_modules(self) -> None:
         super().populate_modules()
-        self.vedal = VedalController(self.config.vedal, self.config.ssim_lambda)
-        self.retention_head = RetentionHead(self.vedal.head_config)
+        # VEDAL's per-Gaussian state lives where the Gaussians are, wherever the model is moved.
+        self.vedal = VedalController(self.config.vedal, self.config.ssim_lambda, device=lambda: self.means.device)
+        self.retention_head = RetentionHead(self.config.vedal.retention_head_config())
         self._train_cameras: Optional[Cameras] = None
         self._train_images: Optional[List[Dict[str, Tensor]]] = None
         # -- viewer (methods/viewer.py) --
@@ -112,7 +113,6 @@ class VedalGSModel(PortableSplatfactoModel):
         return self.vedal.inference_logits(self.head_logits, self.num_points)
 
     def gated_mask(self) -> Tensor:
-        self.vedal.device = self.device
         return self.vedal.gated_mask(self.num_points)
 
     @torch.no_grad()
@@ -159,7 +159,6 @@ class VedalGSModel(PortableSplatfactoModel):
         return callbacks
 
     def before_step(self, step: int) -> None:
-        self.vedal.device = self.device
         was_started = self.vedal.finetuning_started
         refreshed = self.vedal.before_step(step, self.num_points, len(self._train_images), self.measure_importance)
         if self.vedal.finetuning_started and not was_started:
@@ -337,7 +336,6 @@ class VedalGSModel(PortableSplatfactoModel):
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self.vedal.device = self.device
         if state.get("vedal") is None:  # another method's checkpoint (see with_method_state)
             self.vedal.reset()
             return
