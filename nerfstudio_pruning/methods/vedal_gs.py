@@ -76,8 +76,7 @@ class VedalGSModel(PortableSplatfactoModel):
 
     def populate_modules(self) -> None:
         super().populate_modules()
-        # VEDAL's per-Gaussian state lives where the Gaussians are, wherever the model is moved.
-        self.vedal = VedalController(self.config.vedal, self.config.ssim_lambda, device=lambda: self.means.device)
+        self.vedal = VedalController(self.config.vedal, self.config.ssim_lambda, device=self.gaussians_device)
         self.retention_head = RetentionHead(self.config.vedal.retention_head_config())
         self._train_cameras: Optional[Cameras] = None
         self._train_images: Optional[List[Dict[str, Tensor]]] = None
@@ -99,6 +98,10 @@ class VedalGSModel(PortableSplatfactoModel):
         self._kept_count_inputs: Optional[Tuple[int, Tensor, Tensor]] = None
         # (step, Gaussians before, after) of the hard removal, once made (or read from a checkpoint that records it).
         self._hard_removal: Optional[Tuple[int, int, int]] = None
+
+    def gaussians_device(self) -> torch.device:
+        """Where the Gaussians are, wherever the model has been moved: where VEDAL keeps its per-Gaussian state."""
+        return self.means.device
 
     # -- retention probabilities and masks -----------------------------------------------------------------------
     def head_logits(self) -> Tensor:
