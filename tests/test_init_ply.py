@@ -185,7 +185,7 @@ def test_pup_gs_starts_from_the_ply_at_its_rounds_and_renders_as_the_source_mode
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()
     model = trainer.pipeline.model
-    assert trainer._start_step == config.pipeline.model.prune_start_step
+    assert trainer._start_step == config.pipeline.model.schedule.prune_start_step
     assert_same_gaussians(model.gaussians(sh_degree=3), source)
     # learning rates as after prune_start_step steps of splatfacto's schedule (means: exponential decay)
     means = config.optimizers["means"]

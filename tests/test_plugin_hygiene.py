@@ -50,11 +50,11 @@ def test_importing_the_plugin_has_no_side_effects():
 
 
 def test_the_copied_optimizer_table_still_equals_splatfacto_s():
-    """`methods/trainer.py` copies splatfacto's optimizer table (reading it from the plugin is a circular import):
+    """`methods/optimizers.py` copies splatfacto's optimizer table (reading it from the plugin is a circular import):
     the copy must not drift from the nerfstudio version it was taken from."""
     proc = _python(textwrap.dedent("""
         from nerfstudio.configs.method_configs import method_configs
-        from nerfstudio_pruning.methods.trainer import splatfacto_optimizers
+        from nerfstudio_pruning.methods.optimizers import splatfacto_optimizers
         ours = splatfacto_optimizers(30000)
         theirs = method_configs["splatfacto"].optimizers
         assert set(ours) == set(theirs), (sorted(ours), sorted(theirs))
@@ -72,7 +72,7 @@ def test_cpu_parameters_get_the_fused_adam_and_the_same_update():
 
     import torch
 
-    from nerfstudio_pruning.methods.trainer import PortableAdamOptimizerConfig
+    from nerfstudio_pruning.methods.optimizers import PortableAdamOptimizerConfig
 
     params = [torch.nn.Parameter(torch.randn(50, 3, generator=torch.Generator().manual_seed(0)))]
     reference = [torch.nn.Parameter(params[0].detach().clone())]

@@ -87,14 +87,15 @@ def test_pup_schedule_that_would_leave_too_few_gaussians_is_refused_before_scori
     from types import SimpleNamespace
 
     from nerfstudio_pruning.methods.pup_gs import PupGSModel, PupGSModelConfig
-    from nerfstudio_pruning.pup.schedule import PupSchedule
+    from nerfstudio_pruning.pup.schedule import PupSchedule, PupScheduleConfig
 
-    config = PupGSModelConfig(prune_start_step=0, prune_fractions=(0.8, 0.5), refine_steps=(1, 1), min_gaussians=64)
-    fake = SimpleNamespace(config=config, schedule=PupSchedule(config), num_points=500,
+    config = PupGSModelConfig(schedule=PupScheduleConfig(prune_start_step=0, prune_fractions=(0.8, 0.5),
+                                                         refine_steps=(1, 1), min_gaussians=64))
+    fake = SimpleNamespace(config=config, schedule=PupSchedule(config.schedule), num_points=500,
                            score=lambda: pytest.fail("scored despite the refusal"))
     with pytest.raises(ValueError, match="would leave 50 of 500"):
         PupGSModel.prune_if_due(fake, 0)
     with pytest.raises(ValueError, match="prune fraction"):
-        PupGSModelConfig(prune_fractions=(0.8, 1.0), refine_steps=(1, 1))
+        PupScheduleConfig(prune_fractions=(0.8, 1.0), refine_steps=(1, 1))
     with pytest.raises(ValueError, match="differ in length"):
-        PupGSModelConfig(prune_fractions=(0.8,), refine_steps=(1, 1))
+        PupScheduleConfig(prune_fractions=(0.8,), refine_steps=(1, 1))

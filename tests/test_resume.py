@@ -149,7 +149,7 @@ def test_pup_gs_resumed_after_its_schedule_keeps_training_the_survivors(pup_run,
 
 
 def vedal_args(run: Path):
-    config = yaml.load((run / "config.yml").read_text(), Loader=yaml.Loader).pipeline.model
+    config = yaml.load((run / "config.yml").read_text(), Loader=yaml.Loader).pipeline.model.vedal
     gate = config.gate
     return ["--pipeline.model.finetune-start-step", str(config.finetune_start_step),
             "--pipeline.model.hard-prune-step", str(config.hard_prune_step),

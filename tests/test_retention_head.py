@@ -137,12 +137,12 @@ def test_temperature_is_a_geometric_anneal():
 
 
 def test_regulariser_sums_kl_over_gated_and_averages_p_over_all():
-    cfg = RetentionHeadConfig(prior_pi=0.2, lambda_kl=0.3, lambda_sparsity=0.7)
+    prior_pi = 0.2
     logits = torch.tensor([-30.0, -2.0, 0.0, 2.0, 40.0], dtype=torch.float64, requires_grad=True)
     gated = torch.tensor([True, True, False, True, True])
-    total, parts = retention_regulariser(logits, gated, cfg)
+    total, parts = retention_regulariser(logits, gated, prior_pi=prior_pi, lambda_kl=0.3, lambda_sparsity=0.7)
     p = torch.sigmoid(logits.detach())
-    expected_kl = bernoulli_kl(p[gated], cfg.prior_pi).sum()
+    expected_kl = bernoulli_kl(p[gated], prior_pi).sum()
     assert parts["kl_sum"].item() == pytest.approx(expected_kl.item(), rel=1e-9)
     assert total.item() == pytest.approx(0.3 * expected_kl.item() + 0.7 * p.mean().item(), rel=1e-9)
     assert parts["n_gated"].item() == 4
@@ -197,16 +197,16 @@ def test_head_trained_on_expected_drop_cost_reaches_proposition_1(lambda_kl, sin
     n = 200
     importance = torch.linspace(0.0, 3.0, n)
     means = torch.rand(n, 3, generator=torch.Generator().manual_seed(0))
-    cfg = RetentionHeadConfig(n_extra_features=1, prior_pi=0.2, lambda_kl=lambda_kl, lambda_sparsity=0.0)
+    prior_pi = 0.2
     torch.manual_seed(1)
-    head = RetentionHead(cfg)
+    head = RetentionHead(RetentionHeadConfig(n_extra_features=1))
     steps = 1000
     optimiser = torch.optim.Adam(head.parameters(), lr=1e-2)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=1e-4)
     gated = torch.ones(n, dtype=torch.bool)
     for _ in range(steps):
         logits = head(means, importance[:, None])
-        regulariser, _ = retention_regulariser(logits, gated, cfg)
+        regulariser, _ = retention_regulariser(logits, gated, prior_pi, lambda_kl, lambda_sparsity=0.0)
         loss = ((1 - torch.sigmoid(logits)) * importance).sum() + regulariser
         optimiser.zero_grad()
         loss.backward()
@@ -214,10 +214,10 @@ def test_head_trained_on_expected_drop_cost_reaches_proposition_1(lambda_kl, sin
         schedule.step()
     with torch.no_grad():
         p = torch.sigmoid(head(means, importance[:, None]))
-    p_star = proposition_1_optimum(importance, lambda_kl, cfg.prior_pi)
+    p_star = proposition_1_optimum(importance, lambda_kl, prior_pi)
     assert (p - p_star).abs().max().item() < 0.01
     # Which Gaussians the hard mask would remove agrees with the closed-form threshold, away from the boundary.
-    boundary = lambda_kl * math.log((1 - cfg.prior_pi) / cfg.prior_pi)
+    boundary = lambda_kl * math.log((1 - prior_pi) / prior_pi)
     clear = (importance - boundary).abs() > 0.05
     assert torch.equal((p >= 0.5)[clear], (importance > boundary)[clear])
 
@@ -389,7 +389,7 @@ def test_the_head_and_its_regulariser_read_nothing_back_to_the_host():
         gate._to(meta)
         vedal.gate = gate
         vedal.importance_scale = 1e-6
-        head = RetentionHead(config.head_config(), bounds=([-1.0] * 3, [1.0] * 3)).to(meta)
+        head = RetentionHead(config.retention_head_config(), bounds=([-1.0] * 3, [1.0] * 3)).to(meta)
         means, raw = torch.empty(n, 3, device=meta), torch.empty(n, device=meta, requires_grad=True)
         scales = torch.empty(n, 3, device=meta)
         for step in (10, 93, 97):  # sampled masks; the hand-over to the removal's mask; its fixed decision

@@ -62,6 +62,21 @@ def _controller(**overrides) -> VedalController:
     return VedalController(VedalConfig(**settings), ssim_lambda=0.2)
 
 
+def test_the_controller_keeps_its_state_where_its_device_function_says_at_each_call():
+    """A model hands the controller a function (where its Gaussians are): moving the model moves VEDAL's state
+    without the model telling the controller."""
+    where = [torch.device("cpu")]
+    settings = VedalConfig(finetune_start_step=0, hard_prune_step=60, use_gate=False)
+    vedal = VedalController(settings, ssim_lambda=0.2, device=lambda: where[0])
+    vedal.before_step(0, 6, 2, lambda views: torch.rand(6, dtype=torch.float64))
+    assert vedal.gated_mask(6).device.type == "cpu" and vedal.window.sums.device.type == "cpu"
+    where[0] = torch.device("meta")
+    assert vedal.gated_mask(6).device.type == "meta"
+    vedal.reset()
+    assert vedal.gate.ema.device.type == "meta"
+    assert VedalController(settings, ssim_lambda=0.2).device == torch.device("cpu")
+
+
 def test_any_pass_of_consecutive_refreshes_sees_every_training_view_once():
     vedal = _controller()
     per_pass = vedal.refreshes_per_pass(7)

@@ -16,7 +16,9 @@ from nerfstudio.utils import writer
 
 from nerfstudio_pruning.data.dataparser import DefaultSceneDataParser, DefaultSceneDataParserConfig
 from nerfstudio_pruning.errors import InputError
-from nerfstudio_pruning.methods.trainer import check_training_views, scoring_downscale, show_progress_of_this_run
+from nerfstudio_pruning.methods.checks import check_training_views
+from nerfstudio_pruning.methods.progress import show_progress_of_this_run
+from nerfstudio_pruning.vedal.controller import VedalConfig
 from test_bad_input import refusal_line, trainer_config
 
 
@@ -49,17 +51,17 @@ def test_views_without_pixels_are_refused_for_every_method():
 def test_scoring_downscale_of_each_method():
     from nerfstudio_pruning.methods import registry
 
-    assert scoring_downscale(registry.pup_gs.config.pipeline.model) == 4
+    assert registry.pup_gs.config.pipeline.model.scoring_downscale() == 4
     # The floor keeps the longer side of the scoring renders at 256 pixels or more.
-    assert scoring_downscale(registry.pup_gs.config.pipeline.model, 1237, 822) == 4
-    assert scoring_downscale(registry.pup_gs.config.pipeline.model, 684, 384) == 2
-    assert scoring_downscale(registry.pup_gs.config.pipeline.model, 128, 96) == 1
+    assert registry.pup_gs.config.pipeline.model.scoring_downscale(1237, 822) == 4
+    assert registry.pup_gs.config.pipeline.model.scoring_downscale(684, 384) == 2
+    assert registry.pup_gs.config.pipeline.model.scoring_downscale(128, 96) == 1
     vedal = registry.vedal_gs.config.pipeline.model
-    assert scoring_downscale(vedal) == 1
+    assert vedal.scoring_downscale() == 1
     # The ablation measures importance for kl_weight's unit, and only for that: in 'loss' units it scores nothing.
-    assert scoring_downscale(type(vedal)(use_gate=False)) == 1
-    assert scoring_downscale(type(vedal)(use_gate=False, kl_weight_units="loss")) is None
-    assert scoring_downscale(registry.splatfacto_portable.config.pipeline.model) is None
+    assert type(vedal)(vedal=VedalConfig(use_gate=False)).scoring_downscale() == 1
+    assert type(vedal)(vedal=VedalConfig(use_gate=False, kl_weight_units="loss")).scoring_downscale() is None
+    assert registry.splatfacto_portable.config.pipeline.model.scoring_downscale() is None
 
 
 @dataclass
@@ -96,15 +98,15 @@ def test_scoring_downscale_without_pixels_is_refused_at_setup(default_scene, tmp
 
 def test_a_target_below_min_gaussians_is_refused_at_setup(default_scene, tmp_path, capsys):
     config = trainer_config("pup-gs", default_scene, tmp_path / "out")
-    config.pipeline.model.target_gaussians = 10
+    config.pipeline.model.schedule.target_gaussians = 10
     line = refusal_line(config, capsys)
     assert "--pipeline.model.target-gaussians 10 is below --pipeline.model.min-gaussians 64" in line
 
 
 def test_a_target_not_below_the_gaussians_vedal_gs_fine_tunes_is_refused_at_setup(default_scene, tmp_path, capsys):
     config = trainer_config("vedal-gs", default_scene, tmp_path / "out")
-    config.pipeline.model.finetune_start_step = 0  # fine-tuning from the first step: the count is known at setup
-    config.pipeline.model.target_gaussians = 10**7
+    config.pipeline.model.vedal.finetune_start_step = 0  # fine-tuning from the first step: the count is known at setup
+    config.pipeline.model.vedal.target_gaussians = 10**7
     line = refusal_line(config, capsys)
     assert re.search(r"error: the target of 10000000 Gaussians is not below the \d+ that vedal-gs would prune from", line), line
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import fields
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from conftest import VEDAL_STEPS as STEPS
 from e2e import ns, ns_eval
 from nerfstudio_pruning.vedal.gate import ConvergenceGate
 from nerfstudio_pruning.methods.vedal_gs import HIDDEN_OPACITY_LOGIT, VedalGSModel, VedalGSModelConfig
-from nerfstudio_pruning.vedal.controller import ImportancePassWindow
+from nerfstudio_pruning.vedal.controller import ImportancePassWindow, VedalConfig
 from nerfstudio_pruning.vedal.retention_head import RetentionHead, gaussian_features
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,7 +37,9 @@ def tiny_model(n: int = N_TINY, seed: int = 0, **overrides) -> VedalGSModel:
     colours = (torch.rand(n, 3, generator=generator) * 255).to(torch.uint8)
     settings = dict(finetune_start_step=0, hard_prune_step=100, num_downscales=0, sh_degree=1, min_gaussians=8)
     settings.update(overrides)
-    config = VedalGSModelConfig(**settings)
+    vedal = {f.name for f in fields(VedalConfig)}
+    config = VedalGSModelConfig(vedal=VedalConfig(**{k: v for k, v in settings.items() if k in vedal}),
+                                **{k: v for k, v in settings.items() if k not in vedal})
     scene_box = SceneBox(aabb=torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
     model = config.setup(scene_box=scene_box, num_train_data=1, seed_points=(points, colours))
     # What the trainer's step callback would have set.
@@ -55,7 +58,7 @@ def tiny_camera() -> Cameras:
 def start_with_gate(model: VedalGSModel, gated: torch.Tensor, logits: torch.Tensor) -> None:
     """Fine-tuning started, `gated` eligible, p fixed through the frozen logits."""
     model.vedal.finetune_started_at = 0
-    model.vedal.gate = ConvergenceGate(model.config.gate, model.num_points)
+    model.vedal.gate = ConvergenceGate(model.config.vedal.gate, model.num_points)
     model.vedal.gate.eligible = gated.clone()
     model.vedal.frozen_logits = logits.clone()
 
@@ -210,7 +213,7 @@ def test_training_masks_gated_gaussians_and_adds_the_regulariser_with_head_gradi
     n = model.num_points
     model.train()
     model.vedal.finetune_started_at = 0
-    model.vedal.gate = ConvergenceGate(model.config.gate, n)
+    model.vedal.gate = ConvergenceGate(model.config.vedal.gate, n)
 
     raw = model.gauss_params["opacities"].squeeze(-1)
 
@@ -246,7 +249,7 @@ def _gate_and_split_the_head(model: VedalGSModel) -> torch.Tensor:
     """Gate two Gaussians in three and move about half below p = 0.5; returns the gated & p < 0.5 mask."""
     n = model.num_points
     model.vedal.finetune_started_at = 0
-    model.vedal.gate = ConvergenceGate(model.config.gate, n)
+    model.vedal.gate = ConvergenceGate(model.config.vedal.gate, n)
     gated = torch.arange(n) % 3 != 0
     model.vedal.gate.eligible = gated.clone()
     model.vedal.gate.ema = torch.arange(n, dtype=torch.float32)
@@ -292,7 +295,7 @@ def test_checkpoint_round_trip_with_weights_only_and_another_number_of_gaussians
     source.vedal.last_refresh_step = 40
     source.vedal.refresh_count = 5
     source.vedal.pruned = True
-    source.vedal.gate = ConvergenceGate(source.config.gate, n)
+    source.vedal.gate = ConvergenceGate(source.config.vedal.gate, n)
     for step in range(3):
         source.vedal.gate.update(torch.rand(n), step)
     source.vedal.frozen_logits = torch.randn(n)
@@ -345,7 +348,7 @@ def test_loads_a_checkpoint_of_another_method_with_fresh_vedal_state(other_extra
 
 def test_config_refuses_a_hard_prune_before_fine_tuning():
     with pytest.raises(ValueError, match="hard_prune_step"):
-        VedalGSModelConfig(finetune_start_step=100, hard_prune_step=50)
+        VedalConfig(finetune_start_step=100, hard_prune_step=50)
 
 
 # -- end to end ------------------------------------------------------------------------------------------------------
@@ -366,7 +369,7 @@ def _export_count(config, out, cwd) -> int:
 
 def _hidden_at_inference(state: dict, model_config: VedalGSModelConfig) -> torch.Tensor:
     """Gated Gaussians with p < 0.5, recomputed from the checkpoint with a head of its own."""
-    head = RetentionHead(model_config.head_config())
+    head = RetentionHead(model_config.vedal.retention_head_config())
     head.load_state_dict({k[len("_model.retention_head."):]: v for k, v in state.items()
                           if k.startswith("_model.retention_head.")})
     with torch.no_grad():
@@ -437,7 +440,7 @@ def test_export_before_the_hard_removal_writes_only_retained_gaussians(vedal_run
     state = _checkpoint(run, SAVE_BEFORE_REMOVAL)
     assert not state["_model._extra_state"]["vedal"]["pruned"]
 
-    model_config = VedalGSModelConfig(finetune_start_step=80, hard_prune_step=STEPS - 1)
+    model_config = VedalGSModelConfig(vedal=VedalConfig(finetune_start_step=80, hard_prune_step=STEPS - 1))
     hidden = _hidden_at_inference(state, model_config)
     low_opacity = (state["_model.gauss_params.opacities"] < EXPORT_OPACITY_FLOOR).squeeze(-1)
     n = hidden.numel()
@@ -473,7 +476,7 @@ def test_a_training_step_reads_nothing_back_to_the_host_in_the_head_and_gate_pat
     n = model.num_points
     model.train()
     model.vedal.finetune_started_at, model.vedal.start_gaussians = 0, n
-    model.vedal.gate = ConvergenceGate(model.config.gate, n)
+    model.vedal.gate = ConvergenceGate(model.config.vedal.gate, n)
     model.vedal.gate.eligible = torch.arange(n) < n // 2
     model.vedal.importance_scale = 1e-6
     image = (torch.rand(SIZE, SIZE, 3) * 255).to(torch.uint8)

@@ -191,7 +191,8 @@ def layers_on_device(results: Results, device: str) -> None:
     head = RetentionHead().to(device)
     logits = head(g.means, gaussian_features(g.opacity_logits, g.log_scales))
     gated = vedal.gated_mask(n)
-    loss, _ = retention_regulariser(logits, torch.ones_like(gated), config.head_config())
+    loss, _ = retention_regulariser(logits, torch.ones_like(gated), config.prior_keep_probability, config.kl_weight,
+                                    config.sparsity_weight)
     loss.backward()
     sampled = vedal.sampled_opacity_logits(g.opacity_logits, logits.detach(), gated, 5)
     results.check(f"VEDAL controller, gate, window and retention head on {device}",

@@ -46,8 +46,9 @@ def main() -> None:
 
     from nerfstudio_pruning.data.dataparser import DefaultSceneDataParserConfig
     from nerfstudio_pruning.methods.base import PortableSplatfactoModelConfig
-    from nerfstudio_pruning.methods.trainer import FusedOnCpuAdam
+    from nerfstudio_pruning.methods.optimizers import FusedOnCpuAdam
     from nerfstudio_pruning.methods.vedal_gs import VedalGSModelConfig
+    from nerfstudio_pruning.vedal.controller import VedalConfig
     from nerfstudio_pruning.vedal.gate import ConvergenceGate
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,10 +88,10 @@ def main() -> None:
 
     variants: Dict[str, tuple] = {"splatfacto-portable": (build(PortableSplatfactoModelConfig(**common)),)}
     for rows in args.gradient_rows:
-        model = build(VedalGSModelConfig(finetune_start_step=0, hard_prune_step=10**9, head_gradient_rows=rows, **common))
+        model = build(VedalGSModelConfig(vedal=VedalConfig(finetune_start_step=0, hard_prune_step=10**9, head_gradient_rows=rows), **common))
         n = model.num_points
         model.vedal.finetune_started_at, model.vedal.start_gaussians = 0, n
-        model.vedal.gate = ConvergenceGate(model.config.gate, n)
+        model.vedal.gate = ConvergenceGate(model.config.vedal.gate, n)
         model.vedal.gate.eligible = torch.rand(n, generator=generator) < args.gated
         model.vedal.importance_scale = 1e-7
         from nerfstudio_pruning.vedal.retention_head import robust_bounds

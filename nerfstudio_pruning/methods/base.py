@@ -23,15 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Literal, Optional, Type
+from typing import Any, Dict, Iterator, Literal, Optional, Tuple, Type
 from unittest import mock
 
 import nerfstudio.models.splatfacto as splatfacto_module
 import torch
+import tyro
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.optimizers import Optimizers
 from nerfstudio.models.splatfacto import RGB2SH, SH2RGB, SplatfactoModel, SplatfactoModelConfig, get_viewmat
@@ -48,12 +50,29 @@ GAUSSIAN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "
 
 splatfacto_module.rasterization = rasterization
 
+# A method's settings are one object the model config holds (pup-gs's `schedule`, vedal-gs's `vedal`), as a gsplat
+# trainer holds its strategy; on the command line they stay flat: --pipeline.model.<setting>, not
+# --pipeline.model.schedule.<setting>.
+FLAT = tyro.conf.arg(name="")
+
+
+def settings_held_in(state: Dict[str, Any], name: str, settings_type: type) -> Dict[str, Any]:
+    """A model config's state (pickled, copied or read from a config.yml) with its method's settings held in the
+    field `name`. config.yml files written while the model configs inherited those settings hold them as fields of
+    the model config itself; they are gathered into a `settings_type` here (yaml restores an object through
+    `__setstate__`, without `__init__`)."""
+    if name in state:
+        return state
+    own = {f.name for f in dataclasses.fields(settings_type)}
+    held = settings_type(**{key: value for key, value in state.items() if key in own})
+    return {**{key: value for key, value in state.items() if key not in own}, name: held}
+
 
 def views_from_cameras(cameras: Cameras, device: torch.device, backgrounds: Optional[torch.Tensor] = None) -> Views:
     """gsplat views of nerfstudio cameras, which must share one image size.
 
     `PruningTrainer` refuses training images of mixed sizes before training starts
-    (`trainer.check_training_views`); this InputError is for callers outside a training run.
+    (`checks.check_training_views`); this InputError is for callers outside a training run.
     """
     widths, heights = cameras.width.unique(), cameras.height.unique()
     if widths.numel() != 1 or heights.numel() != 1:
@@ -149,6 +168,17 @@ class PortableSplatfactoModelConfig(SplatfactoModelConfig):
     """World frame of init-ply: 'dataset': nerfstudio's dataparser frame, as ns-export writes it (train with the same
     dataparser and options as the run it came from); 'colmap': the frame of the poses the dataparser read, as Inria's
     3DGS writes it on COLMAP data, mapped by the dataparser's transform and scale as its seed points are."""
+
+    def scoring_downscale(self, width: int = 0, height: int = 0) -> Optional[float]:
+        """The downscale at which the method scores Gaussians on training views of width x height (as configured
+        when no size is given), or None when it scores none: the trainer then accepts training images of any
+        sizes. splatfacto scores nothing."""
+        return None
+
+    def gaussian_count_limits(self) -> Tuple[Optional[int], int]:
+        """(target_gaussians, min_gaussians) of a method that prunes to a size, as the trainer checks them before
+        training; splatfacto has neither (None, 0)."""
+        return None, 0
 
 
 class PortableSplatfactoModel(SplatfactoModel):

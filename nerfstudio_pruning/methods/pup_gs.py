@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Annotated, Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -21,9 +21,11 @@ from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_pruning.methods.base import (
+    FLAT,
     GAUSSIAN_PARAMS,
     PortableSplatfactoModel,
     PortableSplatfactoModelConfig,
+    settings_held_in,
     views_from_cameras,
 )
 from nerfstudio_pruning.methods.viewer import (
@@ -39,10 +41,12 @@ from nerfstudio_pruning.scoring.scores import ScoreKind, floored_downscale, scor
 
 
 @dataclass
-class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
+class PupGSModelConfig(PortableSplatfactoModelConfig):
     """PUP 3D-GS: prune by the log-determinant of each Gaussian's Fisher block over (mean, log-scale)."""
 
     _target: Type = field(default_factory=lambda: PupGSModel)
+    schedule: Annotated[PupScheduleConfig, FLAT] = field(default_factory=PupScheduleConfig)
+    """The rounds: when, how much, down to what size (`pup.schedule`); its settings are --pipeline.model.* flags."""
     score: ScoreKind = "fisher"
     """Pruning score: exact Fisher log-det (PUP), the same over opacity and base colour too (fisher-appearance, an
     option for flat regions), its probe estimate, Speedy-Splat's squared footprint gradient (speedy), or the
@@ -62,15 +66,23 @@ class PupGSModelConfig(PortableSplatfactoModelConfig, PupScheduleConfig):
     """Seed of the random score and of the probe estimator."""
 
     def __post_init__(self) -> None:
-        PupScheduleConfig.__post_init__(self)
         if self.fisher_downscale < 1:
             raise ValueError(f"fisher_downscale must be >= 1, got {self.fisher_downscale}")
         if self.score_min_side < 0:
             raise ValueError(f"score_min_side must be >= 0, got {self.score_min_side}")
 
-    def score_downscale(self, width: int, height: int) -> float:
-        """The downscale the scores use for training views of this size."""
-        return floored_downscale(width, height, self.fisher_downscale, self.score_min_side)
+    def scoring_downscale(self, width: int = 0, height: int = 0) -> float:
+        """The downscale the scores use for training views of this size: fisher_downscale, lowered to keep
+        score_min_side (as configured when no size is given)."""
+        if width and height:
+            return floored_downscale(width, height, self.fisher_downscale, self.score_min_side)
+        return int(self.fisher_downscale)
+
+    def gaussian_count_limits(self) -> Tuple[Optional[int], int]:
+        return self.schedule.target_gaussians, self.schedule.min_gaussians
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(settings_held_in(state, "schedule", PupScheduleConfig))
 
 
 class PupGSModel(PortableSplatfactoModel):
@@ -78,7 +90,7 @@ class PupGSModel(PortableSplatfactoModel):
 
     def populate_modules(self) -> None:
         super().populate_modules()
-        self.schedule = PupSchedule(self.config)
+        self.schedule = PupSchedule(self.config.schedule)
         # Last round's scores of the surviving Gaussians, for the viewer; a buffer so checkpoints keep it.
         self.register_buffer("sensitivity", torch.zeros(0, dtype=torch.float64))
         self._score_cameras: Optional[Cameras] = None
@@ -115,7 +127,7 @@ class PupGSModel(PortableSplatfactoModel):
         CONSOLE.print(f"pup-gs: scored {n_before} Gaussians in {seconds:.2f} s")
         prune = schedule.prune_mask(scores)
         remove_gaussians(self.gauss_params, self.optimizers, self.strategy_state, prune,
-                         min_remaining=self.config.min_gaussians)
+                         min_remaining=self.config.schedule.min_gaussians)
         reset_optimizer_state(self.optimizers, GAUSSIAN_PARAMS)
         self.sensitivity = scores[~prune.to(scores.device)].to(self.sensitivity)
         schedule.round_done(schedule.round_record(step, self.config.score, n_before, self.num_points, seconds))
@@ -134,7 +146,7 @@ class PupGSModel(PortableSplatfactoModel):
         """(Gaussians the target asks for, Gaussians it is taken from) where both are known before training (the
         trainer refuses what cannot be reached): once the rounds have started (post-hoc pruning starts them at the
         first step), densification is off and the count is the loaded model's."""
-        config, schedule = self.config, self.schedule
+        config, schedule = self.config.schedule, self.schedule
         if not config.has_target() or not schedule.pruning_started(first_step) or schedule.finished:
             return None
         return (schedule.plan[-1] if schedule.plan else config.planned_counts(self.num_points)[-1]), self.num_points
@@ -146,7 +158,7 @@ class PupGSModel(PortableSplatfactoModel):
         views = views_from_cameras(self._score_cameras, self.device, self.background_color.to(self.device))
         return score_gaussians(
             self.config.score, self.gaussians(sh_degree=self.config.sh_degree), views,
-            downscale=self.config.score_downscale(views.width, views.height), n_probes=self.config.n_probes, seed=self.config.score_seed,
+            downscale=self.config.scoring_downscale(views.width, views.height), n_probes=self.config.n_probes, seed=self.config.score_seed,
         )
 
     def pruning_report(self) -> Dict[str, Any]:
@@ -158,7 +170,7 @@ class PupGSModel(PortableSplatfactoModel):
 
     def first_step_from_trained_gaussians(self) -> int:
         # A PLY trained elsewhere enters where a splatfacto run would: at the first pruning round.
-        return int(self.config.prune_start_step)
+        return int(self.config.schedule.prune_start_step)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def update_to_step(self, step: int) -> None:

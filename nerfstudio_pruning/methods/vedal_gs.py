@@ -17,7 +17,7 @@ export then holds only the retained Gaussians even before the hard removal, with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Annotated, Any, Dict, List, Optional, Tuple, Type
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -28,7 +28,13 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from torch import Tensor
 
 from nerfstudio_pruning.errors import InputError, PruningRefused
-from nerfstudio_pruning.methods.base import PortableSplatfactoModel, PortableSplatfactoModelConfig, views_from_cameras
+from nerfstudio_pruning.methods.base import (
+    FLAT,
+    PortableSplatfactoModel,
+    PortableSplatfactoModelConfig,
+    settings_held_in,
+    views_from_cameras,
+)
 from nerfstudio_pruning.methods.viewer import (
     ORDER_COUNT,
     ORDER_LEGEND,
@@ -46,10 +52,23 @@ from nerfstudio_pruning.vedal.retention_head import RetentionHead, retention_inp
 
 
 @dataclass
-class VedalGSModelConfig(PortableSplatfactoModelConfig, VedalConfig):
+class VedalGSModelConfig(PortableSplatfactoModelConfig):
     """VEDAL: prune splatfacto with an EMA importance gate and a variational retention head."""
 
     _target: Type = field(default_factory=lambda: VedalGSModel)
+    vedal: Annotated[VedalConfig, FLAT] = field(default_factory=VedalConfig)
+    """Everything VEDAL decides (`vedal.controller`); its settings are --pipeline.model.* flags."""
+
+    def scoring_downscale(self, width: int = 0, height: int = 0) -> Optional[int]:
+        """importance_downscale where the run measures importance; None for the ungated ablation with kl_weight in
+        'loss' units, which measures nothing."""
+        return int(self.vedal.importance_downscale) if self.vedal.measures_importance() else None
+
+    def gaussian_count_limits(self) -> Tuple[Optional[int], int]:
+        return self.vedal.target_gaussians, self.vedal.min_gaussians
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(settings_held_in(state, "vedal", VedalConfig))
 
 
 class VedalGSModel(PortableSplatfactoModel):
@@ -57,8 +76,8 @@ class VedalGSModel(PortableSplatfactoModel):
 
     def populate_modules(self) -> None:
         super().populate_modules()
-        self.vedal = VedalController(self.config, self.config.ssim_lambda)
-        self.retention_head = RetentionHead(self.vedal.head_config)
+        self.vedal = VedalController(self.config.vedal, self.config.ssim_lambda, device=self.gaussians_device)
+        self.retention_head = RetentionHead(self.config.vedal.retention_head_config())
         self._train_cameras: Optional[Cameras] = None
         self._train_images: Optional[List[Dict[str, Tensor]]] = None
         # -- viewer (methods/viewer.py) --
@@ -80,6 +99,10 @@ class VedalGSModel(PortableSplatfactoModel):
         # (step, Gaussians before, after) of the hard removal, once made (or read from a checkpoint that records it).
         self._hard_removal: Optional[Tuple[int, int, int]] = None
 
+    def gaussians_device(self) -> torch.device:
+        """Where the Gaussians are, wherever the model has been moved: where VEDAL keeps its per-Gaussian state."""
+        return self.means.device
+
     # -- retention probabilities and masks -----------------------------------------------------------------------
     def head_logits(self) -> Tensor:
         """Retention logits [N] from the head (in the graph of the head's parameters)."""
@@ -93,7 +116,6 @@ class VedalGSModel(PortableSplatfactoModel):
         return self.vedal.inference_logits(self.head_logits, self.num_points)
 
     def gated_mask(self) -> Tensor:
-        self.vedal.device = self.device
         return self.vedal.gated_mask(self.num_points)
 
     @torch.no_grad()
@@ -140,13 +162,12 @@ class VedalGSModel(PortableSplatfactoModel):
         return callbacks
 
     def before_step(self, step: int) -> None:
-        self.vedal.device = self.device
         was_started = self.vedal.finetuning_started
         refreshed = self.vedal.before_step(step, self.num_points, len(self._train_images), self.measure_importance)
         if self.vedal.finetuning_started and not was_started:
             with torch.no_grad():
                 self.retention_head.set_bounds(*robust_bounds(self.means))
-            mode = "asynchronous gate" if self.config.use_gate else "every Gaussian gated (no gate)"
+            mode = "asynchronous gate" if self.config.vedal.use_gate else "every Gaussian gated (no gate)"
             CONSOLE.print(f"[bold]vedal-gs[/bold]: fine-tuning from step {step} with {self.num_points} Gaussians ({mode})")
         if refreshed:
             self.log_state(step)
@@ -160,7 +181,7 @@ class VedalGSModel(PortableSplatfactoModel):
         """(Gaussians the target asks for, Gaussians it is taken from) where both are known before training (the
         trainer refuses what cannot be reached): once fine-tuning has started, or when it starts at the first step,
         the count no longer grows."""
-        vedal, config = self.vedal, self.config
+        vedal, config = self.vedal, self.config.vedal
         if vedal.pruned:
             return None
         if vedal.finetuning_started:
@@ -182,7 +203,7 @@ class VedalGSModel(PortableSplatfactoModel):
         try:
             removed = remove_gaussians(
                 self.gauss_params, self.optimizers, self.strategy_state, prune,
-                extra_states=self.vedal.per_gaussian_states(n_before), min_remaining=self.config.min_gaussians,
+                extra_states=self.vedal.per_gaussian_states(n_before), min_remaining=self.config.vedal.min_gaussians,
             )
         except PruningRefused as err:
             CONSOLE.print(f"[yellow]vedal-gs: hard removal refused ({err}); the model is kept unpruned")
@@ -192,7 +213,7 @@ class VedalGSModel(PortableSplatfactoModel):
         CONSOLE.print(
             f"[bold]vedal-gs[/bold]: hard removal at step {step}: removed {removed} of {n_before} Gaussians, "
             f"{self.num_points} remain (gated fraction was {float(gated.float().mean()):.3f}"
-            + (f", gate reversal rate {self.vedal.gate.reversal_rate:.4f})" if self.config.use_gate else ", no gate)")
+            + (f", gate reversal rate {self.vedal.gate.reversal_rate:.4f})" if self.config.vedal.use_gate else ", no gate)")
         )
         writer.put_scalar("vedal/removed", removed, step)
         self.log_state(step)
@@ -202,7 +223,7 @@ class VedalGSModel(PortableSplatfactoModel):
 
     def first_step_from_trained_gaussians(self) -> int:
         # A PLY trained elsewhere skips the densification phase: fine-tuning starts at the run's first step.
-        return int(self.config.finetune_start_step)
+        return int(self.config.vedal.finetune_start_step)
 
     # -- importance ----------------------------------------------------------------------------------------------
     def ground_truth(self, view: int, downscale: int) -> Tensor:
@@ -221,7 +242,7 @@ class VedalGSModel(PortableSplatfactoModel):
         currently hides would have no measurable importance and could never argue its way back. Masks that come
         with undistorted images are not applied (leave-one-out has no pixel weights); their pixels then count.
         """
-        d = self.config.importance_downscale
+        d = self.config.vedal.importance_downscale
         cameras = self._train_cameras[torch.tensor(views, dtype=torch.long)].to(self.device)
         cameras.rescale_output_resolution(1.0 / d)
         view_batch = views_from_cameras(cameras, self.device, self.background_color.to(self.device))
@@ -287,7 +308,7 @@ class VedalGSModel(PortableSplatfactoModel):
         threshold = float(self.retention_threshold_slider.value) if threshold is None else threshold
         hidden = int(self.vedal.hidden_mask(logits, gated, threshold).sum())
         if not self.vedal.finetuning_started:
-            why = f"none gated before fine-tuning (step {self.config.finetune_start_step:,})"
+            why = f"none gated before fine-tuning (step {self.config.vedal.finetune_start_step:,})"
         else:
             why = f"{hidden:,} of the {int(gated.sum()):,} gated have p < {threshold:.2f}"
         if self.vedal.pruned and self._hard_removal is not None:
@@ -319,7 +340,6 @@ class VedalGSModel(PortableSplatfactoModel):
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         super().set_extra_state(state)
-        self.vedal.device = self.device
         if state.get("vedal") is None:  # another method's checkpoint (see with_method_state)
             self.vedal.reset()
             return

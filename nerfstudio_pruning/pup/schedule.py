@@ -32,8 +32,8 @@ from nerfstudio_pruning.removal import check_target, lowest_count_mask, lowest_f
 
 @dataclass
 class PupScheduleConfig:
-    """PUP's schedule settings. The nerfstudio model config inherits these fields, so each is a
-    `--pipeline.model.*` flag."""
+    """PUP's schedule settings. The nerfstudio model config holds them (`PupGSModelConfig.schedule`), flat on the
+    command line: each is a `--pipeline.model.*` flag."""
 
     prune_start_step: int = 30000
     """Step of the first pruning round (after splatfacto's training). Runs loaded from another method's checkpoint prune right after the loaded step instead."""

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,8 @@ STATE_FORMAT = 2
 
 @dataclass
 class VedalConfig:
-    """VEDAL's settings. The nerfstudio model config inherits these fields, so each is a `--pipeline.model.*` flag."""
+    """VEDAL's settings. The nerfstudio model config holds them (`VedalGSModelConfig.vedal`), flat on the command
+    line: each is a `--pipeline.model.*` flag."""
 
     finetune_start_step: int = 7000
     """First step of the VEDAL fine-tuning (the paper: 7k steps of ordinary training first). From here on,
@@ -97,7 +98,8 @@ class VedalConfig:
     temperature_start: float = 1.0
     """Binary Concrete temperature at the start of fine-tuning (smooth samples, informative gradients)."""
     temperature_end: float = 0.1
-    """Temperature reached at hard_prune_step (geometric anneal): nearly binary samples, as at inference."""
+    """Temperature reached at hard_prune_step (geometric anneal): nearly binary samples, as at inference; lower
+    values mostly add gradient variance."""
 
     importance_every: int = 100
     """Steps between importance refreshes. The gate gets its first observation once a pass over the training
@@ -171,17 +173,10 @@ class VedalConfig:
         if self.head_gradient_rows < 0:
             raise ValueError(f"head_gradient_rows must be >= 0, got {self.head_gradient_rows}")
 
-    def head_config(self) -> RetentionHeadConfig:
-        return RetentionHeadConfig(
-            init_keep_prob=self.initial_keep_probability,
-            prior_pi=self.prior_keep_probability,
-            lambda_kl=self.kl_weight,
-            lambda_sparsity=self.sparsity_weight,
-            tau_start=self.temperature_start,
-            tau_end=self.temperature_end,
-            anneal_steps=self.hard_prune_step - self.finetune_start_step,
-            gradient_rows=self.head_gradient_rows,
-        )
+    def retention_head_config(self) -> RetentionHeadConfig:
+        """The retention head's network: RetentionHeadConfig's shape, starting at initial_keep_probability, its
+        gradient through head_gradient_rows rows."""
+        return RetentionHeadConfig(init_keep_prob=self.initial_keep_probability, gradient_rows=self.head_gradient_rows)
 
     def measures_importance(self) -> bool:
         """Whether the run measures leave-one-out importance: for the gate, or without it for kl_weight's unit."""
@@ -259,13 +254,23 @@ MeasureImportance = Callable[[List[int]], Tensor]
 
 
 class VedalController:
-    def __init__(self, config: VedalConfig, ssim_lambda: float, device: Optional[torch.device] = None) -> None:
+    def __init__(self, config: VedalConfig, ssim_lambda: float,
+                 device: Union[None, str, torch.device, Callable[[], torch.device]] = None) -> None:
+        """`device`: where VEDAL's per-Gaussian state lives (CPU by default), or a function that answers it each
+        time (a model gives where its Gaussians are, which follows the model when it is moved)."""
         self.config = config
-        self.head_config = config.head_config()
         # Delta is in units of splatfacto's loss, whose L1 part is weighted by 1 - ssim_lambda.
         self.loss_weight = 1.0 - ssim_lambda
-        self.device = torch.device("cpu") if device is None else torch.device(device)
+        if callable(device):
+            self._device = device
+        else:
+            fixed = torch.device("cpu") if device is None else torch.device(device)
+            self._device = lambda: fixed
         self.reset()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device()
 
     def reset(self) -> None:
         """The state before fine-tuning starts: that of a new run, and of one loaded from another method's
@@ -556,7 +561,7 @@ class VedalController:
         """
         if logits is None or not self.finetuning_active() or not self.any_gated(logits.numel()):
             return {}
-        _, parts = retention_regulariser(logits, gated, self.scaled_head_config())
+        _, parts = self.retention_loss(logits, gated)
         # During the hand-over the reconstruction reaches the head through (1 - s) z only; the same weight on the
         # prior keeps the balance of Proposition 1 (Adam would otherwise let the prior win as s grows).
         weight = 1.0 - self.hardening(step) if step is not None else 1.0
@@ -577,8 +582,11 @@ class VedalController:
         observed = self.gate.n_updates > 0
         self.importance_scale = float(self.gate.ema[observed].double().mean()) if bool(observed.any()) else 0.0
 
-    def scaled_head_config(self):
-        return replace(self.head_config, lambda_kl=self.kl_lambda())
+    def retention_loss(self, logits: Tensor, gated: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """`retention_regulariser` with the prior, lambda_KL in the units of Delta (`kl_lambda`) and the sparsity
+        weight of this run."""
+        return retention_regulariser(logits, gated, self.config.prior_keep_probability, self.kl_lambda(),
+                                     self.config.sparsity_weight)
 
     def prune_threshold_importance(self) -> float:
         """The Delta below which Proposition 1 puts a gated Gaussian under p = 0.5."""
@@ -611,7 +619,7 @@ class VedalController:
     @torch.no_grad()
     def scalars(self, logits: Tensor, gated: Tensor, step: int) -> Dict[str, float]:
         """What tensorboard shows of VEDAL at `step`."""
-        _, parts = retention_regulariser(logits, gated, self.scaled_head_config())
+        _, parts = self.retention_loss(logits, gated)
         n = max(logits.numel(), 1)
         scalars = {
             "num_gaussians": logits.numel(),

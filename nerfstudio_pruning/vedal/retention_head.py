@@ -25,8 +25,10 @@ Bound = Union[float, Sequence[float], Tensor]
 
 @dataclass
 class RetentionHeadConfig:
-    """Head architecture and training hyperparameters. The paper gives the architecture (2 x 64 ReLU, ~5k
-    parameters) but not the rest; each default says why it was chosen."""
+    """The head's network: its shape, its starting point and how its gradient is computed. What it is trained
+    towards (the prior, the weights of the regulariser, the temperature) is VEDAL's, in `VedalConfig`, which sets
+    the two fields it exposes as flags (initial_keep_probability, head_gradient_rows); the paper gives the
+    architecture (2 x 64 ReLU, ~5k parameters) but not the rest, and each default says why it was chosen."""
 
     n_freqs: int = 2
     """Sin/cos octaves of the normalised mean. Two octaves (periods of one and one half scene extent) keep p
@@ -50,33 +52,6 @@ class RetentionHeadConfig:
     render equals the trained render, so the reconstruction term starts from its optimum and the head is
     pulled down only where the KL prior outweighs a Gaussian's importance. At p ~ 0.5, sampling would drop
     about half of the gated Gaussians at every step and wreck the render the head learns from."""
-
-    prior_pi: float = 0.2
-    """Prior retention probability pi. Matches the reported operating point: 5.2x fewer Gaussians is ~19%
-    kept. It enters Proposition 1 only through lambda_KL * logit(pi), so it sets the prune threshold
-    Delta < lambda_KL * log((1 - pi) / pi) = 1.39 lambda_KL jointly with lambda_KL."""
-
-    lambda_kl: float = 1e-6
-    """Main rate-distortion knob, in the units of Delta (training loss: 0.8 L1 + 0.2 D-SSIM, mean over
-    pixels). Delta_i is roughly (fraction of the image a Gaussian covers) x (its colour change), so 1e-6
-    prunes Gaussians whose removal changes about 1e-4 of the image (100 px of a 1 MP view) by ~0.01 or less."""
-
-    lambda_sparsity: float = 1e-3
-    """Weak global term lambda_s * mean_i p_i. Per Gaussian it shifts the Proposition 1 threshold by
-    lambda_s / N: ~1e-8 at N = 1e5, under 1% of lambda_KL * log((1 - pi) / pi)."""
-
-    tau_start: float = 1.0
-    """Binary Concrete temperature at the start of fine-tuning: smooth samples, informative gradients."""
-
-    tau_end: float = 0.1
-    """Final temperature: samples are nearly binary, so the last steps train what inference uses
-    (z = [p >= 0.5]); lower values mostly add gradient variance."""
-
-    anneal_steps: int = 23000
-    """Steps of the geometric anneal: the whole VEDAL fine-tuning phase (30k total minus 7k warm-up)."""
-
-    lr: float = 1e-3
-    """Adam learning rate for the head: the usual value for a small MLP; the splat parameters keep theirs."""
 
     gradient_rows: int = 2048
     """Rows (Gaussians) through which the head's parameter gradient is taken at each step; 0: all of them. The
@@ -338,7 +313,7 @@ def temperature(step: int, tau_start: float, tau_end: float, anneal_steps: int) 
 
 
 def retention_regulariser(
-    logits: Tensor, gated_mask: Tensor, cfg: RetentionHeadConfig
+    logits: Tensor, gated_mask: Tensor, prior_pi: float, lambda_kl: float, lambda_sparsity: float
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """lambda_KL * sum_{gated} KL(Bern(p_i) || Bern(pi)) + lambda_s * mean_i p_i.
 
@@ -348,6 +323,9 @@ def retention_regulariser(
     prune threshold would drift as the gate opened. No extra scaling is applied: lambda_KL is small (~1e-6)
     but float32 handles it, and the total is O(lambda_KL * N) like the loss changes it trades against.
 
+    prior_pi is pi, lambda_kl is lambda_KL in the units of Delta (the training loss: 0.8 L1 + 0.2 D-SSIM, mean over
+    pixels), lambda_sparsity is lambda_s: per Gaussian it shifts the Proposition 1 threshold by lambda_s / N.
+
     Returns (total, parts): 'kl' and 'sparsity' are the weighted terms (in the graph); 'kl_sum', 'mean_p' and
     'n_gated' are detached diagnostics.
     """
@@ -355,11 +333,11 @@ def retention_regulariser(
         raise ValueError(f"gated_mask {tuple(gated_mask.shape)} does not match logits {tuple(logits.shape)}")
     gated = gated_mask.to(device=logits.device, dtype=torch.bool)
     # Masked, not indexed: logits[gated] would size its result from the mask's count, read back to the host.
-    kl = torch.where(gated, _bernoulli_kl_from_logits(logits, cfg.prior_pi), 0.0).sum()
+    kl = torch.where(gated, _bernoulli_kl_from_logits(logits, prior_pi), 0.0).sum()
     p = torch.sigmoid(logits)
     mean_p = p.mean() if p.numel() else p.sum()
-    kl_term = cfg.lambda_kl * kl
-    sparsity_term = cfg.lambda_sparsity * mean_p
+    kl_term = lambda_kl * kl
+    sparsity_term = lambda_sparsity * mean_p
     parts = {
         "kl": kl_term,
         "sparsity": sparsity_term,
