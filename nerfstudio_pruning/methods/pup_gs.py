@@ -164,7 +164,7 @@ class PupGSModel(PortableSplatfactoModel):
     def pruning_report(self) -> Dict[str, Any]:
         """What the run has pruned so far, as the trainer writes it to `pruning.json` in the run's folder."""
         # target_gaussians: the size asked for (None without a target), once the rounds have planned it.
-        target = self.schedule.plan[-1] if self.config.has_target() and self.schedule.plan else None
+        target = self.schedule.plan[-1] if self.config.schedule.has_target() and self.schedule.plan else None
         return {"method": "pup-gs", "rounds": [dict(record) for record in self.schedule.rounds],
                 "target_gaussians": target, "final_gaussians": int(self.num_points)}
 
