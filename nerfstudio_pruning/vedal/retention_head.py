@@ -116,6 +116,11 @@ def positional_encoding(x: Tensor, n_freqs: int, bounds: Optional[Tuple[Bound, B
     clamped: the raw coordinate would otherwise grow without limit and the periodic terms would alias far
     Gaussians onto the scene interior.
     """
+    return torch.cat(positional_encoding_parts(x, n_freqs, bounds), dim=-1)
+
+
+def positional_encoding_parts(x: Tensor, n_freqs: int, bounds: Optional[Tuple[Bound, Bound]] = None) -> List[Tensor]:
+    """The column blocks of `positional_encoding`, for a caller that concatenates them with more columns."""
     if x.dim() != 2 or x.shape[1] != 3:
         raise ValueError(f"positions must be [N, 3], got {tuple(x.shape)}")
     lo, hi = encoding_box(x, bounds)
@@ -126,7 +131,7 @@ def positional_encoding(x: Tensor, n_freqs: int, bounds: Optional[Tuple[Bound, B
         angle = (math.pi * 2.0**k) * normalised
         parts.append(torch.sin(angle))
         parts.append(torch.cos(angle))
-    return torch.cat(parts, dim=-1)
+    return parts
 
 
 def gaussian_features(opacity_logits: Tensor, log_scales: Tensor) -> Tensor:
@@ -149,7 +154,7 @@ def retention_inputs(means: Tensor, opacity_logits: Tensor, log_scales: Tensor) 
     finite_features = torch.isfinite(features)
     typical = torch.where(finite_features, features, 0.0).sum(0) / finite_features.sum(0).clamp_min(1)
     features = torch.where(finite_features, features, typical)
-    means = torch.where(torch.isfinite(means), means, 0.0)
+    means = torch.nan_to_num(means, nan=0.0, posinf=0.0, neginf=0.0)  # one pass, where isfinite + where took two
     return means, features
 
 
@@ -276,7 +281,9 @@ class HeadInputRows:
     def __call__(self, index: Optional[Tensor] = None) -> Tensor:
         """[len(index), D] inputs of the rows `index` (all rows, in order, without one)."""
         means = self.means if index is None else self.means[index]
-        parts = [positional_encoding(means, self.n_freqs, self.box)]
+        # One concatenation of the encoding's blocks and the features: the inputs of the gated rows are built at
+        # every fine-tuning step.
+        parts = positional_encoding_parts(means, self.n_freqs, self.box)
         if self.features is not None:
             parts.append(self.features if index is None else self.features[index])
         return torch.cat(parts, dim=-1)
