@@ -372,10 +372,12 @@ def test_subsampled_head_gradient_is_unbiased():
     assert ((unweighted - full.double()).abs() > tolerance).float().mean() > 0.5
 
 
-def test_the_head_and_its_regulariser_read_nothing_back_to_the_host():
+@pytest.mark.parametrize("on_gated_rows", [False, True])
+def test_the_head_and_its_regulariser_read_nothing_back_to_the_host(on_gated_rows):
     """A step of the head (forward, Binary Concrete or the straight-through removal mask with a target, KL and
     sparsity, backward with a subsampled gradient) on tensors of the meta device, which hold no values: any read
-    of a value on the host (.item(), bool(tensor), boolean indexing, nonzero) raises there."""
+    of a value on the host (.item(), bool(tensor), boolean indexing, nonzero) raises there. Both forms of the head:
+    on every row, and on the gated rows (as a training step runs it)."""
     from nerfstudio_pruning.vedal.controller import VedalConfig, VedalController
     from nerfstudio_pruning.vedal.gate import ConvergenceGate
     from nerfstudio_pruning.vedal.retention_head import retention_inputs
@@ -400,8 +402,12 @@ def test_the_head_and_its_regulariser_read_nothing_back_to_the_host():
             assert vedal.hard_mask_phase(step) == (step > 90)
             gated = vedal.gated_mask(n)
             assert vedal.any_gated(n)
-            opacities, logits = vedal.training_opacity_logits(
-                raw, lambda: head(*retention_inputs(means, raw, scales)), gated, step)
+            if on_gated_rows:
+                head_logits = lambda: head.on_rows(*retention_inputs(means, raw, scales), gated,  # noqa: E731
+                                                   vedal.gated_count(n))
+            else:
+                head_logits = lambda: head(*retention_inputs(means, raw, scales))  # noqa: E731
+            opacities, logits = vedal.training_opacity_logits(raw, head_logits, gated, step)
             loss = opacities.sum() + sum(vedal.regulariser(logits, gated, step).values())
             loss.backward()
             assert (logits is None) == (step == 97) and raw.grad.device == meta
