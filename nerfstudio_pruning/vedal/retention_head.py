@@ -299,11 +299,18 @@ class GradientRows:
         self.n, self.m, self.device = n, m, device
         self.index: Optional[Tensor] = None
         self.grad: Optional[Tensor] = None
+        self._inputs: Optional[Tensor] = None
 
     def draw(self) -> Tensor:
         if self.index is None:
             self.index = torch.randint(0, self.n, (self.m,), device=self.device)
         return self.index
+
+    def inputs(self, rows: "HeadInputRows") -> Tensor:
+        """The MLP inputs of the drawn rows, built once: the loss's estimate and the backward pass both need them."""
+        if self._inputs is None:
+            self._inputs = rows(self.draw())
+        return self._inputs
 
     def add_grad(self, grad: Tensor) -> None:
         self.grad = grad if self.grad is None else self.grad + grad
@@ -447,7 +454,7 @@ class _RowsMLP(torch.autograd.Function):
         weights = grad_output[index] * (sample.n / sample.m)
         if sample.grad is not None:
             weights = weights + sample.grad
-        grads = _parameter_gradients(ctx.mlp, ctx.inputs(index), weights[:, None], ctx.chunk_rows)
+        grads = _parameter_gradients(ctx.mlp, sample.inputs(ctx.inputs), weights[:, None], ctx.chunk_rows)
         return (None, None, None, None, None, *grads)
 
 
@@ -459,7 +466,7 @@ class _SampledRowLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, mlp, inputs, sample, chunk_rows):
         ctx.sample = sample
-        return _mlp_rows(mlp, inputs(sample.draw()), chunk_rows).squeeze(-1)
+        return _mlp_rows(mlp, sample.inputs(inputs), chunk_rows).squeeze(-1)
 
     @staticmethod
     def backward(ctx, grad):
