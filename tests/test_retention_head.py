@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from nerfstudio_pruning.vedal import retention_head
 from nerfstudio_pruning.vedal.gate import ConvergenceGate
 
 from nerfstudio_pruning.vedal.retention_head import (
@@ -373,7 +374,7 @@ def test_subsampled_head_gradient_is_unbiased():
 
 
 @pytest.mark.parametrize("on_gated_rows", [False, True])
-def test_the_head_and_its_regulariser_read_nothing_back_to_the_host(on_gated_rows):
+def test_the_head_and_its_regulariser_read_nothing_back_to_the_host(on_gated_rows, monkeypatch):
     """A step of the head (forward, Binary Concrete or the straight-through removal mask with a target, KL and
     sparsity, backward with a subsampled gradient) on tensors of the meta device, which hold no values: any read
     of a value on the host (.item(), bool(tensor), boolean indexing, nonzero) raises there. Both forms of the head:
@@ -384,6 +385,7 @@ def test_the_head_and_its_regulariser_read_nothing_back_to_the_host(on_gated_row
 
     n = 4000
     meta = torch.device("meta")
+    monkeypatch.setattr(retention_head, "GATED_ROWS_AT_MOST", 1.0)  # 3/4 gated here: on_rows evaluates those
     for target in (None, 1000):
         config = VedalConfig(finetune_start_step=0, hard_prune_step=100, head_gradient_rows=512,
                              target_gaussians=target)
@@ -459,6 +461,8 @@ def test_the_head_on_the_gated_rows_gives_forwards_logits_there(bounded):
     assert torch.equal(partial.logits[~gated], torch.zeros(int((~gated).sum())))
     everything = torch.ones(n, dtype=torch.bool)
     assert torch.equal(head.on_rows(means, features, everything, n), head(means, features))
+    most = torch.rand(n) < 0.9  # above GATED_ROWS_AT_MOST: cheaper to evaluate them all
+    assert torch.equal(head.on_rows(means, features, most, int(most.sum())), head(means, features))
     config.gradient_rows = 0
     assert torch.equal(head.on_rows(means, features, gated, int(gated.sum())), head(means, features))
     # The MLP's forward without gradient (in place, chunk by chunk) is the plain MLP's on the same matrix, bit for bit.

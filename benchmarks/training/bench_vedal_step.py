@@ -10,13 +10,13 @@ fine-tunes). The variants alternate in rounds, so that load from other processes
 all of them alike; the spread over the rounds is printed with the median, and the cores other processes used
 while it measured.
 
-The head runs on the gated Gaussians only (`RetentionHead.on_rows`); --every-row adds, at the largest fraction, the
-path before that, where it ran on every Gaussian. Last, the time-weighted mean of the ratio over a fine-tuning
+The head runs on the gated Gaussians only (`RetentionHead.on_rows`, up to GATED_ROWS_AT_MOST of them); --every-row F
+adds, at gated fraction F, the path before that, where it ran on every Gaussian. Last, the time-weighted mean of the ratio over a fine-tuning
 schedule: the gate's eligible fraction over the buddha_gray67 1/4 full-schedule run of docs/results.md ("The gate on
 buddha"), the ratio interpolated linearly between the measured fractions.
 
     python benchmarks/training/bench_vedal_step.py [--checkpoint RUN/nerfstudio_models/step-N.ckpt] [--rounds 5]
-        [--steps 10] [--gated 0.1 0.5 0.85] [--gradient-rows 2048] [--every-row] [--threads 1]
+        [--steps 10] [--gated 0.1 0.3 0.5 0.7 0.85] [--gradient-rows 2048] [--every-row 0.5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, default=None, help="Gaussians to use (default: random ones)")
     parser.add_argument("--gaussians", type=int, default=100_000, help="count of random Gaussians without --checkpoint")
-    parser.add_argument("--gated", type=float, nargs="+", default=[0.1, 0.5, 0.85],
+    parser.add_argument("--gated", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.85],
                         help="gated fractions, one vedal-gs model each (0.85: the gate's default cap)")
     parser.add_argument("--gradient-rows", type=int, nargs="+", default=[2048],
                         help="vedal-gs variants by head_gradient_rows (0: the full head gradient)")
-    parser.add_argument("--every-row", action="store_true",
-                        help="also the head evaluated on every Gaussian (the path before on_rows), at the largest fraction")
+    parser.add_argument("--every-row", type=float, nargs="*", default=[],
+                        help="gated fractions at which to add the head evaluated on every Gaussian (the path before "
+                             "on_rows; above GATED_ROWS_AT_MOST it is on_rows' own)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--threads", type=int, default=1)
@@ -116,8 +117,7 @@ def main() -> None:
             name = f"vedal-gs, {100 * gated:g}% gated, head_gradient_rows {rows}" + (" (all)" if rows == 0 else "")
             variants[name] = (vedal_model(rows, gated, every_row=False),)
             fraction_of[name] = gated
-        if args.every_row:
-            gated = max(args.gated)
+        for gated in args.every_row:
             name = f"vedal-gs, {100 * gated:g}% gated, head_gradient_rows {rows}, head on every row (before)"
             variants[name] = (vedal_model(rows, gated, every_row=True),)
     variants = {name: (model, optimizers_of(model)) for name, (model,) in variants.items()}
