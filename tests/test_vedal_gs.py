@@ -20,7 +20,7 @@ from e2e import ns, ns_eval
 from nerfstudio_pruning.vedal.gate import ConvergenceGate
 from nerfstudio_pruning.methods.vedal_gs import HIDDEN_OPACITY_LOGIT, VedalGSModel, VedalGSModelConfig
 from nerfstudio_pruning.vedal.controller import ImportancePassWindow
-from nerfstudio_pruning.vedal.retention_head import RetentionHead, gaussian_features
+from nerfstudio_pruning.vedal.retention_head import PartialLogits, RetentionHead, gaussian_features
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 N_TINY = 48
@@ -272,7 +272,9 @@ def test_a_training_step_with_the_head_on_the_gated_rows_matches_one_with_every_
             model.step = step
             model.zero_grad(set_to_none=True)
             torch.manual_seed(step)
-            losses = model.get_loss_dict(model.get_outputs(tiny_camera()), {"image": image})
+            outputs = model.get_outputs(tiny_camera())
+            assert isinstance(outputs.get("retention_logits"), PartialLogits) == (model is models[1] and step < 97)
+            losses = model.get_loss_dict(outputs, {"image": image})
             sum(losses.values()).backward()
             results.append((losses, {name: p.grad for name, p in model.named_parameters()}))
         (losses, grads), (losses_p, grads_p) = results

@@ -253,11 +253,12 @@ class RetentionHead(nn.Module):
 
 
 # Above this fraction of the rows on_rows evaluates them all (forward): gathering the rows' inputs, scattering their
-# logits and the sparsity term's own pass over the sampled rows then cost more than the rows left out. Measured on
-# the Intel VM at 55k Gaussians (CPU time of the head's part of a step, one thread): on the gated rows 10.7-11.5 ms
-# against 16.3-16.7 at 30% gated, 13.4 against 14.9-15.6 at 50%, 14.3-15.0 against 14.6-15.2 at 65%, 16.7-17.8
-# against 15.2-17.1 at 80%. Either way the logits and the gradient's estimator are the same (to float rounding).
-GATED_ROWS_AT_MOST = 0.7
+# logits and the sparsity term's own pass over the sampled rows then cost about what the rows left out save.
+# Measured with benchmarks/training/bench_vedal_step.py at 55k Gaussians on the Intel VM (CPU time, one thread, four
+# runs, docs/vedal_gs.md): a whole step at 50% gated cost 1.18-1.24x splatfacto's on the gated rows against
+# 1.20-1.24x on every row; at 10-30% gated 1.12-1.16x on the gated rows, where every row cost ~1.2x.
+# Either way the logits and the gradient's estimator are the same (to float rounding).
+GATED_ROWS_AT_MOST = 0.4
 
 
 def encoding_box(means: Tensor, bounds: Optional[Tuple[Bound, Bound]]) -> Tuple[Tensor, Tensor]:
