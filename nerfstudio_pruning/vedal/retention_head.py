@@ -239,10 +239,13 @@ class RetentionHead(nn.Module):
         N / gradient_rows, the rows outside `rows` entering through the sparsity term's estimate
         (`PartialLogits.mean_probability`). Without a subsampled gradient (gradient_rows 0 or at least N) every
         row's logit enters the gradient anyway, and with every row in `rows` there is nothing to leave out: forward's
-        full [N] logits are returned then, as they are when more than GATED_ROWS_AT_MOST of the rows are asked for."""
+        full [N] logits are returned then, as they are when more than GATED_ROWS_AT_MOST of the rows are asked for
+        and on a GPU."""
         n, m = rows.numel(), self.config.gradient_rows
         inputs = self.input_rows(means, extra_features)
-        if not 0 < m < n or count > GATED_ROWS_AT_MOST * n:
+        # Not on a GPU: there the head's pass is a few small GEMMs against a render, the break-even above was
+        # measured on a CPU only, and nonzero_static has a CUDA kernel only in recent torch releases.
+        if not 0 < m < n or count > GATED_ROWS_AT_MOST * n or means.device.type == "cuda":
             return _chunked_mlp(self.mlp, inputs(), MLP_CHUNK_ROWS, m).squeeze(-1)
         # nonzero_static with the host's count: plain nonzero would read the count back from the device.
         index = torch.nonzero_static(rows, size=count).squeeze(-1)
