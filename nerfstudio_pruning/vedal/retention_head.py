@@ -231,9 +231,10 @@ class RetentionHead(nn.Module):
     def on_rows(self, means: Tensor, extra_features: Optional[Tensor], rows: Tensor,
                 count: int) -> Union[Tensor, "PartialLogits"]:
         """What a training step needs of the head: the logits of the Gaussians in `rows` ([N] bool, `count` of them,
-        a number the caller knows on the host), as `PartialLogits`; equal to forward's on those rows, bit for bit
-        (each row's input is built with the box and standardisation of all N, and a row's MLP output does not
-        depend on the rows evaluated with it). The other rows hold 0.
+        a number the caller knows on the host), as `PartialLogits`; equal to forward's on those rows to float
+        rounding: each row's input is built with the box and standardisation of all N (equal bit for bit), but the
+        CPU's sgemm picks its micro-kernel by a row's place in its block of rows, so the odd row's logit differs in
+        its last bits. The other rows hold 0.
 
         The parameter gradient is forward's estimate: gradient_rows rows drawn uniformly from all N with the weight
         N / gradient_rows, the rows outside `rows` entering through the sparsity term's estimate
@@ -243,7 +244,7 @@ class RetentionHead(nn.Module):
         and on a GPU."""
         n, m = rows.numel(), self.config.gradient_rows
         inputs = self.input_rows(means, extra_features)
-        # Not on a GPU: there the head's pass is a few small GEMMs against a render, the break-even above was
+        # Not on a GPU: there the head's pass is a few small GEMMs against a render, GATED_ROWS_AT_MOST was
         # measured on a CPU only, and nonzero_static has a CUDA kernel only in recent torch releases.
         if not 0 < m < n or count > GATED_ROWS_AT_MOST * n or means.device.type == "cuda":
             return _chunked_mlp(self.mlp, inputs(), MLP_CHUNK_ROWS, m).squeeze(-1)
