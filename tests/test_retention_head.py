@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
+from nerfstudio_pruning.vedal import retention_head
+from nerfstudio_pruning.vedal.gate import ConvergenceGate
+
 from nerfstudio_pruning.vedal.retention_head import (
+    MLP_CHUNK_ROWS,
+    PartialLogits,
     RetentionHead,
     RetentionHeadConfig,
     bernoulli_kl,
@@ -368,16 +373,19 @@ def test_subsampled_head_gradient_is_unbiased():
     assert ((unweighted - full.double()).abs() > tolerance).float().mean() > 0.5
 
 
-def test_the_head_and_its_regulariser_read_nothing_back_to_the_host():
+@pytest.mark.parametrize("on_gated_rows", [False, True])
+def test_the_head_and_its_regulariser_read_nothing_back_to_the_host(on_gated_rows, monkeypatch):
     """A step of the head (forward, Binary Concrete or the straight-through removal mask with a target, KL and
     sparsity, backward with a subsampled gradient) on tensors of the meta device, which hold no values: any read
-    of a value on the host (.item(), bool(tensor), boolean indexing, nonzero) raises there."""
+    of a value on the host (.item(), bool(tensor), boolean indexing, nonzero) raises there. Both forms of the head:
+    on every row, and on the gated rows (as a training step runs it)."""
     from nerfstudio_pruning.vedal.controller import VedalConfig, VedalController
     from nerfstudio_pruning.vedal.gate import ConvergenceGate
     from nerfstudio_pruning.vedal.retention_head import retention_inputs
 
     n = 4000
     meta = torch.device("meta")
+    monkeypatch.setattr(retention_head, "GATED_ROWS_AT_MOST", 1.0)  # 3/4 gated here: on_rows evaluates those
     for target in (None, 1000):
         config = VedalConfig(finetune_start_step=0, hard_prune_step=100, head_gradient_rows=512,
                              target_gaussians=target)
@@ -396,9 +404,181 @@ def test_the_head_and_its_regulariser_read_nothing_back_to_the_host():
             assert vedal.hard_mask_phase(step) == (step > 90)
             gated = vedal.gated_mask(n)
             assert vedal.any_gated(n)
-            opacities, logits = vedal.training_opacity_logits(
-                raw, lambda: head(*retention_inputs(means, raw, scales)), gated, step)
+            if on_gated_rows:
+                head_logits = lambda: head.on_rows(*retention_inputs(means, raw, scales), gated,  # noqa: E731
+                                                   vedal.gated_count(n))
+            else:
+                head_logits = lambda: head(*retention_inputs(means, raw, scales))  # noqa: E731
+            opacities, logits = vedal.training_opacity_logits(raw, head_logits, gated, step)
             loss = opacities.sum() + sum(vedal.regulariser(logits, gated, step).values())
             loss.backward()
             assert (logits is None) == (step == 97) and raw.grad.device == meta
         assert head.output.weight.grad.device == meta and vedal.decided.device == meta
+
+
+# --- the head on the gated rows only (a training step) -------------------------------------------------------------
+
+
+def _perturbed_head(config: RetentionHeadConfig, bounds=None) -> RetentionHead:
+    head = RetentionHead(config, bounds=bounds)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return head
+
+
+def _assert_equal_but_for_gemm_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal but for a few rows that differ in their last bits: the CPU's sgemm computes a row's dot products with
+    a micro-kernel chosen by the row's place in its block of rows (the last rows of a matrix whose height is not a
+    multiple of the block go through a tail kernel, one row alone through a matrix-vector kernel), and the kernels
+    order their multiply-adds differently. So a row's logit depends, in its last bits, on which rows share its MLP
+    chunk: one row alone already differs from the same row inside a matrix."""
+    assert actual.shape == expected.shape
+    tolerance = 8 * torch.finfo(expected.dtype).eps * expected.abs().clamp_min(1.0)
+    assert ((actual - expected).abs() <= tolerance).all()
+    assert (actual == expected).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_the_head_on_the_gated_rows_gives_forwards_logits_there(bounded):
+    """on_rows builds the inputs of the gated rows alone (box and feature standardisation of all N: these are equal
+    bit for bit to forward's) and runs the MLP on them in chunks of their own. Its logits equal forward's but for
+    float rounding in the odd row (`_assert_equal_but_for_gemm_rounding`). The other rows hold 0, and where nothing
+    can be left out (everything gated, or no subsampled gradient) forward's own logits come back."""
+    torch.manual_seed(0)
+    n = 2 * MLP_CHUNK_ROWS + 333
+    means, features = 3 * torch.randn(n, 3), torch.randn(n, 2)
+    config = RetentionHeadConfig(gradient_rows=256)
+    head = _perturbed_head(config, bounds=robust_bounds(means) if bounded else None)
+    gated = torch.rand(n) < 0.3
+    index = torch.nonzero(gated).squeeze(-1)
+    inputs = head.input_rows(means, features)
+    assert torch.equal(inputs(index), inputs()[index])
+    full = head(means, features).detach()
+    partial = head.on_rows(means, features, gated, int(gated.sum()))
+    assert isinstance(partial, PartialLogits)
+    _assert_equal_but_for_gemm_rounding(partial.logits[gated].detach(), full[gated])
+    assert torch.equal(partial.logits[~gated], torch.zeros(int((~gated).sum())))
+    everything = torch.ones(n, dtype=torch.bool)
+    assert torch.equal(head.on_rows(means, features, everything, n), head(means, features))
+    most = torch.rand(n) < 0.9  # above GATED_ROWS_AT_MOST: cheaper to evaluate them all
+    assert torch.equal(head.on_rows(means, features, most, int(most.sum())), head(means, features))
+    config.gradient_rows = 0
+    assert torch.equal(head.on_rows(means, features, gated, int(gated.sum())), head(means, features))
+    # The MLP's forward without gradient (in place, chunk by chunk) is the plain MLP's on the same matrix, bit for bit.
+    with torch.no_grad():
+        assert torch.equal(head(means, features), head.mlp(inputs()).squeeze(-1))
+
+
+def _vedal_step(vedal, head, means, features, raw, gated, step, partial, reconstruction_weights):
+    """One training step's VEDAL part: masks, regulariser, backward; (masked opacities, terms, d/d raw, d/d head)."""
+    from nerfstudio_pruning.vedal.controller import VedalController  # noqa: F401 (the type of `vedal`)
+
+    head.zero_grad()
+    raw = raw.detach().clone().requires_grad_()
+    n = raw.numel()
+    if partial:
+        head_logits = lambda: head.on_rows(means, features, gated, vedal.gated_count(n))  # noqa: E731
+    else:
+        head_logits = lambda: head(means, features)  # noqa: E731
+    opacities, logits = vedal.training_opacity_logits(raw, head_logits, gated, step)
+    assert isinstance(logits, PartialLogits) == (partial and logits is not None)
+    terms = vedal.regulariser(logits, gated, step)
+    ((opacities * reconstruction_weights).sum() + sum(terms.values())).backward()
+    head_grads = [None if p.grad is None else p.grad.clone() for p in head.parameters()]
+    return opacities.detach(), {k: v.detach() for k, v in terms.items()}, raw.grad, head_grads
+
+
+@pytest.mark.parametrize("target", [None, 900])
+def test_a_step_with_the_head_on_the_gated_rows_matches_the_step_with_every_row(target):
+    """The training step with on_rows against the one with forward over every row, from the same random state:
+    the rendered opacities, the KL and the gradient of every Gaussian's opacity are equal but for the float
+    rounding of the logits themselves (they read the gated rows only), the head's gradient is the same estimator
+    with the same rows (drawn at the same point of the random stream), equal to float rounding; the sparsity term
+    is an estimate (its own test below). Steps:
+    sampled masks, the hand-over blend (with a target the removal takes ungated Gaussians too: of 3,000, 2,100 go,
+    1,000 gated and then 1,100 ungated by importance) and the fixed decision (no head)."""
+    from nerfstudio_pruning.vedal.controller import VedalConfig, VedalController
+
+    torch.manual_seed(0)
+    n = 3000
+    means, features, raw = torch.randn(n, 3), torch.randn(n, 2), torch.randn(n)
+    weights = torch.randn(n)
+    gated = torch.arange(n) % 3 == 0
+    config = VedalConfig(finetune_start_step=0, hard_prune_step=100, head_gradient_rows=256, target_gaussians=target,
+                         sparsity_weight=30.0)  # a sparsity gradient the size of the others: it must match too
+    head_config = config.retention_head_config()
+    head = _perturbed_head(head_config, bounds=robust_bounds(means))
+    controllers = []
+    for _ in range(2):
+        vedal = VedalController(config, ssim_lambda=0.2)
+        vedal.finetune_started_at, vedal.start_gaussians = 0, n
+        vedal.gate = ConvergenceGate(vedal.gate_config(), n)
+        vedal.gate.update(torch.linspace(0, 1, n), step=0)
+        vedal.gate.eligible = gated
+        vedal.importance_scale = 1e-3
+        controllers.append(vedal)
+    for step in (10, 93, 97):
+        results = []
+        for vedal, partial in zip(controllers, (False, True)):
+            torch.manual_seed(step)
+            results.append(_vedal_step(vedal, head, means, features, raw, gated, step, partial, weights))
+        (opacities, terms, raw_grad, head_grads), (opacities_p, terms_p, raw_grad_p, head_grads_p) = results
+        torch.testing.assert_close(opacities_p, opacities, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(raw_grad_p, raw_grad, rtol=1e-5, atol=1e-7)
+        assert terms.keys() == terms_p.keys() == ({"retention_kl", "retention_sparsity"} if step < 97 else set())
+        if step == 97:
+            assert torch.equal(controllers[1].decided, controllers[0].decided)
+            continue
+        torch.testing.assert_close(terms_p["retention_kl"], terms["retention_kl"], rtol=1e-5, atol=0)
+        assert terms_p["retention_sparsity"] != terms["retention_sparsity"]  # estimated: its test is below
+        for grad_p, grad in zip(head_grads_p, head_grads):
+            assert grad.abs().sum() > 0
+            torch.testing.assert_close(grad_p, grad, rtol=1e-5, atol=1e-6)
+    if target is not None:  # the removal took ungated Gaussians, ranked by importance, not by (unevaluated) logits
+        assert int(controllers[1].decided.sum()) == n - target and int((controllers[1].decided & ~gated).sum()) == 1100
+
+
+def test_the_sparsity_estimate_and_the_head_gradient_through_the_gated_rows_are_unbiased():
+    """With the head on the gated rows, mean_i p_i over all N is estimated from the step's gradient rows (exact
+    over the gated, N / m x the sampled ungated ones), and with it the head's gradient. Over many steps (draws) both
+    average to the full evaluation's values within 5 standard errors, element by element; the estimate that
+    drops the ungated rows' sparsity gradient is rejected by the same test."""
+    torch.manual_seed(0)
+    n, rows, draws = 300, 24, 1500
+    means, features, weights = torch.randn(n, 3), torch.randn(n, 2), torch.randn(n)
+    gated = torch.rand(n) < 0.3
+    count = int(gated.sum())
+    head = _perturbed_head(RetentionHeadConfig(gradient_rows=0), bounds=robust_bounds(means))
+
+    def loss_of(logits, mean_p):
+        # a gated-only term (as the KL and the masked render are) and the sparsity term over all N, weighted so that
+        # each row's share of it is the size of a gated row's term
+        return (torch.where(gated, torch.sigmoid(logits), 0.0) * weights).sum() + n * mean_p
+
+    head.zero_grad()
+    full_logits = head(means, features)
+    full_mean_p = torch.sigmoid(full_logits).mean()
+    loss_of(full_logits, full_mean_p).backward()
+    full = torch.cat([p.grad.reshape(-1) for p in head.parameters()]).double()
+    head.config.gradient_rows = rows
+
+    def draw(ungated_gradient=True):
+        head.zero_grad()
+        partial = head.on_rows(means, features, gated, count)
+        assert isinstance(partial, PartialLogits)
+        mean_p = partial.mean_probability()
+        if not ungated_gradient:  # the same value, but only the gated rows' part of its gradient
+            exact = torch.where(gated, torch.sigmoid(partial.logits), 0.0).sum() / n
+            mean_p = exact + (mean_p - exact).detach()
+        loss_of(partial.logits, mean_p).backward()
+        return float(mean_p), torch.cat([p.grad.reshape(-1) for p in head.parameters()])
+
+    values, grads = zip(*(draw() for _ in range(draws)))
+    values, grads = torch.tensor(values).double(), torch.stack(grads).double()
+    assert values.std() > 0 and not torch.equal(grads[0], grads[1])  # both are sampled
+    assert abs(values.mean() - float(full_mean_p)) <= 5 * values.std() / math.sqrt(draws)
+    tolerance = 5 * grads.std(0) / math.sqrt(draws) + 1e-7
+    assert ((grads.mean(0) - full).abs() <= tolerance).all()
+    biased = torch.stack([draw(ungated_gradient=False)[1] for _ in range(300)]).double()
+    assert ((biased.mean(0) - full).abs() > 5 * biased.std(0) / math.sqrt(300) + 1e-7).float().mean() > 0.3

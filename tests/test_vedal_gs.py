@@ -21,7 +21,7 @@ from e2e import ns, ns_eval
 from nerfstudio_pruning.vedal.gate import ConvergenceGate
 from nerfstudio_pruning.methods.vedal_gs import HIDDEN_OPACITY_LOGIT, VedalGSModel, VedalGSModelConfig
 from nerfstudio_pruning.vedal.controller import ImportancePassWindow, VedalConfig
-from nerfstudio_pruning.vedal.retention_head import RetentionHead, gaussian_features
+from nerfstudio_pruning.vedal.retention_head import PartialLogits, RetentionHead, gaussian_features
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 N_TINY = 48
@@ -243,6 +243,62 @@ def test_training_masks_gated_gaussians_and_adds_the_regulariser_with_head_gradi
     assert losses["retention_kl"] > 0 and losses["retention_sparsity"] > 0
     sum(losses.values()).backward()
     assert model.retention_head.output.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("target", [None, 12])
+def test_a_training_step_with_the_head_on_the_gated_rows_matches_one_with_every_row(target):
+    """A whole training step (render, loss, backward) of the tiny model with the head evaluated on the gated rows
+    (the default) and with it on every row (`head_logits`, the path before), from the same random state, in the
+    sampled phase, the hand-over and the fixed decision: the reconstruction loss, the KL and every Gaussian
+    parameter's gradient agree to float rounding (the gated rows' logits differ from forward's in the last bits of
+    the odd row: tests/test_retention_head.py), the head's gradient is the same estimator from the same rows; the
+    sparsity term is the unbiased estimate. With a target of 12 of 48 and 16 gated, the removal takes 20 ungated
+    Gaussians by their importance."""
+    models = [tiny_model(head_gradient_rows=16, target_gaussians=target) for _ in range(2)]
+    n = models[0].num_points
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        model.train()
+        model.vedal.finetune_started_at, model.vedal.start_gaussians = 0, n
+        model.vedal.gate = ConvergenceGate(model.vedal.gate_config(), n)
+        model.vedal.gate.update(torch.linspace(0, 1, n), step=0)
+        model.vedal.gate.eligible = torch.arange(n) % 3 == 0
+        model.vedal.importance_scale = 1e-3
+        with torch.no_grad():
+            model.retention_head.output.bias.fill_(0.0)  # p near 1/2: samples well inside (0, 1)
+    every_row = models[0]
+    every_row.training_head_logits = lambda gated: every_row.head_logits()
+    image = (torch.rand(SIZE, SIZE, 3) * 255).to(torch.uint8)
+    for step in (50, 93, 97):  # sampled masks, the hand-over to the removal's mask, its fixed decision
+        results = []
+        for model in models:
+            model.step = step
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(step)
+            outputs = model.get_outputs(tiny_camera())
+            assert isinstance(outputs.get("retention_logits"), PartialLogits) == (model is models[1] and step < 97)
+            losses = model.get_loss_dict(outputs, {"image": image})
+            sum(losses.values()).backward()
+            results.append((losses, {name: p.grad for name, p in model.named_parameters()}))
+        (losses, grads), (losses_p, grads_p) = results
+        assert losses.keys() == losses_p.keys()
+        assert ("retention_kl" in losses) == (step < 97)
+        for name in losses:
+            if name != "retention_sparsity":
+                torch.testing.assert_close(losses_p[name], losses[name], rtol=1e-5, atol=1e-8)
+        assert grads.keys() == grads_p.keys()
+        assert (grads["retention_head.output.weight"] is None) == (step == 97)  # no head after the decision
+        for name, grad in grads.items():
+            if grad is None:
+                assert grads_p[name] is None
+                continue
+            if name in ("gauss_params.opacities", "gauss_params.means", "retention_head.output.weight"):
+                assert grad.abs().sum() > 0
+            torch.testing.assert_close(grads_p[name], grad, rtol=1e-4, atol=1e-7)
+    assert torch.equal(models[1].vedal.decided, models[0].vedal.decided)
+    if target is not None:
+        assert int(models[1].vedal.decided.sum()) == n - target
+        assert int((models[1].vedal.decided & ~models[1].gated_mask()).sum()) == n - target - n // 3
 
 
 def _gate_and_split_the_head(model: VedalGSModel) -> torch.Tensor:

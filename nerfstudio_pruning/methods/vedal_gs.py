@@ -17,7 +17,7 @@ export then holds only the retained Gaussians even before the hard removal, with
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Dict, List, Optional, Tuple, Type
+from typing import Annotated, Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 from nerfstudio.cameras.cameras import Cameras
@@ -47,7 +47,7 @@ from nerfstudio_pruning.methods.viewer import (
 from nerfstudio_pruning.removal import remove_gaussians, target_count
 from nerfstudio_pruning.scoring.importance import leave_one_out_importance
 from nerfstudio_pruning.vedal.controller import HIDDEN_OPACITY_LOGIT, VedalConfig, VedalController
-from nerfstudio_pruning.vedal.retention_head import RetentionHead, retention_inputs, robust_bounds
+from nerfstudio_pruning.vedal.retention_head import PartialLogits, RetentionHead, retention_inputs, robust_bounds
 
 
 
@@ -109,6 +109,12 @@ class VedalGSModel(PortableSplatfactoModel):
         # Raw parameters, not `self.opacities`: in eval mode that property is itself masked by these logits.
         p = self.gauss_params
         return self.retention_head(*retention_inputs(p["means"], p["opacities"], p["scales"]))
+
+    def training_head_logits(self, gated: Tensor) -> Union[Tensor, PartialLogits]:
+        """What a training step reads of the head: the logits of the gated Gaussians (`RetentionHead.on_rows`)."""
+        p = self.gauss_params
+        return self.retention_head.on_rows(*retention_inputs(p["means"], p["opacities"], p["scales"]), rows=gated,
+                                           count=self.vedal.gated_count(self.num_points))
 
     @torch.no_grad()
     def retention_logits(self) -> Tensor:
@@ -255,8 +261,9 @@ class VedalGSModel(PortableSplatfactoModel):
     # -- rendering and loss ----------------------------------------------------------------------------------------
     def get_outputs(self, camera: Cameras) -> Dict:
         if self.training and self.vedal.finetuning_active() and not self._render_overrides:
+            gated = self.gated_mask()
             masked, logits = self.vedal.training_opacity_logits(
-                self.gauss_params["opacities"].squeeze(-1), self.head_logits, self.gated_mask(), self.step)
+                self.gauss_params["opacities"].squeeze(-1), lambda: self.training_head_logits(gated), gated, self.step)
             if masked is not None:
                 with self.rendering_with(opacities=masked[:, None]):
                     outputs = super().get_outputs(camera)

@@ -53,8 +53,10 @@ from nerfstudio_pruning.removal import check_target, target_count
 from nerfstudio_pruning.vedal.gate import ConvergenceGate, ConvergenceGateConfig
 from nerfstudio_pruning.vedal.retention_head import (
     RetentionHeadConfig,
+    PartialLogits,
     binary_concrete_logits,
     hard_mask,
+    logit_values,
     retention_regulariser,
     temperature,
 )
@@ -456,22 +458,25 @@ class VedalController:
         ramp = max(1, (self.config.hard_prune_step + 1 - start) // 2)
         return min(1.0, (step - start + 1) / ramp)
 
-    def training_opacity_logits(self, opacity_logits: Tensor, head_logits: Callable[[], Tensor], gated: Tensor,
-                                step: int) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    def training_opacity_logits(
+        self, opacity_logits: Tensor, head_logits: Callable[[], Union[Tensor, PartialLogits]], gated: Tensor,
+        step: int,
+    ) -> Tuple[Optional[Tensor], Optional[Union[Tensor, PartialLogits]]]:
         """(raw opacity logits to render this training step with, retention logits for the regulariser); None for
-        either where there is none (nothing gated: the model renders as it is).
+        either where there is none (nothing gated: the model renders as it is). head_logits may evaluate the head on
+        the gated rows only (`RetentionHead.on_rows`): nothing here reads the logits of an ungated Gaussian.
 
         Once the hand-over is complete (`hardening` 1) the head's decision is fixed at that step and rendered
         from then on (`decided`): the head is no longer evaluated, nothing is sampled, no retention loss."""
         n = opacity_logits.numel()
         if self.hardening(step) >= 1.0:
             if self.decided is None or self.decided.numel() != n:
-                self.decided = self.removal_mask(head_logits().detach(), gated)
+                self.decided = self.removal_mask(logit_values(head_logits()).detach(), gated)
             return torch.where(self.decided, torch.full_like(opacity_logits, HIDDEN_OPACITY_LOGIT), opacity_logits), None
         if not self.any_gated(n):
             return None, None
         logits = head_logits()
-        return self.sampled_opacity_logits(opacity_logits, logits, gated, step), logits
+        return self.sampled_opacity_logits(opacity_logits, logit_values(logits), gated, step), logits
 
     def temperature(self, step: int) -> float:
         start = max(self.finetune_started_at, 0)
@@ -552,14 +557,15 @@ class VedalController:
             mask[torch.topk(key, k - from_gated, largest=False).indices] = True
         return mask
 
-    def regulariser(self, logits: Optional[Tensor], gated: Tensor, step: Optional[int] = None) -> Dict[str, Tensor]:
+    def regulariser(self, logits: Optional[Union[Tensor, PartialLogits]], gated: Tensor,
+                    step: Optional[int] = None) -> Dict[str, Tensor]:
         """The retention loss terms for this step: none before any Gaussian is gated or after the removal.
 
         Not before the gate has opened: the sparsity term would then be the head's only gradient, and Adam's
         per-parameter normalisation turns a gradient of any size into full-size steps, so a 1e-3-weighted term
         would pull every p down long before any Gaussian has a reconstruction reason to stay.
         """
-        if logits is None or not self.finetuning_active() or not self.any_gated(logits.numel()):
+        if logits is None or not self.finetuning_active() or not self.any_gated(logit_values(logits).numel()):
             return {}
         _, parts = self.retention_loss(logits, gated)
         # During the hand-over the reconstruction reaches the head through (1 - s) z only; the same weight on the
@@ -582,7 +588,7 @@ class VedalController:
         observed = self.gate.n_updates > 0
         self.importance_scale = float(self.gate.ema[observed].double().mean()) if bool(observed.any()) else 0.0
 
-    def retention_loss(self, logits: Tensor, gated: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def retention_loss(self, logits: Union[Tensor, PartialLogits], gated: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
         """`retention_regulariser` with the prior, lambda_KL in the units of Delta (`kl_lambda`) and the sparsity
         weight of this run."""
         return retention_regulariser(logits, gated, self.config.prior_keep_probability, self.kl_lambda(),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -54,12 +54,15 @@ class RetentionHeadConfig:
     about half of the gated Gaussians at every step and wreck the render the head learns from."""
 
     gradient_rows: int = 2048
-    """Rows (Gaussians) through which the head's parameter gradient is taken at each step; 0: all of them. The
-    forward pass always runs on every Gaussian (every gated one needs its own z in the render), but the
+    """Rows (Gaussians) through which the head's parameter gradient is taken at each step; 0: all of them. On CPU,
+    while at most GATED_ROWS_AT_MOST of the Gaussians are gated, a training step runs the forward pass on the
+    gated rows only (`RetentionHead.on_rows`: nothing else reads the others' logits), otherwise on every
+    Gaussian; either way the
     gradient of the loss with respect to the head's parameters, sum_i dL/dlogit_i x dlogit_i/dtheta, is estimated
     from this many rows drawn uniformly with replacement and weighted by N / rows: the same gradient in
     expectation (tests/test_retention_head.py checks it), at a cost that does not grow with N. dL/dlogit_i itself
-    (reconstruction through z_i, KL, sparsity) is exact for every Gaussian; only the sum over them is sampled.
+    (reconstruction through z_i, KL) is exact for every evaluated Gaussian; only the sum over them is sampled (and,
+    with the gated rows only, the sparsity term's mean over all N, from the same rows).
     The relative noise of the estimate is that of a mean over `rows` draws, whatever N is (a mini-batch, as MLPs
     are usually trained); with 2048, one chunk of the MLP (MLP_CHUNK_ROWS), the head's backward pass costs what it
     costs at 2048 Gaussians: at 55k Gaussians on CPU a fine-tuning step went from 1.44x splatfacto's with 8192
@@ -91,14 +94,14 @@ def positional_encoding(x: Tensor, n_freqs: int, bounds: Optional[Tuple[Bound, B
     clamped: the raw coordinate would otherwise grow without limit and the periodic terms would alias far
     Gaussians onto the scene interior.
     """
+    return torch.cat(positional_encoding_parts(x, n_freqs, bounds), dim=-1)
+
+
+def positional_encoding_parts(x: Tensor, n_freqs: int, bounds: Optional[Tuple[Bound, Bound]] = None) -> List[Tensor]:
+    """The column blocks of `positional_encoding`, for a caller that concatenates them with more columns."""
     if x.dim() != 2 or x.shape[1] != 3:
         raise ValueError(f"positions must be [N, 3], got {tuple(x.shape)}")
-    if bounds is None:
-        lo = x.detach().min(dim=0).values if x.shape[0] else torch.zeros(3, dtype=x.dtype, device=x.device)
-        hi = x.detach().max(dim=0).values if x.shape[0] else torch.ones(3, dtype=x.dtype, device=x.device)
-    else:
-        lo = torch.as_tensor(bounds[0], dtype=x.dtype, device=x.device)
-        hi = torch.as_tensor(bounds[1], dtype=x.dtype, device=x.device)
+    lo, hi = encoding_box(x, bounds)
     span = (hi - lo).clamp_min(torch.finfo(x.dtype).eps)
     normalised = (2.0 * (x - lo) / span - 1.0).clamp(-1.0, 1.0)
     parts = [normalised]
@@ -106,7 +109,7 @@ def positional_encoding(x: Tensor, n_freqs: int, bounds: Optional[Tuple[Bound, B
         angle = (math.pi * 2.0**k) * normalised
         parts.append(torch.sin(angle))
         parts.append(torch.cos(angle))
-    return torch.cat(parts, dim=-1)
+    return parts
 
 
 def gaussian_features(opacity_logits: Tensor, log_scales: Tensor) -> Tensor:
@@ -129,7 +132,7 @@ def retention_inputs(means: Tensor, opacity_logits: Tensor, log_scales: Tensor) 
     finite_features = torch.isfinite(features)
     typical = torch.where(finite_features, features, 0.0).sum(0) / finite_features.sum(0).clamp_min(1)
     features = torch.where(finite_features, features, typical)
-    means = torch.where(torch.isfinite(means), means, 0.0)
+    means = torch.nan_to_num(means, nan=0.0, posinf=0.0, neginf=0.0)  # one pass, where isfinite + where took two
     return means, features
 
 
@@ -178,11 +181,16 @@ class RetentionHead(nn.Module):
         Inputs are detached: the head should learn to read positions and opacities, not have the KL prior
         move or fade Gaussians through its inputs to make its own job easier.
         """
+        inputs = self.input_rows(means, extra_features)
+        return _chunked_mlp(self.mlp, inputs(), MLP_CHUNK_ROWS, self.config.gradient_rows).squeeze(-1)
+
+    def input_rows(self, means: Tensor, extra_features: Optional[Tensor] = None) -> "HeadInputRows":
+        """The MLP's inputs for these Gaussians, built for any subset of rows on demand (`HeadInputRows`)."""
         cfg = self.config
         dtype = self.output.weight.dtype
         means = means.detach().to(dtype)
-        bounds = (self.bounds_lo, self.bounds_hi) if self._bounded else None
-        inputs = [positional_encoding(means, cfg.n_freqs, bounds)]
+        box = encoding_box(means, (self.bounds_lo, self.bounds_hi) if self._bounded else None)
+        features = None
         if cfg.n_extra_features:
             if extra_features is None:
                 raise ValueError(f"head expects {cfg.n_extra_features} extra features per Gaussian")
@@ -193,10 +201,141 @@ class RetentionHead(nn.Module):
             # logits span ~[-10, 10]; unscaled, they would dominate the [-1, 1] encoding in the first layer.
             mean = features.mean(dim=0, keepdim=True)
             std = features.std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-6)
-            inputs.append((features - mean) / std)
+            features = (features - mean) / std
         elif extra_features is not None:
             raise ValueError("head was configured without extra features (n_extra_features = 0)")
-        return _chunked_mlp(self.mlp, torch.cat(inputs, dim=-1), MLP_CHUNK_ROWS, cfg.gradient_rows).squeeze(-1)
+        return HeadInputRows(means, features, box, cfg.n_freqs)
+
+    def on_rows(self, means: Tensor, extra_features: Optional[Tensor], rows: Tensor,
+                count: int) -> Union[Tensor, "PartialLogits"]:
+        """What a training step needs of the head: the logits of the Gaussians in `rows` ([N] bool, `count` of them,
+        a number the caller knows on the host), as `PartialLogits`; equal to forward's on those rows to float
+        rounding: each row's input is built with the box and standardisation of all N (equal bit for bit), but the
+        CPU's sgemm picks its micro-kernel by a row's place in its block of rows, so the odd row's logit differs in
+        its last bits. The other rows hold 0.
+
+        The parameter gradient is forward's estimate: gradient_rows rows drawn uniformly from all N with the weight
+        N / gradient_rows, the rows outside `rows` entering through the sparsity term's estimate
+        (`PartialLogits.mean_probability`). Without a subsampled gradient (gradient_rows 0 or at least N) every
+        row's logit enters the gradient anyway, and with every row in `rows` there is nothing to leave out: forward's
+        full [N] logits are returned then, as they are when more than GATED_ROWS_AT_MOST of the rows are asked for
+        and on a GPU."""
+        n, m = rows.numel(), self.config.gradient_rows
+        inputs = self.input_rows(means, extra_features)
+        # Not on a GPU: there the head's pass is a few small GEMMs against a render, GATED_ROWS_AT_MOST was
+        # measured on a CPU only, and nonzero_static has a CUDA kernel only in recent torch releases.
+        if not 0 < m < n or count > GATED_ROWS_AT_MOST * n or means.device.type == "cuda":
+            return _chunked_mlp(self.mlp, inputs(), MLP_CHUNK_ROWS, m).squeeze(-1)
+        # nonzero_static with the host's count: plain nonzero would read the count back from the device.
+        index = torch.nonzero_static(rows, size=count).squeeze(-1)
+        sample = GradientRows(n, m, means.device)
+        params = tuple(p for p in self.mlp.parameters() if p.requires_grad)
+        logits = _RowsMLP.apply(self.mlp, inputs, index, sample, MLP_CHUNK_ROWS, *params)
+        return PartialLogits(logits, rows, self.mlp, inputs, sample)
+
+
+# Above this fraction of the rows on_rows evaluates them all (forward): gathering the rows' inputs, scattering their
+# logits and the sparsity term's own pass over the sampled rows then cost about what the rows left out save.
+# Measured with benchmarks/training/bench_vedal_step.py at 55k Gaussians on the Intel VM (CPU time, one thread, four
+# runs, docs/vedal_gs.md): a whole step at 50% gated cost 1.18-1.24x splatfacto's on the gated rows against
+# 1.20-1.24x on every row; at 10-30% gated 1.12-1.16x on the gated rows, where every row cost ~1.2x.
+# Either way the logits and the gradient's estimator are the same (to float rounding).
+GATED_ROWS_AT_MOST = 0.4
+
+
+def encoding_box(means: Tensor, bounds: Optional[Tuple[Bound, Bound]]) -> Tuple[Tensor, Tensor]:
+    """(lo, hi) of `positional_encoding`: the given bounds, or without them the min/max of the means."""
+    if bounds is None:
+        if means.shape[0]:
+            return means.detach().min(dim=0).values, means.detach().max(dim=0).values
+        return (torch.zeros(3, dtype=means.dtype, device=means.device),
+                torch.ones(3, dtype=means.dtype, device=means.device))
+    return (torch.as_tensor(bounds[0], dtype=means.dtype, device=means.device),
+            torch.as_tensor(bounds[1], dtype=means.dtype, device=means.device))
+
+
+@dataclass
+class HeadInputRows:
+    """The head's MLP inputs (encoded mean, standardised features) for any rows of the N Gaussians, built when asked
+    for. The encoding's box and the features' standardisation are those of all N, fixed here, so a row's input is
+    the same whichever other rows are built with it; the encoding itself is per row and elementwise."""
+
+    means: Tensor
+    features: Optional[Tensor]
+    box: Tuple[Tensor, Tensor]
+    n_freqs: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.means.shape[0]
+
+    def __call__(self, index: Optional[Tensor] = None) -> Tensor:
+        """[len(index), D] inputs of the rows `index` (all rows, in order, without one)."""
+        means = self.means if index is None else self.means[index]
+        # One concatenation of the encoding's blocks and the features: the inputs of the gated rows are built at
+        # every fine-tuning step.
+        parts = positional_encoding_parts(means, self.n_freqs, self.box)
+        if self.features is not None:
+            parts.append(self.features if index is None else self.features[index])
+        return torch.cat(parts, dim=-1)
+
+
+class GradientRows:
+    """The rows through which one training step's head gradient is taken: m drawn uniformly with replacement from
+    the N rows, once per step, when first asked for (by the sparsity term's estimate in the loss, else by the
+    backward pass), from the generator of the device, as `_ChunkedMLP`'s backward pass draws them; `grad` collects
+    what the loss sends back through the sampled rows' own logits (`_SampledRowLogits`)."""
+
+    def __init__(self, n: int, m: int, device: torch.device) -> None:
+        self.n, self.m, self.device = n, m, device
+        self.index: Optional[Tensor] = None
+        self.grad: Optional[Tensor] = None
+        self._inputs: Optional[Tensor] = None
+
+    def draw(self) -> Tensor:
+        if self.index is None:
+            self.index = torch.randint(0, self.n, (self.m,), device=self.device)
+        return self.index
+
+    def inputs(self, rows: "HeadInputRows") -> Tensor:
+        """The MLP inputs of the drawn rows, built once: the loss's estimate and the backward pass both need them."""
+        if self._inputs is None:
+            self._inputs = rows(self.draw())
+        return self._inputs
+
+    def add_grad(self, grad: Tensor) -> None:
+        self.grad = grad if self.grad is None else self.grad + grad
+
+
+class PartialLogits:
+    """The head's retention logits of one training step, evaluated on some rows only (`RetentionHead.on_rows`).
+
+    `logits` [N]: the head's logit on the evaluated rows, 0 on the others, in the graph of the head's parameters.
+    Every consumer of a training step's logits reads the gated rows only (the Binary Concrete mask and its
+    hand-over blend render the ungated at z = 1, the removal's mask ranks the gated by p and the ungated by their
+    importance EMA, the KL sums over the gated) except the sparsity term lambda_s mean_i p_i, which runs over all N:
+    `mean_probability` estimates it."""
+
+    def __init__(self, logits: Tensor, evaluated: Tensor, mlp: nn.Module, inputs: HeadInputRows,
+                 sample: GradientRows) -> None:
+        self.logits, self.evaluated = logits, evaluated
+        self._mlp, self._inputs, self._sample = mlp, inputs, sample
+
+    def mean_probability(self) -> Tensor:
+        """mean_i sigmoid(logit_i) over all N, unbiased: the evaluated rows' sum exactly, the others' from the step's
+        gradient rows, sum_{j in sample, not evaluated} p_j x N / m, whose expectation is their sum. Its gradient
+        through the sampled rows is the full sparsity gradient's estimate of forward's backward pass (the same rows
+        and weights), so the head's gradient is the same estimator as with every row evaluated."""
+        sample = self._sample
+        sampled = _SampledRowLogits.apply(self.logits, self._mlp, self._inputs, sample, MLP_CHUNK_ROWS)
+        exact = torch.where(self.evaluated, torch.sigmoid(self.logits), 0.0).sum()
+        others = torch.where(self.evaluated[sample.index], 0.0, torch.sigmoid(sampled)).sum() * (sample.n / sample.m)
+        return (exact + others) / sample.n
+
+
+def logit_values(logits: Union[Tensor, PartialLogits]) -> Tensor:
+    """The [N] logits tensor of either form (on_rows returns both)."""
+    return logits.logits if isinstance(logits, PartialLogits) else logits
 
 
 # Rows of the head's MLP evaluated at once. The head runs on every Gaussian at every fine-tuning step; with all of
@@ -215,17 +354,53 @@ def _chunked_mlp(mlp: nn.Module, inputs: Tensor, chunk_rows: int, gradient_rows:
     n = inputs.shape[0]
     sampled = 0 < gradient_rows < n
     if not torch.is_grad_enabled():
-        return mlp(inputs) if n <= chunk_rows else torch.cat([mlp(part) for part in inputs.split(chunk_rows)])
+        return _mlp_rows(mlp, inputs, chunk_rows)
     if n <= chunk_rows and not sampled:
         return mlp(inputs)
     params = tuple(p for p in mlp.parameters() if p.requires_grad)
     return _ChunkedMLP.apply(mlp, inputs, chunk_rows, gradient_rows if sampled else 0, *params)
 
 
+def _mlp_rows(mlp: nn.Sequential, inputs: Tensor, chunk_rows: int) -> Tensor:
+    """mlp(inputs) without autograd, `chunk_rows` rows at a time, equal to it bit for bit: each Linear is the addmm
+    nn.Linear calls, but the ReLUs work in place and each chunk's output goes straight into its rows of the result.
+    nn.Sequential allocates a new tensor per ReLU and the chunks' outputs were concatenated: at 55k rows on the
+    Intel VM (one thread) this takes 5.5 ms where that took 9.3."""
+    layers = list(mlp)
+    result = inputs.new_empty(inputs.shape[0], layers[-1].out_features)
+    with torch.no_grad():
+        for part, out in zip(inputs.split(chunk_rows), result.split(chunk_rows)):
+            h = part
+            for layer in layers:
+                if isinstance(layer, nn.Linear):
+                    h = torch.addmm(layer.bias, h, layer.weight.t()) if layer.bias is not None else h @ layer.weight.t()
+                elif isinstance(layer, nn.ReLU) and h is not part:  # never in place on the caller's inputs
+                    h = h.relu_()
+                else:
+                    h = layer(h)
+            out.copy_(h)
+    return result
+
+
+def _parameter_gradients(mlp: nn.Module, inputs: Tensor, grad_output: Tensor, chunk_rows: int) -> List[Tensor]:
+    """sum over rows of grad_output_i x d mlp(inputs_i) / d theta for the MLP's trainable parameters, by running
+    the forward pass again one chunk at a time and taking that chunk's gradients while its activations are still
+    in cache."""
+    params = [p for p in mlp.parameters() if p.requires_grad]
+    totals = [torch.zeros_like(p) for p in params]
+    with torch.enable_grad():
+        for part, grad_part in zip(inputs.split(chunk_rows), grad_output.split(chunk_rows)):
+            grads = torch.autograd.grad(mlp(part), params, grad_part, allow_unused=True)
+            for total, grad in zip(totals, grads):
+                if grad is not None:
+                    total += grad
+    return totals
+
+
 class _ChunkedMLP(torch.autograd.Function):
-    """The forward pass keeps no activations; the backward pass runs the forward again one chunk at a time and
-    takes that chunk's parameter gradients while its activations are still in cache. The gradients are those of
-    the plain MLP, summed over chunks (so their float32 rounding differs: 5.5e-6 relative at 170k rows).
+    """The forward pass keeps no activations; the backward pass runs the forward again one chunk at a time
+    (`_parameter_gradients`). The gradients are those of the plain MLP, summed over chunks (so their float32
+    rounding differs: 5.5e-6 relative at 170k rows).
 
     With gradient_rows > 0 the backward pass does this for gradient_rows rows drawn uniformly with replacement
     (torch's generator of the inputs' device, so a run's random state in its checkpoints covers it), each
@@ -237,8 +412,7 @@ class _ChunkedMLP(torch.autograd.Function):
     def forward(ctx, mlp, inputs, chunk_rows, gradient_rows, *params):
         ctx.mlp, ctx.chunk_rows, ctx.gradient_rows = mlp, chunk_rows, gradient_rows
         ctx.save_for_backward(inputs)
-        with torch.no_grad():
-            return torch.cat([mlp(part) for part in inputs.split(chunk_rows)])
+        return _mlp_rows(mlp, inputs, chunk_rows)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -247,15 +421,48 @@ class _ChunkedMLP(torch.autograd.Function):
             n, m = inputs.shape[0], ctx.gradient_rows
             rows = torch.randint(0, n, (m,), device=inputs.device)
             inputs, grad_output = inputs[rows], grad_output[rows] * (n / m)
-        params = [p for p in ctx.mlp.parameters() if p.requires_grad]
-        totals = [torch.zeros_like(p) for p in params]
-        with torch.enable_grad():
-            for part, grad_part in zip(inputs.split(ctx.chunk_rows), grad_output.split(ctx.chunk_rows)):
-                grads = torch.autograd.grad(ctx.mlp(part), params, grad_part, allow_unused=True)
-                for total, grad in zip(totals, grads):
-                    if grad is not None:
-                        total += grad
-        return (None, None, None, None, *totals)
+        return (None, None, None, None, *_parameter_gradients(ctx.mlp, inputs, grad_output, ctx.chunk_rows))
+
+
+class _RowsMLP(torch.autograd.Function):
+    """[N] logits: the MLP on the rows `index` of the inputs, 0 on the others. Backward: the parameter gradient
+    through the step's gradient rows (`GradientRows`, drawn by now if the loss's sparsity estimate asked for them),
+    each weighted by N / m as in `_ChunkedMLP`, plus what the loss sent back through the sampled rows' own logits:
+    for a sampled row outside `index` that is the sparsity term's gradient (its weight N / m already in the
+    estimate), for one inside, 0, its gradient coming through the [N] output. So each sampled row carries its
+    full dL/dlogit x N / m, as in `_ChunkedMLP` with the same rows."""
+
+    @staticmethod
+    def forward(ctx, mlp, inputs, index, sample, chunk_rows, *params):
+        ctx.mlp, ctx.inputs, ctx.sample, ctx.chunk_rows = mlp, inputs, sample, chunk_rows
+        values = _mlp_rows(mlp, inputs(index), chunk_rows).squeeze(-1)
+        return values.new_zeros(inputs.num_rows).index_put_((index,), values)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        sample = ctx.sample
+        index = sample.draw()
+        weights = grad_output[index] * (sample.n / sample.m)
+        if sample.grad is not None:
+            weights = weights + sample.grad
+        grads = _parameter_gradients(ctx.mlp, sample.inputs(ctx.inputs), weights[:, None], ctx.chunk_rows)
+        return (None, None, None, None, None, *grads)
+
+
+class _SampledRowLogits(torch.autograd.Function):
+    """[m] logits of the step's gradient rows (drawn here if not yet), for the sparsity term's estimate. Its input
+    `logits` (the `_RowsMLP` output) is there for the order of the backward pass only: this node's backward hands
+    the gradient of these logits to the `GradientRows` before `_RowsMLP`'s backward, which needs it, can run."""
+
+    @staticmethod
+    def forward(ctx, logits, mlp, inputs, sample, chunk_rows):
+        ctx.sample = sample
+        return _mlp_rows(mlp, sample.inputs(inputs), chunk_rows).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.sample.add_grad(grad)
+        return None, None, None, None, None
 
 
 def binary_concrete_logits(logits: Tensor, tau: float, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -313,7 +520,8 @@ def temperature(step: int, tau_start: float, tau_end: float, anneal_steps: int) 
 
 
 def retention_regulariser(
-    logits: Tensor, gated_mask: Tensor, prior_pi: float, lambda_kl: float, lambda_sparsity: float
+    logits: Union[Tensor, PartialLogits], gated_mask: Tensor, prior_pi: float, lambda_kl: float,
+    lambda_sparsity: float
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """lambda_KL * sum_{gated} KL(Bern(p_i) || Bern(pi)) + lambda_s * mean_i p_i.
 
@@ -326,16 +534,24 @@ def retention_regulariser(
     prior_pi is pi, lambda_kl is lambda_KL in the units of Delta (the training loss: 0.8 L1 + 0.2 D-SSIM, mean over
     pixels), lambda_sparsity is lambda_s: per Gaussian it shifts the Proposition 1 threshold by lambda_s / N.
 
+    Logits evaluated on the gated rows only (`PartialLogits`, a training step's) give the same KL and an unbiased
+    estimate of mean_i p_i (`PartialLogits.mean_probability`).
+
     Returns (total, parts): 'kl' and 'sparsity' are the weighted terms (in the graph); 'kl_sum', 'mean_p' and
     'n_gated' are detached diagnostics.
     """
+    partial = logits if isinstance(logits, PartialLogits) else None
+    logits = logit_values(logits)
     if gated_mask.shape != logits.shape:
         raise ValueError(f"gated_mask {tuple(gated_mask.shape)} does not match logits {tuple(logits.shape)}")
     gated = gated_mask.to(device=logits.device, dtype=torch.bool)
     # Masked, not indexed: logits[gated] would size its result from the mask's count, read back to the host.
     kl = torch.where(gated, _bernoulli_kl_from_logits(logits, prior_pi), 0.0).sum()
-    p = torch.sigmoid(logits)
-    mean_p = p.mean() if p.numel() else p.sum()
+    if partial is not None:
+        mean_p = partial.mean_probability()
+    else:
+        p = torch.sigmoid(logits)
+        mean_p = p.mean() if p.numel() else p.sum()
     kl_term = lambda_kl * kl
     sparsity_term = lambda_sparsity * mean_p
     parts = {
