@@ -112,6 +112,14 @@ def markdown_table(records: List[RunRecord], notes: List[str]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
+def count_label(count: float) -> str:
+    """A Gaussian count as an axis label: 800, 3k, 20k, 1.5M."""
+    for unit, suffix in ((1e6, "M"), (1e3, "k")):
+        if count >= unit:
+            return f"{count / unit:.3g}{suffix}"
+    return f"{count:.3g}"
+
+
 def draw(records: List[RunRecord], images: Dict[str, torch.Tensor], path: Path, scale: float) -> None:
     import matplotlib
 
@@ -148,6 +156,12 @@ def draw(records: List[RunRecord], images: Dict[str, torch.Tensor], path: Path, 
             x, y, dx, dy = point(row)
             ax.errorbar(x, y, xerr=dx or None, yerr=dy or None, fmt="o", markersize=7, label=row, zorder=3)
     ax.set_xscale("log")
+    # Counts as 3k, 20k, 1.5M at 1, 2 and 5 x 10^k: matplotlib's default minor labels (3x10^3 4x10^3 ...) overlap.
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: count_label(value)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("Gaussians (log)")
     ax.set_ylabel("eval PSNR (dB)")
     ax.set_title(f"PSNR vs size (schedule x{scale:.3g})", fontsize=10)
