@@ -30,6 +30,11 @@ from pathlib import Path
 from typing import List, Optional
 
 from kit_common import KIT_DIR, Results, parse_args
+from ns_kit import use_shims
+
+# The schedule is read from the methods' configs (compare.schedule imports nerfstudio's method table), whose imports
+# need the kit's stand-ins for packages it never uses, as every ns-* command it starts gets them.
+use_shims()
 
 import numpy as np  # noqa: E402
 
