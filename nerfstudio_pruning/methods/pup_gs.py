@@ -149,7 +149,7 @@ class PupGSModel(PortableSplatfactoModel):
         config, schedule = self.config.schedule, self.schedule
         if not config.has_target() or not schedule.pruning_started(first_step) or schedule.finished:
             return None
-        return (schedule.plan[-1] if schedule.plan else config.planned_counts(self.num_points)[-1]), self.num_points
+        return schedule.remaining_after_all_rounds(self.num_points), self.num_points
 
     def score(self) -> torch.Tensor:
         """Scores of the current Gaussians on every training view (higher = keep)."""
@@ -163,8 +163,8 @@ class PupGSModel(PortableSplatfactoModel):
 
     def pruning_report(self) -> Dict[str, Any]:
         """What the run has pruned so far, as the trainer writes it to `pruning.json` in the run's folder."""
-        # target_gaussians: the size asked for (None without a target), once the rounds have planned it.
-        target = self.schedule.plan[-1] if self.config.schedule.has_target() and self.schedule.plan else None
+        # target_gaussians: the size asked for, once the first round has fixed the plan (only a target makes one).
+        target = self.schedule.plan[-1] if self.schedule.plan else None
         return {"method": "pup-gs", "rounds": [dict(record) for record in self.schedule.rounds],
                 "target_gaussians": target, "final_gaussians": int(self.num_points)}
 

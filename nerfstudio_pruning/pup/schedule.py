@@ -145,19 +145,19 @@ class PupSchedule:
     def check_feasible(self, num_gaussians: int) -> None:
         """PruningRefused if the remaining rounds would leave fewer than min_gaussians, or a target is not below
         the count at the first round (checked before scoring). At the first round, the plan is fixed."""
-        if self.config.has_target() and not self.plan:
-            wanted = self.config.planned_counts(num_gaussians)[-1]
-            if wanted >= num_gaussians:
-                raise PruningRefused(f"target of {wanted} Gaussians is not below the {num_gaussians} present at the "
-                                     "first pruning round; nothing was pruned")
-        left = self.remaining_after_all_rounds(num_gaussians)
+        fixing = self.config.has_target() and not self.plan  # the first round: the plan is made once, here
+        plan = self.config.planned_counts(num_gaussians) if fixing else self.plan
+        if fixing and plan[-1] >= num_gaussians:
+            raise PruningRefused(f"target of {plan[-1]} Gaussians is not below the {num_gaussians} present at the "
+                                 "first pruning round; nothing was pruned")
+        left = plan[-1] if plan else self.remaining_after_all_rounds(num_gaussians)
         if left < self.config.min_gaussians:
             raise PruningRefused(
                 f"the remaining pruning rounds would leave {left} of {num_gaussians} Gaussians, fewer than "
                 f"min_gaussians={self.config.min_gaussians}; nothing was pruned"
             )
-        if self.config.has_target() and not self.plan:
-            self.plan = self.config.planned_counts(num_gaussians)
+        if fixing:
+            self.plan = plan
 
     def prune_mask(self, scores: Tensor) -> Tensor:
         """[N] bool: the Gaussians this round removes: the lowest-scored fraction, or with a target the lowest
