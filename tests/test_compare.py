@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 
@@ -136,7 +137,8 @@ def test_equal_budgets_and_seeds(two_seeds):
     pup_line = next(line for line in table.splitlines() if line.startswith("| pup-gs-opacity |"))
     assert pup_line.count(" ± ") >= 8  # PSNR, SSIM, Gaussians, x fewer, PLY MB, render ms, FPS, train s, scoring s
     assert "half the range" in table and "Seeds 0, 1" in table
-    assert "[compare] training [4/4] pup-gs-opacity/s1" in proc.stdout  # plain progress lines when not on a terminal
+    # Plain progress lines when not on a terminal; on a CPU two runs train at once, so the order of starts may vary.
+    assert re.search(r"\[compare\] training \[[34]/4\] pup-gs-opacity/s1 ", proc.stdout), proc.stdout
 
 
 def test_lpips_is_omitted_in_one_line_without_a_download(two_seeds):

@@ -16,7 +16,7 @@ from nerfstudio_pruning.compare.progress import RunProgress
 from nerfstudio_pruning.compare.records import (SPREAD, RunRecord, absolute_scene, add_x_fewer, attach_scoring,
                                                 checkpoint_path, config_at_step)
 from nerfstudio_pruning.compare.report import table_notes, write_outputs
-from nerfstudio_pruning.compare.runner import evaluate, export_size_mb, lpips_note, train
+from nerfstudio_pruning.compare.runner import evaluate, export_size_mb, lpips_note, train_all
 from nerfstudio_pruning.compare.schedule import Schedule
 
 
@@ -45,7 +45,7 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
     if cfg.merge:
         return merge(cfg)
     check(cfg)
-    scale, refine_scale = cfg.scale(), cfg.refinement_scale()
+    scale, refine_scale, parallel = cfg.scale(), cfg.refinement_scale(), cfg.parallel()
     seeds = cfg.seed_list()
     output_dir = cfg.output_dir.resolve()
     given = parse_runs(cfg, seeds)
@@ -60,11 +60,11 @@ def run(cfg: CompareConfig) -> List[RunRecord]:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"[compare] schedule scale {scale:.4g} ({sched.steps_30k}/{sched.steps_40k} steps), device {cfg.device}, "
-          f"seeds {' '.join(map(str, seeds))}, {len(plan.jobs)} runs to train, outputs in {output_dir}", flush=True)
+          f"seeds {' '.join(map(str, seeds))}, {len(plan.jobs)} runs to train"
+          f"{f' ({parallel} at a time)' if parallel > 1 and len(plan.jobs) > 1 else ''}, outputs in {output_dir}", flush=True)
     jobs = {j.label: j for j in plan.jobs}
     with RunProgress(len(plan.jobs)) as progress:
-        for job in plan.jobs:
-            train(cfg, job, scene, output_dir, progress)
+        train_all(cfg, plan.jobs, scene, output_dir, progress, parallel)
 
     records = plan.records
     for r in records:

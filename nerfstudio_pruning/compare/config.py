@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Tuple
@@ -55,11 +56,20 @@ class CompareConfig:
     """--no-train: train nothing; evaluate only the runs given by --runs and leave out the rows that would need training (said in the notes). For runs finished in different sessions: such tables combine later with --merge."""
     merge: Tuple[Path, ...] = ()
     """results.json files of earlier comparisons (e.g. one per seed, made on different machines) to combine into one table, json and plot in --output-dir; nothing is trained or evaluated, and the other options are ignored."""
+    parallel_runs: Optional[int] = None
+    """How many ns-train runs train at once, the CPU cores shared out between them (default: one on a GPU; on a CPU two when it has two cores or more: a step costs about as much on one thread as on two, docs/compare.md). Runs that start from another run's checkpoint wait for it."""
     eval_warmup: int = 1
     """Renders per eval view discarded before timing."""
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     """Device for training and evaluation."""
     experiment_name: str = "compare"
+
+    def parallel(self) -> int:
+        if self.parallel_runs is not None:
+            if self.parallel_runs < 1:
+                raise CompareError(f"--parallel-runs must be at least 1, got {self.parallel_runs}")
+            return self.parallel_runs
+        return 1 if self.device != "cpu" else min(2, os.cpu_count() or 1)
 
     def scale(self) -> float:
         if self.schedule_scale is not None:

@@ -105,6 +105,8 @@ class Job:
     first_step: int = 0
     steps_per_save: Optional[int] = None
     keep_all_checkpoints: bool = False
+    after: Optional[str] = None
+    """The label of the job this one starts from (it writes the checkpoint this one loads): trained first."""
     seconds: Optional[float] = None
     started_wall: Optional[float] = None
     log: Optional[Path] = None
@@ -179,6 +181,7 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
             plan.step_views.append((r30, output_dir / "step_configs" / f"splatfacto-30k-{tag}" / "config.yml", s30 - 1))
 
         start_30k: Optional[Path] = None  # the checkpoint pup-gs starts from
+        start_job: Optional[str] = None  # the job that writes it, when this comparison trains it
         by_label = {row.label: row for row in table}
         if ROW_30K in by_label:
             row30, row40 = by_label[ROW_30K], by_label[ROW_40K]
@@ -190,6 +193,7 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
                 at_30k(record(row30, config, j40))
                 record(row40, config, j40)
                 start_30k = checkpoint_path(config, s30 - 1)
+                start_job = j40.label
             else:
                 steps = checkpoint_steps(base)
                 if s30 - 1 in steps and steps[-1] > s30 - 1:
@@ -218,7 +222,7 @@ def make_plan(cfg: CompareConfig, sched: Schedule, seeds: Tuple[int, ...], given
                     record(row, pup)
                     continue
                 first = int(start_30k.stem.split("-", 1)[1]) + 1
-                j = job(row.label, "pup-gs", row.label, refine_total, first_step=first,
+                j = job(row.label, "pup-gs", row.label, refine_total, first_step=first, after=start_job,
                         extra=["--load-checkpoint", str(start_30k), f"--{flag('refine_steps')}", *map(str, sched.refine),
                                *row.args])
                 record(row, j.config(cfg, output_dir), j)

@@ -13,8 +13,9 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import IO, List, Optional, Sequence
 
 STEP_LINE = re.compile(r"^\s*(\d+) \((?:[0-9.]+|inf|nan)%\)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -31,7 +32,8 @@ def last_step(text: str) -> Optional[int]:
 
 
 class RunProgress:
-    """Runs ns-train commands one after the other, showing which run (of how many), its step and an ETA."""
+    """Runs ns-train commands, one after the other or several at once, showing which run (of how many), its step
+    and an ETA for each."""
 
     def __init__(self, total_runs: int, live: Optional[bool] = None, poll_seconds: float = 0.5):
         self.total_runs = total_runs
@@ -58,9 +60,9 @@ class RunProgress:
             self._progress.stop()
             self._progress = None
 
-    def run(self, command: Sequence[str], log: Path, label: str, first_step: int, steps: int,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
-        """Run one command with stdout and stderr to `log`; returns its CompletedProcess (no output captured)."""
+    def start(self, command: Sequence[str], log: Path, label: str, first_step: int, steps: int,
+              env: Optional[dict] = None) -> "RunningCommand":
+        """Start one command with stdout and stderr to `log`, and show it; `poll` follows it."""
         self.done += 1
         title = f"[{self.done}/{self.total_runs}] {label}"
         env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
@@ -70,35 +72,78 @@ class RunProgress:
             task = self._progress.add_task(title, total=max(steps, 1))
         else:
             print(f"[compare] training {title} ({steps} steps from step {first_step}); log: {log}", flush=True)
-        started = time.perf_counter()
-        with open(log, "w") as fh:
+        fh = open(log, "w")
+        try:
             proc = subprocess.Popen(list(command), stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, cwd=Path.cwd())
-            try:
-                offset, pending = 0, ""
-                while proc.poll() is None:
-                    time.sleep(self.poll_seconds)
-                    if task is None:
-                        continue
-                    offset, pending, step = _follow(log, offset, pending)
-                    if step is not None:
-                        self._progress.update(task, completed=min(max(step - first_step, 0), steps))
-            except BaseException:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                raise
-        seconds = time.perf_counter() - started
-        if task is not None:
-            if proc.returncode == 0:
-                self._progress.update(task, completed=steps)
-            self._progress.stop_task(task)
+        except BaseException:
+            fh.close()
+            raise
+        return RunningCommand(list(command), proc, fh, log, label, first_step, steps, task, time.perf_counter())
+
+    def poll(self, running: "RunningCommand") -> Optional[int]:
+        """Update the command's progress; its exit status once it has finished (then reported), else None."""
+        code = running.proc.poll()
+        if running.task is not None:
+            running.offset, running.pending, step = _follow(running.log, running.offset, running.pending)
+            if step is not None:
+                self._progress.update(running.task, completed=min(max(step - running.first_step, 0), running.steps))
+        if code is None:
+            return None
+        running.fh.close()
+        seconds = time.perf_counter() - running.started
+        if running.task is not None:
+            if code == 0:
+                self._progress.update(running.task, completed=running.steps)
+            self._progress.stop_task(running.task)
         else:
-            state = "done" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
-            print(f"[compare] {label} {state} in {seconds:.0f} s", flush=True)
-        return subprocess.CompletedProcess(list(command), proc.returncode)
+            state = "done" if code == 0 else f"failed (exit {code})"
+            print(f"[compare] {running.label} {state} in {seconds:.0f} s", flush=True)
+        return code
+
+    @staticmethod
+    def stop(running: "RunningCommand") -> None:
+        """End a command that is still running (another one failed, or the user pressed Ctrl-C)."""
+        if running.proc.poll() is None:
+            running.proc.terminate()
+            try:
+                running.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                running.proc.kill()
+        running.fh.close()
+
+    def run(self, command: Sequence[str], log: Path, label: str, first_step: int, steps: int,
+            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+        """Run one command to its end with stdout and stderr to `log`; returns its CompletedProcess."""
+        running = self.start(command, log, label, first_step, steps, env)
+        try:
+            while (code := self.poll(running)) is None:
+                time.sleep(self.poll_seconds)
+        except BaseException:
+            self.stop(running)
+            raise
+        return subprocess.CompletedProcess(list(command), code)
+
+
+@dataclass
+class RunningCommand:
+    """One command started by `RunProgress.start`."""
+
+    command: List[str]
+    proc: subprocess.Popen
+    fh: IO
+    log: Path
+    label: str
+    first_step: int
+    steps: int
+    task: Optional[int]
+    started: float
+    offset: int = 0
+    pending: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def _follow(log: Path, offset: int, pending: str):

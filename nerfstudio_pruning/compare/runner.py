@@ -1,15 +1,16 @@
 """Training and evaluating the runs of a plan: each `ns-train` run as a subprocess, evaluation and export in-process.
 
 Training runs in subprocesses because that is what a user runs (`ns-train`, its config.yml and checkpoints, the
-same plugin entry points). Evaluation loads each run with nerfstudio's `eval_setup`, as `ns-eval` does, and the
-PLY size comes from nerfstudio's exporter, called here rather than as a command because a new process spends ~10 s
-importing nerfstudio for a sub-second export.
+same plugin entry points); on a CPU with several cores, several at once (`--parallel-runs`). Evaluation loads each
+run with nerfstudio's `eval_setup`, as `ns-eval` does, and the PLY size comes from nerfstudio's exporter, called here
+rather than as a command because a new process spends ~10 s importing nerfstudio for a sub-second export.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -26,23 +27,68 @@ from nerfstudio_pruning.compare.records import RunRecord
 from nerfstudio_pruning.compare.schedule import common_train_args
 
 
-def train(cfg: CompareConfig, job: Job, scene: Scene, output_dir: Path, progress: RunProgress) -> None:
+def train_command(cfg: CompareConfig, job: Job, scene: Scene, output_dir: Path) -> List[str]:
+    """The ns-train command of one job (and its log's path set on the job)."""
     job.log = output_dir / "logs" / f"{job.dirname}.log"
     args = common_train_args(cfg, job.dirname, job.max_steps, output_dir, job.seed, job.overrides, job.steps_per_save)
     if job.keep_all_checkpoints:
         args += ["--save-only-latest-checkpoint", "False"]
-    command = [str(Path(sys.executable).parent / "ns-train"), job.method, *args, *job.extra, *scene.args]
     # A run of the same name from an earlier comparison in this output folder: its checkpoints would otherwise stay
     # beside this run's (nerfstudio only clears them when it keeps the latest checkpoint alone), and be taken for its.
     for stale in (job.config(cfg, output_dir).parent / "nerfstudio_models").glob("step-*.ckpt"):
         stale.unlink()
-    job.started_wall = time.time()
-    started = time.perf_counter()
-    proc = progress.run(command, job.log, job.label, job.first_step, job.max_steps)
-    job.seconds = time.perf_counter() - started
-    if proc.returncode != 0:
+    return [str(Path(sys.executable).parent / "ns-train"), job.method, *args, *job.extra, *scene.args]
+
+
+def thread_env(parallel: int) -> Optional[Dict[str, str]]:
+    """The environment of runs trained `parallel` at a time on a CPU: the cores shared out between them (numba's and
+    torch's pools each take every core by default, and two such pools on the same cores slow each other several-fold).
+    Thread counts the user set are kept."""
+    if parallel <= 1:
+        return None
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    env = dict(os.environ)
+    for name in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(name, threads)
+    return env
+
+
+def train_all(cfg: CompareConfig, jobs: List[Job], scene: Scene, output_dir: Path, progress: RunProgress,
+              parallel: int = 1) -> None:
+    """Train the jobs, up to `parallel` at once, in plan order except that a job waits for the one it starts from."""
+    env = thread_env(parallel) if cfg.device == "cpu" else None
+    waiting, running, finished = list(jobs), [], set()
+    try:
+        while waiting or running:
+            for job in list(waiting):
+                if len(running) >= parallel:
+                    break
+                if job.after is None or job.after in finished:
+                    waiting.remove(job)
+                    command = train_command(cfg, job, scene, output_dir)
+                    job.started_wall = time.time()
+                    running.append((job, progress.start(command, job.log, job.label, job.first_step, job.max_steps, env)))
+            if not running:
+                raise RuntimeError(f"no job can start: {', '.join(j.label for j in waiting)} wait for runs not in the plan")
+            time.sleep(progress.poll_seconds)
+            for job, handle in list(running):
+                code = progress.poll(handle)
+                if code is None:
+                    continue
+                running.remove((job, handle))
+                job.seconds = handle.seconds
+                check_finished(cfg, job, code, output_dir)
+                finished.add(job.label)
+    except BaseException:
+        for _, handle in running:
+            progress.stop(handle)
+        raise
+
+
+def check_finished(cfg: CompareConfig, job: Job, code: int, output_dir: Path) -> None:
+    if code != 0:
         text = job.log.read_text(errors="replace")
-        raise RuntimeError(f"ns-train {job.method} failed (exit {proc.returncode}); last lines of {job.log}:\n{text[-2500:]}")
+        raise RuntimeError(f"ns-train {job.method} failed (exit {code}); last lines of {job.log}:\n{text[-2500:]}")
     config = job.config(cfg, output_dir)
     if not config.is_file():
         raise RuntimeError(f"ns-train {job.method} finished but wrote no {config}; see {job.log}")
