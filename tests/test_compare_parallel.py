@@ -68,6 +68,20 @@ def test_runs_overlap_and_a_run_waits_for_the_one_it_starts_from(stand_in_runs, 
         assert job.seconds is not None and (tmp_path / "runs").exists()
 
 
+def test_several_at_once_start_with_the_longest_chain(stand_in_runs, tmp_path):
+    """vedal-gs's 1,000 steps cost more than splatfacto's 1,334 then pup-gs's 334: it starts first, and the densify
+    run takes the core splatfacto frees, before the shorter pup-gs."""
+    stand_in_runs.update({"40k": (0.4, 0), "pup": (0.2, 0), "densify": (0.2, 0), "vedal": (1.0, 0)})
+    plan = [Job("40k", "splatfacto-portable", 42, "40k", 1334), Job("pup", "pup-gs", 42, "pup", 334, after="40k"),
+            Job("densify", "splatfacto-portable", 42, "densify", 1000), Job("vedal", "vedal-gs", 42, "vedal", 1000)]
+    assert runner.chain_cost(plan[0], plan) == 1334 + 334
+    with RunProgress(len(plan), live=False, poll_seconds=0.02) as progress:
+        runner.train_all(CompareConfig(device="cpu"), plan, None, tmp_path, progress, parallel=2)
+    t = {j.label: times(j) for j in plan}
+    assert t["vedal"]["started"] < t["40k"]["started"] < t["vedal"]["ended"]
+    assert t["40k"]["ended"] <= t["densify"]["started"] < t["pup"]["started"]
+
+
 def test_one_at_a_time_keeps_plan_order_and_the_threads_alone(stand_in_runs, tmp_path, monkeypatch):
     monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
     stand_in_runs.update({"a": (0.1, 0), "b": (0.1, 0), "c": (0.1, 0)})
