@@ -112,18 +112,6 @@ class RunProgress:
                 running.proc.kill()
         running.fh.close()
 
-    def run(self, command: Sequence[str], log: Path, label: str, first_step: int, steps: int,
-            env: Optional[dict] = None) -> subprocess.CompletedProcess:
-        """Run one command to its end with stdout and stderr to `log`; returns its CompletedProcess."""
-        running = self.start(command, log, label, first_step, steps, env)
-        try:
-            while (code := self.poll(running)) is None:
-                time.sleep(self.poll_seconds)
-        except BaseException:
-            self.stop(running)
-            raise
-        return subprocess.CompletedProcess(list(command), code)
-
 
 @dataclass
 class RunningCommand:
