@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -32,7 +31,7 @@ sys.exit(code)
 
 
 @pytest.fixture
-def stand_in_runs(monkeypatch, tmp_path):
+def stand_in_runs(monkeypatch):
     """Replace ns-train by STAND_IN; each job's seconds and exit code come from `plan`."""
     plan = {}
 

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, List, Optional, Sequence
+from typing import IO, Optional, Sequence
 
 STEP_LINE = re.compile(r"^\s*(\d+) \((?:[0-9.]+|inf|nan)%\)")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -79,7 +79,7 @@ class RunProgress:
         except BaseException:
             fh.close()
             raise
-        return RunningCommand(list(command), proc, fh, log, label, first_step, steps, task, time.perf_counter())
+        return RunningCommand(proc, fh, log, label, first_step, steps, task, time.perf_counter())
 
     def poll(self, running: "RunningCommand") -> Optional[int]:
         """Update the command's progress; its exit status once it has finished (then reported), else None."""
@@ -91,14 +91,14 @@ class RunProgress:
         if code is None:
             return None
         running.fh.close()
-        seconds = time.perf_counter() - running.started
+        running.seconds = time.perf_counter() - running.started
         if running.task is not None:
             if code == 0:
                 self._progress.update(running.task, completed=running.steps)
             self._progress.stop_task(running.task)
         else:
             state = "done" if code == 0 else f"failed (exit {code})"
-            print(f"[compare] {running.label} {state} in {seconds:.0f} s", flush=True)
+            print(f"[compare] {running.label} {state} in {running.seconds:.0f} s", flush=True)
         return code
 
     @staticmethod
@@ -117,7 +117,6 @@ class RunProgress:
 class RunningCommand:
     """One command started by `RunProgress.start`."""
 
-    command: List[str]
     proc: subprocess.Popen
     fh: IO
     log: Path
@@ -128,10 +127,8 @@ class RunningCommand:
     started: float
     offset: int = 0
     pending: str = ""
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
+    seconds: Optional[float] = None
+    """Its wall-clock time, set when `poll` sees it finish."""
 
 
 def _follow(log: Path, offset: int, pending: str):
