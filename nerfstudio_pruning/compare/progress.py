@@ -39,7 +39,7 @@ class RunProgress:
         self.total_runs = total_runs
         self.live = sys.stdout.isatty() if live is None else live
         self.poll_seconds = poll_seconds
-        self.done = 0
+        self.started = 0  # runs started so far: the k of "[k/N]"
         self._progress = None
 
     def __enter__(self) -> "RunProgress":
@@ -63,8 +63,8 @@ class RunProgress:
     def start(self, command: Sequence[str], log: Path, label: str, first_step: int, steps: int,
               env: Optional[dict] = None) -> "RunningCommand":
         """Start one command with stdout and stderr to `log`, and show it; `poll` follows it."""
-        self.done += 1
-        title = f"[{self.done}/{self.total_runs}] {label}"
+        self.started += 1
+        title = f"[{self.started}/{self.total_runs}] {label}"
         env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
         log.parent.mkdir(parents=True, exist_ok=True)
         task = None
