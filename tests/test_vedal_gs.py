@@ -90,7 +90,7 @@ def test_eval_opacities_hide_exactly_the_gated_gaussians_below_the_threshold():
     hidden_at_09 = int((gated & (p < 0.9)).sum())
     assert model.kept_count_text.content == (
         f"**Gaussians shown**: {n - hidden_at_09} of {n} shown ({hidden_at_09} of the {int(gated.sum())} gated "
-        "have p < 0.90)")
+        "hidden at 0.90)")
 
 
 def viewer_showing(output: str, split_output: str = "rgb", split: bool = False) -> SimpleNamespace:
@@ -123,7 +123,7 @@ def test_the_kept_count_follows_the_slider_without_a_render_and_states_the_hard_
     survivors = model.num_points
     assert survivors == n - int((gated & (p < 0.5)).sum())
     assert model.kept_count_description(0.5) == (
-        f"{survivors} of {survivors} shown (0 of the {int(model.gated_mask().sum())} gated have p < 0.50; "
+        f"{survivors} of {survivors} shown (0 of the {int(model.gated_mask().sum())} gated hidden at 0.50; "
         f"hard removal at step 99: {n} -> {survivors})")
     # A model loaded from a checkpoint does not know the count before the removal, and says so.
     model._hard_removal = None
@@ -520,6 +520,44 @@ def test_with_a_target_the_removal_keeps_exactly_that_many_and_eval_hides_exactl
     assert model.hard_prune(step=100) == n - 20 and model.num_points == 20
     model.eval()
     assert not model.hidden_mask().any()  # the removal was the mask: nothing more is hidden after it
+
+
+def test_the_viewer_threshold_hides_fewer_as_it_moves_down_with_a_target_and_after_the_removal():
+    """With a target the removal's set is a rank, not "p < 0.5", and after the removal it is empty while gated
+    survivors may have p < 0.5: the hidden set must still shrink as the slider moves down and grow as it moves up,
+    and be the removal's set at 0.5."""
+    model = tiny_model(target_gaussians=20)
+    n = model.num_points
+    below_half = _gate_and_split_the_head(model)
+    # Remove half of the gated with p < 0.5, so that the other half survives the removal.
+    keep = n - int(below_half.sum()) // 2
+    model.vedal.config.target_gaussians = keep
+    model.vedal.start_gaussians = n
+    gated = model.gated_mask()
+    model.eval()
+    thresholds = [0.01, 0.2, 0.4, 0.49, 0.5, 0.51, 0.6, 0.8, 0.99]
+
+    def nested(masks):
+        return all(bool((a & ~b).sum() == 0) for a, b in zip(masks, masks[1:]))
+
+    before = [model.hidden_mask(t) for t in thresholds]
+    assert nested(before) and int(before[thresholds.index(0.5)].sum()) == n - keep
+    assert not any(m[~gated].any() for m in before)
+    model.train()
+    model.hard_prune(step=100)
+    model.eval()
+    survivors_gated = model.gated_mask()
+    p_kept = torch.sigmoid(model.retention_logits())
+    assert (survivors_gated & (p_kept < 0.5)).any(), "no gated survivor below 0.5: the check below would not test it"
+    # Just below 0.5 yet above a gated survivor's p: "p < threshold" alone would hide it there and not at 0.5.
+    just_below = 0.5 - float(0.5 - p_kept[survivors_gated].min()) / 2
+    thresholds = sorted(thresholds + [just_below])
+    after = [model.hidden_mask(t) for t in thresholds]
+    assert nested(after)
+    assert not after[thresholds.index(just_below)].any() and not after[thresholds.index(0.5)].any()
+    above = 0.5 + float(p_kept[survivors_gated].max() - 0.5) / 2
+    assert torch.equal(model.hidden_mask(above), survivors_gated & (p_kept < above))
+    assert model.hidden_mask(above).any()
 
 
 def test_a_training_step_reads_nothing_back_to_the_host_in_the_head_and_gate_path(monkeypatch):

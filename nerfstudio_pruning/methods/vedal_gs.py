@@ -84,8 +84,9 @@ class VedalGSModel(PortableSplatfactoModel):
         self.retention_threshold_slider = ThresholdSlider(
             "Retention threshold", 0.5, 0.01, 0.99, 0.01, marks=(0.01, 0.5, 0.99),
             on_move=self.threshold_moved,
-            hint="Hides gated Gaussians whose retention probability p is below this; 0.5 is what the hard removal "
-                 "uses. Gated: eligible for pruning once its importance estimate has converged.",
+            hint="At 0.5: hides what the hard removal removes (gated with p < 0.5, or with a target the gated with "
+                 "the lowest p). Higher also hides the gated with p below it; lower shows those of the removal's above "
+                 "it. Gated: eligible for pruning once its importance estimate has converged.",
         )
         self.kept_count_text = ViewerMarkdown("Gaussians shown", "", order=ORDER_COUNT)
         # 'retention' output: every Gaussian, hidden ones included, drawn with its p.
@@ -317,7 +318,7 @@ class VedalGSModel(PortableSplatfactoModel):
         if not self.vedal.finetuning_started:
             why = f"none gated before fine-tuning (step {self.config.vedal.finetune_start_step:,})"
         else:
-            why = f"{hidden:,} of the {int(gated.sum()):,} gated have p < {threshold:.2f}"
+            why = f"{hidden:,} of the {int(gated.sum()):,} gated hidden at {threshold:.2f}"
         if self.vedal.pruned and self._hard_removal is not None:
             step, before, after = self._hard_removal
             why += f"; hard removal at step {step:,}: {before:,} -> {after:,}"
