@@ -7,7 +7,11 @@
 # so their runs can be handed back to it with --runs for one table:
 #   lane splatfacto : splatfacto 40k (ns-prune-compare's splatfacto-40k run, keeping its step-29999 checkpoint;
 #                     ONLY_30K=1 stops at that checkpoint, for more pup-gs scores when the 40k row exists)
-#   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k (not with WITH_DENSIFY=0)
+#   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k (not with WITH_DENSIFY=0);
+#                     the removal gap is measured on the way (below)
+#   lane vedal-target : vedal-gs once per target fraction in $TARGETS (e.g. TARGETS="0.2 0.1 0.05"), each with its
+#                     removal gap; BRANCH works as for vedal-kl (a target acts only from fine-tuning's start)
+#   lane pup-target : pup-gs (fisher) from the splatfacto lane's step-29999 checkpoint once per fraction in $TARGETS
 #   lane pup        : pup-gs from the splatfacto lane's step-29999 checkpoint, once per score in $SCORES
 #                     (BASE_SEED=42 with another SEED: only the refinement repeated, from seed 42's checkpoint)
 #   lane densify    : only the densify-to-7k baseline (to balance the cores; the vedal lane skips it once done)
@@ -24,6 +28,9 @@
 #                     default cap (0.85; about step 15k on buddha at 1/4), so the vedal-cap lane also takes a later
 #                     BRANCH from a default-weight run (the vedal-kl lane's kl 1), taken before that refresh: check
 #                     it with analysis/plot_gate_history.py (every eligible fraction up to it under 0.85)
+# Removal gap: every vedal-gs run of the vedal and vedal-target lanes stops at step 29998, measures
+# analysis/vedal_removal_gap.py there (logs/NAME.gap29998.txt), runs the removal step 29999 and measures after it
+# (logs/NAME.gap29999.txt): issue 31's "the removal costs at most 0.1 dB", the difference of the two files' rows.
 # Every run saves a checkpoint each $SAVE_EVERY steps (default 1000) and a lane started again continues each
 # unfinished run from its latest checkpoint (resume is exact), so a lane can be stopped and restarted at will.
 # Usage: bash scripts/experiments/full_schedule.sh LANE SCENE OUT [SEED] [CORE]
@@ -32,7 +39,7 @@ set -euo pipefail
 LANE=$1 SCENE=$2 OUT=$3 SEED=${4:-42} CORE=${5:-0}
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-BIN=$ROOT/.venv/bin
+BIN=${BIN:-$ROOT/.venv/bin}  # a stand-in folder to dry-run the lanes
 mkdir -p "$OUT/logs"
 # A dataset folder is read as ns-prune-compare reads it: nerfstudio-data-cached keeps downscaled copies out of the
 # dataset. DATA_ARGS: more of its options, e.g. DATA_ARGS="--downscale-factor 4" for buddha_gray67 at 1/4.
@@ -71,15 +78,35 @@ vedal_schedule() {  # HARD_PRUNE_STEP: vedal-gs's fields at schedule scale 1 (fi
 densify_baseline() {  # splatfacto with densification stopped where vedal-gs stops it
   train splatfacto-portable "splatfacto-densify-7k-s$SEED" 30000 $(common 30000) --pipeline.model.stop-split-at 7000
 }
-vedal_variant() {  # NAME ARGS...: vedal-gs with ARGS, from $BRANCH when given (see the vedal-kl lane)
-  local name=$1; shift
+vedal_variant() {  # NAME ARGS...: vedal-gs with ARGS to step ${END:-30000}-1, from $BRANCH when given (vedal-kl lane)
+  local name=$1 end=${END:-30000}; shift
   if [ -z "${BRANCH:-}" ]; then
-    train vedal-gs "$name" 30000 $(common 30000) $(vedal_schedule 29999) "$@"; return
+    train vedal-gs "$name" "$end" $(common "$end") $(vedal_schedule 29999) "$@"; return
   fi
   local from limit=${BRANCH_BEFORE:-7000}
   from=$(basename "$BRANCH" | checkpoint_steps)
   if [ -z "$from" ] || [ "$from" -ge "$limit" ]; then echo "BRANCH must be a step-N.ckpt with N < $limit: $BRANCH" >&2; exit 2; fi
-  train vedal-gs "$name" 30000 $(common $((30000 - from - 1))) $(vedal_schedule 29999) "$@" --load-checkpoint "$BRANCH"
+  train vedal-gs "$name" "$end" $(common $((end - from - 1))) $(vedal_schedule 29999) "$@" --load-checkpoint "$BRANCH"
+}
+removal_gap() {  # NAME STEP ARGS...: analysis/vedal_removal_gap.py on run NAME's checkpoint of STEP, once
+  local name=$1 step=$2; shift 2
+  local out=$OUT/logs/$name.gap$step.txt
+  [ -s "$out" ] && return 0
+  # Not fatal: a run trained to the end before this existed has no step-29998 checkpoint left.
+  if "$BIN/python" "$ROOT/analysis/vedal_removal_gap.py" "$OUT/runs/compare/vedal-gs/$name/config.yml" --step "$step" "$@" > "$out.part" 2>&1; then
+    mv "$out.part" "$out"
+  else
+    echo "$(date -u +%FT%TZ) $name: no removal gap at step $step (see $out.part)" >> "$OUT/logs/lanes.log"
+  fi
+}
+vedal_with_gap() {  # NAME ARGS...: vedal_variant to step 29998, the gap there, the removal step, the gap after it
+  local name=$1; shift
+  if [ ! -s "$OUT/logs/$name.gap29999.txt" ]; then
+    END=29999 vedal_variant "$name" "$@"
+    removal_gap "$name" 29998
+    END=30000 vedal_variant "$name" "$@"
+    removal_gap "$name" 29999 --after-removal
+  fi
 }
 case "$LANE" in
   splatfacto)
@@ -90,7 +117,7 @@ case "$LANE" in
     [ "${ONLY_30K:-0}" = 0 ] || exit 0
     train splatfacto-portable "splatfacto-40k-s$SEED" 40000 $(common 10000) --save-only-latest-checkpoint False ;;
   vedal)
-    train vedal-gs "vedal-gs-s$SEED" 30000 $(common 30000) $(vedal_schedule 29999)
+    BRANCH="" vedal_with_gap "vedal-gs-s$SEED"
     # WITH_DENSIFY=0: the baseline is left to a `densify` lane (a queue that hands it to whichever core is free)
     [ "${WITH_DENSIFY:-1}" = 0 ] || densify_baseline ;;
   vedal-early-removal)
@@ -101,6 +128,10 @@ case "$LANE" in
   vedal-kl)
     for W in ${KL_WEIGHTS:?KL_WEIGHTS: the kl_weight values, e.g. KL_WEIGHTS="0.25 0.5 2 4"}; do
       vedal_variant "vedal-gs-kl$W-s$SEED" --pipeline.model.kl-weight "$W"
+    done ;;
+  vedal-target)
+    for F in ${TARGETS:?TARGETS: the target fractions, e.g. TARGETS="0.2 0.1 0.05"}; do
+      vedal_with_gap "vedal-gs-t$F-s$SEED" --pipeline.model.target-fraction "$F"
     done ;;
   vedal-branch)
     train vedal-gs "vedal-gs-branch-s$SEED" 7000 $(common 7000) $(vedal_schedule 29999) ;;
@@ -117,10 +148,18 @@ case "$LANE" in
     CKPT=$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s$BASE/nerfstudio_models/step-000029999.ckpt
     SUFFIX=s$SEED; [ "$BASE" = "$SEED" ] || SUFFIX=s$SEED-base$BASE
     while [ ! -f "$CKPT" ]; do sleep 30; done
-    sleep 60  # the checkpoint may still be being written
+    sleep "${CHECKPOINT_SETTLE_S:-60}"  # the checkpoint may still be being written
     for SCORE in ${SCORES:-fisher speedy lightgaussian opacity random}; do
       train pup-gs "pup-gs-$SCORE-$SUFFIX" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
-  *) echo "usage: bash scripts/experiments/full_schedule.sh splatfacto|vedal|vedal-early-removal|vedal-branch|vedal-kl|vedal-no-gate|vedal-cap|densify|pup SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
+  pup-target)
+    CKPT=$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s$SEED/nerfstudio_models/step-000029999.ckpt
+    while [ ! -f "$CKPT" ]; do sleep 30; done
+    sleep "${CHECKPOINT_SETTLE_S:-60}"  # the checkpoint may still be being written
+    for F in ${TARGETS:?TARGETS: the target fractions, e.g. TARGETS="0.2 0.1 0.05"}; do
+      train pup-gs "pup-gs-t$F-s$SEED" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
+        --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.target-fraction "$F"
+    done ;;
+  *) echo "usage: bash scripts/experiments/full_schedule.sh splatfacto|vedal|vedal-target|vedal-early-removal|vedal-branch|vedal-kl|vedal-no-gate|vedal-cap|densify|pup|pup-target SCENE OUT [SEED] [CORE]" >&2; exit 2 ;;
 esac
