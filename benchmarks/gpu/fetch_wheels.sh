@@ -36,7 +36,10 @@ done
 TAG="cp${PY_VERSION/./}"
 [[ "$PY_VERSION" != 3.12 ]] && WHEELS="cache/wheels-$TAG"
 mkdir -p "$WHEELS"
-PIP="${PIP:-python3 -m pip}"
+# The checkout's venv when there is one: building this checkout's wheel without build isolation needs its
+# setuptools and wheel, which a bare system python3 may lack ("invalid command 'bdist_wheel'").
+VENV_PY="$(cd ../.. && pwd)/.venv/bin/python"
+if [[ -x "$VENV_PY" ]]; then PIP="${PIP:-$VENV_PY -m pip}"; else PIP="${PIP:-python3 -m pip}"; fi
 
 PACKAGES=(
   # The kit's scripts: gsplat 1.4.0 imports numpy and typing_extensions (from torch) at import, rich when it
