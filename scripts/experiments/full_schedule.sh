@@ -9,8 +9,8 @@
 #                     ONLY_30K=1 stops at that checkpoint, for more pup-gs scores when the 40k row exists)
 #   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k (not with WITH_DENSIFY=0);
 #                     the removal gap is measured on the way (below)
-#   lane vedal-target : vedal-gs once per target fraction in $TARGETS (e.g. TARGETS="0.2 0.1 0.05"), each with its
-#                     removal gap; BRANCH works as for vedal-kl (a target acts only from fine-tuning's start)
+#   lane vedal-target : vedal-gs once per target in $TARGETS (fractions such as "0.2 0.1 0.05", or counts), each with
+#                     its removal gap; BRANCH works as for vedal-kl (a target acts only from fine-tuning's start)
 #   lane pup-target : pup-gs (fisher) from the splatfacto lane's step-29999 checkpoint once per fraction in $TARGETS
 #   lane pup        : pup-gs from the splatfacto lane's step-29999 checkpoint, once per score in $SCORES
 #                     (BASE_SEED=42 with another SEED: only the refinement repeated, from seed 42's checkpoint)
@@ -130,8 +130,14 @@ case "$LANE" in
       vedal_variant "vedal-gs-kl$W-s$SEED" --pipeline.model.kl-weight "$W"
     done ;;
   vedal-target)
-    for F in ${TARGETS:?TARGETS: the target fractions, e.g. TARGETS="0.2 0.1 0.05"}; do
-      vedal_with_gap "vedal-gs-t$F-s$SEED" --pipeline.model.target-fraction "$F"
+    # A fraction (with a dot) is of the Gaussians at fine-tuning's start; a whole number is a count, e.g. the densify
+    # baseline's count / 5 for exactly 5x fewer than it (0.2 of fine-tuning's start is 4.97x on the built-in scene).
+    for F in ${TARGETS:?TARGETS: the target fractions or counts, e.g. TARGETS="0.2 0.1 0.05" or TARGETS=33935}; do
+      if [[ "$F" == *.* ]]; then
+        vedal_with_gap "vedal-gs-t$F-s$SEED" --pipeline.model.target-fraction "$F"
+      else
+        vedal_with_gap "vedal-gs-n$F-s$SEED" --pipeline.model.target-gaussians "$F"
+      fi
     done ;;
   vedal-branch)
     train vedal-gs "vedal-gs-branch-s$SEED" 7000 $(common 7000) $(vedal_schedule 29999) ;;
