@@ -108,6 +108,12 @@ vedal_with_gap() {  # NAME ARGS...: vedal_variant to step 29998, the gap there, 
     removal_gap "$name" 29999 --after-removal
   fi
 }
+splatfacto_30k_checkpoint() {  # SEED: the splatfacto lane's step-29999 checkpoint, once written (printed)
+  local ckpt=$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s$1/nerfstudio_models/step-000029999.ckpt
+  while [ ! -f "$ckpt" ]; do sleep 30; done
+  sleep "${CHECKPOINT_SETTLE_S:-60}"  # the checkpoint may still be being written
+  echo "$ckpt"
+}
 case "$LANE" in
   splatfacto)
     # Two legs: the first keeps only its latest checkpoint and ends at step 29999 (pup-gs starts there), the
@@ -151,18 +157,14 @@ case "$LANE" in
     # BASE_SEED: the splatfacto run to start from (default: SEED). Another seed from the same checkpoint repeats
     # only the refinement, the noise that matters when scores are compared on one trained model.
     BASE=${BASE_SEED:-$SEED}
-    CKPT=$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s$BASE/nerfstudio_models/step-000029999.ckpt
+    CKPT=$(splatfacto_30k_checkpoint "$BASE")
     SUFFIX=s$SEED; [ "$BASE" = "$SEED" ] || SUFFIX=s$SEED-base$BASE
-    while [ ! -f "$CKPT" ]; do sleep 30; done
-    sleep "${CHECKPOINT_SETTLE_S:-60}"  # the checkpoint may still be being written
     for SCORE in ${SCORES:-fisher speedy lightgaussian opacity random}; do
       train pup-gs "pup-gs-$SCORE-$SUFFIX" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.score "$SCORE"
     done ;;
   pup-target)
-    CKPT=$OUT/runs/compare/splatfacto-portable/splatfacto-40k-s$SEED/nerfstudio_models/step-000029999.ckpt
-    while [ ! -f "$CKPT" ]; do sleep 30; done
-    sleep "${CHECKPOINT_SETTLE_S:-60}"  # the checkpoint may still be being written
+    CKPT=$(splatfacto_30k_checkpoint "$SEED")
     for F in ${TARGETS:?TARGETS: the target fractions, e.g. TARGETS="0.2 0.1 0.05"}; do
       train pup-gs "pup-gs-t$F-s$SEED" 40000 $(common 10000) --pipeline.model.stop-split-at 15000 \
         --load-checkpoint "$CKPT" --pipeline.model.refine-steps 5000 5000 --pipeline.model.target-fraction "$F"
