@@ -542,6 +542,10 @@ def test_the_viewer_threshold_hides_fewer_as_it_moves_down_with_a_target_and_aft
 
     before = [model.hidden_mask(t) for t in thresholds]
     assert nested(before) and int(before[thresholds.index(0.5)].sum()) == n - keep
+    p = torch.sigmoid(model.retention_logits())
+    for t, hidden in zip(thresholds, before):
+        if t < 0.5:
+            assert torch.equal(hidden, before[thresholds.index(0.5)] & (p < t))
     assert not any(m[~gated].any() for m in before)
     model.train()
     model.hard_prune(step=100)
