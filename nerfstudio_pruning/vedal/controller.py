@@ -523,11 +523,12 @@ class VedalController:
     def hidden_mask(self, logits: Tensor, gated: Tensor, threshold: float = 0.5) -> Tensor:
         """[N] bool: Gaussians the deterministic inference mask drops: at 0.5, what the removal would remove now
         (`removal_mask`); above 0.5, that and every gated Gaussian with p below the threshold; below 0.5, only
-        those of it with p below the threshold (gated or not: a target may remove ungated Gaussians by their EMA). Without a target and before the removal this is simply "gated
-        with p < threshold". With a target, the hand-over's fixed decision, or after the removal, the removal's set
-        is not a threshold on p (after the removal it is empty, while 7% of the gated survivors of a full-schedule
-        run had p < 0.5), so a plain "p < threshold" would hide more just below 0.5 than at it; this way fewer
-        Gaussians are hidden as the slider moves down, and more as it moves up."""
+        those of it with p below the threshold (gated or not: a target may remove ungated Gaussians by their EMA).
+        Without a target and before the removal this is simply "gated with p < threshold". With a target, the
+        hand-over's fixed decision, or after the removal, the removal's set is not a threshold on p (after the
+        removal it is empty, while 7% of the gated survivors of a full-schedule run had p < 0.5), so a plain
+        "p < threshold" would hide more just below 0.5 than at it; this way fewer Gaussians are hidden as the slider
+        moves down, and more as it moves up."""
         removal = self.removal_mask(logits, gated)
         if threshold == 0.5:
             return removal
