@@ -522,6 +522,32 @@ def test_with_a_target_the_removal_keeps_exactly_that_many_and_eval_hides_exactl
     assert not model.hidden_mask().any()  # the removal was the mask: nothing more is hidden after it
 
 
+def test_the_kept_count_names_ungated_gaussians_a_target_removes_and_the_target_after_the_removal():
+    """A target beyond what the gate has made eligible removes ungated Gaussians too (lowest importance EMA): the
+    count must not call them gated, and a loaded model's count must name the target, not "p < 0.5"."""
+    model = tiny_model()
+    n = model.num_points
+    _gate_and_split_the_head(model)  # two in three gated
+    keep = n // 5  # more to remove than are gated
+    model.vedal.config.target_gaussians = keep
+    model.vedal.start_gaussians = n
+    model.vedal.gate.history = [(0, 2 / 3, 0)]  # the gate has observed every Gaussian
+    gated = model.gated_mask()
+    model.eval()
+    hidden = model.hidden_mask()
+    ungated_hidden = int((hidden & ~gated).sum())
+    assert int(hidden.sum()) == n - keep and ungated_hidden > 0
+    assert model.kept_count_description(0.5) == (
+        f"{keep} of {n} shown ({int(gated.sum())} of the {int(gated.sum())} gated hidden at 0.50 and "
+        f"{ungated_hidden} ungated, by importance, for the target)")
+    model.train()
+    model.hard_prune(step=100)
+    model._hard_removal = None  # as loaded from a checkpoint
+    assert model.num_points == keep
+    assert model.kept_count_description(0.5).endswith(
+        f"; the hard removal (to the target of {keep}) already ran: checkpoints do not keep the count before it)")
+
+
 def test_the_viewer_threshold_hides_fewer_as_it_moves_down_with_a_target_and_after_the_removal():
     """With a target the removal's set is a rank, not "p < 0.5", and after the removal it is empty while gated
     survivors may have p < 0.5: the hidden set must still shrink as the slider moves down and grow as it moves up,

@@ -314,16 +314,22 @@ class VedalGSModel(PortableSplatfactoModel):
         thread must not read the model while training changes it."""
         n, logits, gated = self._kept_count_inputs or self.kept_count_inputs()
         threshold = float(self.retention_threshold_slider.value) if threshold is None else threshold
-        hidden = int(self.vedal.hidden_mask(logits, gated, threshold).sum())
+        hidden_mask = self.vedal.hidden_mask(logits, gated, threshold)
+        hidden = int(hidden_mask.sum())
         if not self.vedal.finetuning_started:
             why = f"none gated before fine-tuning (step {self.config.vedal.finetune_start_step:,})"
         else:
-            why = f"{hidden:,} of the {int(gated.sum()):,} gated hidden at {threshold:.2f}"
+            hidden_gated = int((hidden_mask & gated).sum())
+            why = f"{hidden_gated:,} of the {int(gated.sum()):,} gated hidden at {threshold:.2f}"
+            if hidden > hidden_gated:  # only a target removes ungated Gaussians (by importance, the gate short)
+                why += f" and {hidden - hidden_gated:,} ungated, by importance, for the target"
         if self.vedal.pruned and self._hard_removal is not None:
             step, before, after = self._hard_removal
             why += f"; hard removal at step {step:,}: {before:,} -> {after:,}"
         elif self.vedal.pruned:
-            why += "; the hard removal (gated, p < 0.5) already ran: checkpoints do not keep the count before it"
+            wanted = self.vedal.target()
+            rule = "gated, p < 0.5" if wanted is None else f"to the target of {wanted:,}"
+            why += f"; the hard removal ({rule}) already ran: checkpoints do not keep the count before it"
         return f"{n - hidden:,} of {n:,} shown ({why})"
 
     def update_kept_count_text(self, threshold: Optional[float] = None) -> None:
