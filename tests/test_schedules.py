@@ -178,6 +178,40 @@ def test_without_the_gate_every_gaussian_is_gated_under_the_gated_runs_lambda_kl
     assert asked == [] and absolute.gated_mask(n).all() and absolute.kl_lambda() == 1e-6
 
 
+@pytest.mark.parametrize("target", [60, 20])
+def test_kl_at_target_puts_proposition_1s_threshold_where_the_removal_cuts_the_gated(target):
+    """kl_at_target with kl_weight 1: a gated Gaussian is let go (p < 1/2 by Proposition 1) exactly when its
+    importance EMA is at or below that of the k-th lowest gated one, k = Gaussians - target: the head's share of
+    the gated is the removal's (with the mean as the unit it is not). With more to remove than are gated, every
+    gated one is let go."""
+    torch.manual_seed(0)
+    n, n_views = 200, 7
+    base = torch.rand(n, dtype=torch.float64) ** 4
+    gate = ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=0.8, max_eligible_fraction=0.7)
+    vedal = _controller(gate=gate, target_gaussians=target, kl_at_target=True, min_gaussians=8)
+    mean_run = _controller(gate=gate, target_gaussians=target, min_gaussians=8)
+    for step in range(0, 60):
+        for run in (vedal, mean_run):
+            run.before_step(step, n, n_views, lambda views: base * len(views))
+    gated = vedal.gated_mask(n)
+    assert torch.equal(gated, mean_run.gated_mask(n)) and 0 < int(gated.sum()) < n
+    ema = vedal.gate.ema
+    let_go = gated & (ema <= vedal.prune_threshold_importance() * (1 + 1e-9))
+    assert int(let_go.sum()) == min(n - target, int(gated.sum()))
+    assert mean_run.prune_threshold_importance() == pytest.approx(float(ema.double().mean()) * math.log(4.0), rel=1e-6)
+    assert int((gated & (ema <= mean_run.prune_threshold_importance())).sum()) != n - target
+    # A gate short of the removal count (as before it fills its cap): the threshold is the highest gated EMA.
+    few = gated & (torch.cumsum(gated.long(), 0) <= 50)
+    vedal.gate.eligible = few
+    vedal._update_importance_scale()
+    assert vedal.prune_threshold_importance() == pytest.approx(float(ema[few].max()), rel=1e-9)
+    vedal.gate.eligible = gated
+    vedal._update_importance_scale()
+    restored = _controller(gate=gate, target_gaussians=target, kl_at_target=True, min_gaussians=8)
+    restored.load_state_dict(vedal.state_dict())
+    assert restored.kl_lambda() == vedal.kl_lambda()
+
+
 def test_the_kl_scale_is_restored_with_the_gate():
     vedal = _controller()
     for step in range(0, 40):
