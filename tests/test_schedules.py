@@ -212,6 +212,29 @@ def test_kl_at_target_puts_proposition_1s_threshold_where_the_removal_cuts_the_g
     assert restored.kl_lambda() == vedal.kl_lambda()
 
 
+def test_prior_at_target_is_the_share_of_the_gated_pool_that_the_removal_keeps():
+    """prior_at_target with N of n kept: pi = target_contest N / (n - N + target_contest N) in the KL term and in
+    Proposition 1's threshold, from fine-tuning's start (the configured pi before it, and without the option)."""
+    torch.manual_seed(0)
+    n, target = 200, 40
+    base = torch.rand(n, dtype=torch.float64) ** 4
+    gate = ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=0.8, max_eligible_fraction=0.7)
+    vedal = _controller(gate=gate, target_gaussians=target, prior_at_target=True, min_gaussians=8)
+    plain = _controller(gate=gate, target_gaussians=target, min_gaussians=8)
+    assert vedal.prior_keep_probability() == plain.prior_keep_probability() == 0.2  # before fine-tuning
+    for step in range(0, 60):
+        for run in (vedal, plain):
+            run.before_step(step, n, 7, lambda views: base * len(views))
+    pi = 20 / (160 + 20)
+    assert vedal.prior_keep_probability() == pytest.approx(pi) and plain.prior_keep_probability() == 0.2
+    assert vedal.prune_threshold_importance() == pytest.approx(vedal.kl_lambda() * math.log((1 - pi) / pi))
+    logits, gated = torch.randn(n), vedal.gated_mask(n)
+    assert int(gated.sum()) > 0
+    p = torch.sigmoid(logits.double())[gated]
+    kl = (p * torch.log(p / pi) + (1 - p) * torch.log((1 - p) / (1 - pi))).sum() * vedal.kl_lambda()
+    assert float(vedal.regulariser(logits, gated)["retention_kl"]) == pytest.approx(float(kl), rel=1e-4)
+
+
 def test_the_kl_scale_is_restored_with_the_gate():
     vedal = _controller()
     for step in range(0, 40):
