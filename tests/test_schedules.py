@@ -178,21 +178,27 @@ def test_without_the_gate_every_gaussian_is_gated_under_the_gated_runs_lambda_kl
     assert asked == [] and absolute.gated_mask(n).all() and absolute.kl_lambda() == 1e-6
 
 
+def _with_and_without(option: str, target: int, steps: int = 60):
+    """Two controllers with a target of `target` of 200 Gaussians, one with `option` on, fed the same heavy-tailed
+    importances (as of trained models) for `steps` steps; returns (with, without, n)."""
+    torch.manual_seed(0)
+    n = 200
+    base = torch.rand(n, dtype=torch.float64) ** 4
+    gate = ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=0.8, max_eligible_fraction=0.7)
+    runs = [_controller(gate=gate, target_gaussians=target, min_gaussians=8, **{option: on}) for on in (True, False)]
+    for step in range(0, steps):
+        for run in runs:
+            run.before_step(step, n, 7, lambda views: base * len(views))
+    return runs[0], runs[1], n
+
+
 @pytest.mark.parametrize("target", [60, 20])
 def test_kl_at_target_puts_proposition_1s_threshold_where_the_removal_cuts_the_gated(target):
     """kl_at_target with kl_weight 1: a gated Gaussian is let go (p < 1/2 by Proposition 1) exactly when its
     importance EMA is at or below that of the k-th lowest gated one, k = Gaussians - target: the head's share of
     the gated is the removal's (with the mean as the unit it is not). With more to remove than are gated, every
     gated one is let go."""
-    torch.manual_seed(0)
-    n, n_views = 200, 7
-    base = torch.rand(n, dtype=torch.float64) ** 4
-    gate = ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=0.8, max_eligible_fraction=0.7)
-    vedal = _controller(gate=gate, target_gaussians=target, kl_at_target=True, min_gaussians=8)
-    mean_run = _controller(gate=gate, target_gaussians=target, min_gaussians=8)
-    for step in range(0, 60):
-        for run in (vedal, mean_run):
-            run.before_step(step, n, n_views, lambda views: base * len(views))
+    vedal, mean_run, n = _with_and_without("kl_at_target", target)
     gated = vedal.gated_mask(n)
     assert torch.equal(gated, mean_run.gated_mask(n)) and 0 < int(gated.sum()) < n
     ema = vedal.gate.ema
@@ -207,7 +213,7 @@ def test_kl_at_target_puts_proposition_1s_threshold_where_the_removal_cuts_the_g
     assert vedal.prune_threshold_importance() == pytest.approx(float(ema[few].max()), rel=1e-9)
     vedal.gate.eligible = gated
     vedal._update_importance_scale()
-    restored = _controller(gate=gate, target_gaussians=target, kl_at_target=True, min_gaussians=8)
+    restored = _controller(gate=vedal.config.gate, target_gaussians=target, kl_at_target=True, min_gaussians=8)
     restored.load_state_dict(vedal.state_dict())
     assert restored.kl_lambda() == vedal.kl_lambda()
 
@@ -215,16 +221,10 @@ def test_kl_at_target_puts_proposition_1s_threshold_where_the_removal_cuts_the_g
 def test_prior_at_target_is_the_share_of_the_gated_pool_that_the_removal_keeps():
     """prior_at_target with N of n kept: pi = target_contest N / (n - N + target_contest N) in the KL term and in
     Proposition 1's threshold, from fine-tuning's start (the configured pi before it, and without the option)."""
-    torch.manual_seed(0)
-    n, target = 200, 40
-    base = torch.rand(n, dtype=torch.float64) ** 4
-    gate = ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=0.8, max_eligible_fraction=0.7)
-    vedal = _controller(gate=gate, target_gaussians=target, prior_at_target=True, min_gaussians=8)
-    plain = _controller(gate=gate, target_gaussians=target, min_gaussians=8)
+    target = 40
+    vedal, plain, n = _with_and_without("prior_at_target", target, steps=0)
     assert vedal.prior_keep_probability() == plain.prior_keep_probability() == 0.2  # before fine-tuning
-    for step in range(0, 60):
-        for run in (vedal, plain):
-            run.before_step(step, n, 7, lambda views: base * len(views))
+    vedal, plain, n = _with_and_without("prior_at_target", target)
     pi = 20 / (160 + 20)
     assert vedal.prior_keep_probability() == pytest.approx(pi) and plain.prior_keep_probability() == 0.2
     assert vedal.prune_threshold_importance() == pytest.approx(vedal.kl_lambda() * math.log((1 - pi) / pi))
