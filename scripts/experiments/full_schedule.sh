@@ -10,7 +10,9 @@
 #   lane vedal      : vedal-gs (7k + 23k), then splatfacto with densification stopped at 7k (not with WITH_DENSIFY=0);
 #                     the removal gap is measured on the way (below)
 #   lane vedal-target : vedal-gs once per target in $TARGETS (fractions such as "0.2 0.1 0.05", or counts), each with
-#                     its removal gap; BRANCH works as for vedal-kl (a target acts only from fine-tuning's start)
+#                     its removal gap; BRANCH works as for vedal-kl (a target acts only from fine-tuning's start);
+#                     TAG=pat VEDAL_ARGS="--pipeline.model.prior-at-target True" adds options to every run, whose
+#                     names then carry the tag (vedal-gs-pat-t0.1-s42)
 #   lane pup-target : pup-gs (fisher) from the splatfacto lane's step-29999 checkpoint once per fraction in $TARGETS
 #   lane pup        : pup-gs from the splatfacto lane's step-29999 checkpoint, once per score in $SCORES
 #                     (BASE_SEED=42 with another SEED: only the refinement repeated, from seed 42's checkpoint)
@@ -139,10 +141,11 @@ case "$LANE" in
     # A fraction (with a dot) is of the Gaussians at fine-tuning's start; a whole number is a count, e.g. the densify
     # baseline's count / 5 for exactly 5x fewer than it (0.2 of fine-tuning's start is 4.97x on the built-in scene).
     for F in ${TARGETS:?TARGETS: the target fractions or counts, e.g. TARGETS="0.2 0.1 0.05" or TARGETS=33935}; do
+      # VEDAL_ARGS is split into words on purpose: it holds several options.
       if [[ "$F" == *.* ]]; then
-        vedal_with_gap "vedal-gs-t$F-s$SEED" --pipeline.model.target-fraction "$F"
+        vedal_with_gap "vedal-gs${TAG:+-$TAG}-t$F-s$SEED" --pipeline.model.target-fraction "$F" ${VEDAL_ARGS:-}
       else
-        vedal_with_gap "vedal-gs-n$F-s$SEED" --pipeline.model.target-gaussians "$F"
+        vedal_with_gap "vedal-gs${TAG:+-$TAG}-n$F-s$SEED" --pipeline.model.target-gaussians "$F" ${VEDAL_ARGS:-}
       fi
     done ;;
   vedal-branch)
