@@ -355,15 +355,45 @@ def test_target_rows_train_each_method_at_its_target_and_report_asked_against_ob
                                         runs=(f"vedal-gs-t0.2={given}",)), (42,))) == {("vedal-gs-t0.2", 42)}
 
 
-@pytest.mark.parametrize("fractions, methods, message", [
-    ((0.0,), ("pup-gs",), r"--target-fractions are fractions of the Gaussians to keep, in \(0, 1\), got 0"),
-    ((1.0,), ("vedal-gs",), r"--target-fractions are fractions of the Gaussians to keep, in \(0, 1\), got 1"),
-    ((0.1,), ("splatfacto-portable",), "--target-fractions: pup-gs and vedal-gs rows, and --methods leaves both out"),
+@pytest.mark.parametrize("fractions, pup_keep, methods, message", [
+    ((0.0,), None, ("pup-gs",), r"--target-fractions are fractions of the Gaussians to keep, in \(0, 1\), got 0"),
+    ((1.0,), None, ("vedal-gs",), r"--target-fractions are fractions of the Gaussians to keep, in \(0, 1\), got 1"),
+    ((0.1,), None, ("splatfacto-portable",), "--target-fractions: pup-gs and vedal-gs rows, and --methods leaves both out"),
+    ((), 1.0, ("pup-gs",), r"--pup-target-fraction is the fraction of the Gaussians pup-gs keeps, in \(0, 1\), got 1"),
+    ((), 0.5, ("vedal-gs",), "--pup-target-fraction: pup-gs rows, and --methods leaves pup-gs out"),
 ])
-def test_unusable_target_fractions_are_refused(fractions, methods, message, tmp_path):
+def test_unusable_target_fractions_are_refused(fractions, pup_keep, methods, message, tmp_path):
     with pytest.raises(CompareError, match=message):
-        run(CompareConfig(output_dir=tmp_path / "out", methods=methods, target_fractions=fractions))
+        run(CompareConfig(output_dir=tmp_path / "out", methods=methods, target_fractions=fractions,
+                          pup_target_fraction=pup_keep))
     assert not (tmp_path / "out").exists()
+
+
+def test_pup_target_fraction_sets_every_pup_row_and_the_table_says_so(tmp_path):
+    """--pup-target-fraction (the demo's 0.5) passes the fraction to each score's pup-gs run, not to the target
+    rows (they keep their own) nor to vedal-gs, and a note says that pup-gs is not at the paper's 10%."""
+    from types import SimpleNamespace
+
+    from nerfstudio_pruning.compare import Schedule, make_plan, table_notes
+
+    cfg = CompareConfig(output_dir=tmp_path, pup_target_fraction=0.5, pup_scores=("fisher", "opacity"),
+                        target_fractions=(0.2,))
+    sched = Schedule.of(float(TINY))
+    plan = make_plan(cfg, sched, (42,), {}, tmp_path, False)
+    jobs = {j.label: j for j in plan.jobs}
+
+    def fractions(label):
+        extra = jobs[label].extra
+        return [extra[i + 1] for i, a in enumerate(extra) if a == "--pipeline.model.target-fraction"]
+
+    assert fractions("pup-gs/s42") == ["0.5"] and fractions("pup-gs-opacity/s42") == ["0.5"]
+    assert fractions("pup-gs-t0.2/s42") == ["0.2"] and fractions("vedal-gs/s42") == []
+    scene = SimpleNamespace(name="default", dataparser="nsp-default-scene", random_init=False, notes=[])
+    notes = table_notes(cfg, sched, scene, (42,), plan.records, [], jobs)
+    assert any(n.startswith("pup-gs keeps 50% of the model it prunes (--pup-target-fraction 0.5") for n in notes)
+    default = CompareConfig(output_dir=tmp_path)
+    assert not any("--pup-target-fraction" in n for n in table_notes(
+        default, sched, scene, (42,), make_plan(default, sched, (42,), {}, tmp_path, False).records, [], jobs))
 
 
 def test_vedal_variants_without_vedal_gs_are_refused(tmp_path):

@@ -69,7 +69,9 @@ def target_rows(cfg: CompareConfig, method: str, baseline: str) -> List[Row]:
 
 def pup_rows(cfg: CompareConfig) -> List[Row]:
     """One pup-gs row per score (the paper's, fisher, is the row called pup-gs), then one per target size."""
-    return [Row("pup-gs" if score == "fisher" else f"pup-gs-{score}", "pup-gs", ROW_40K, (f"--{flag('score')}", score))
+    keep = () if cfg.pup_target_fraction is None else (f"--{flag('target_fraction')}", str(cfg.pup_target_fraction))
+    return [Row("pup-gs" if score == "fisher" else f"pup-gs-{score}", "pup-gs", ROW_40K,
+                (f"--{flag('score')}", score) + keep)
             for score in cfg.pup_scores] + target_rows(cfg, "pup-gs", ROW_40K)
 
 

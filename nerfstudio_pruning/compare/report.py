@@ -48,6 +48,11 @@ def table_notes(cfg: CompareConfig, sched: Schedule, scene: Scene, seeds: Tuple[
         notes.append(f"Read pup-gs against {ROW_40K}: both train {sched.steps_40k} steps in all ({sched.steps_30k} "
                      f"splatfacto + {' + '.join(map(str, sched.refine))} refinement); its train s is the pruning and "
                      "refinement only.")
+        if cfg.pup_target_fraction is not None:
+            notes.append(f"pup-gs keeps {cfg.pup_target_fraction:.0%} of the model it prunes (--pup-target-fraction "
+                         f"{cfg.pup_target_fraction:g}: two rounds of the paper's shape), not the paper's 10%"
+                         + (": at this schedule its refinement is too short to refill a 90% cut (docs/compare.md)."
+                            if sched.scale < 1 else "."))
     if ROW_DENSIFY in rows:
         notes.append(f"Read vedal-gs against {ROW_DENSIFY}: both train {sched.vedal_steps} steps with densification, "
                      f"culling and opacity resets stopped at step {sched.densify_stop} (vedal-gs's fine-tuning start), "
