@@ -45,7 +45,7 @@ class CompareConfig:
     target_fractions: Tuple[float, ...] = ()
     """Extra pup-gs and vedal-gs runs (of the methods asked for), one per fraction of Gaussians to keep (--pipeline.model.target-fraction), drawn as one rate-distortion curve per method; the table gives the size asked for beside the size obtained. pup-gs's fraction is of the model it prunes, vedal-gs's of the Gaussians at its fine-tuning start."""
     pup_target_fraction: Optional[float] = None
-    """The fraction of the model that every pup-gs row keeps (--pipeline.model.target-fraction; two rounds of the paper's shape). Default: the paper's 80% + 50%, i.e. 0.1. The README's demo asks for 0.5: at 1/30 of the schedule 167 + 167 refinement steps cannot refill a 90% cut (docs/compare.md)."""
+    """The fraction of the model that every pup-gs row keeps (--pipeline.model.target-fraction; two rounds of the paper's shape). Default: the paper's 80% + 50%, i.e. 0.1. Without pup-gs in --methods it does nothing. The README's demo asks for 0.5 on a CPU: at 1/30 of the schedule 167 + 167 refinement steps cannot refill a 90% cut (docs/compare.md)."""
     gate_ablation: bool = False
     """Also run vedal-gs with the gate disabled (synchronous variational pruning, the paper's ablation)."""
     pup_scores: Tuple[str, ...] = ("fisher",)
