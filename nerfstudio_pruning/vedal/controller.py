@@ -165,9 +165,9 @@ class VedalConfig:
     n - N + target_contest x N gated; 0.053 at 10x fewer, 0.11 at 5x) instead of prior_keep_probability, as the
     paper chose its 0.2 for an operating point that keeps about that share. By Proposition 1 an unimportant gated
     Gaussian's p settles at pi, so the sampled fine-tuning renders about as many of them as the removal leaves,
-    not 20%. Measured at 10% on the built-in scene (seed 42): the training PSNR fell 1.2-2.6 dB at the decision
-    instead of 9, and the eval PSNR after the removal was 27.34 dB against 23.56 with the paper's 0.2
-    (docs/results.md)."""
+    not 20%. Measured at 10% on the built-in scene (seeds 42 / 43): the training PSNR fell 1.2 / 0.7 dB at the
+    decision instead of 9, and the eval PSNR after the removal was 27.34 / 27.41 dB (seed 42 with the paper's 0.2:
+    23.56; docs/results.md)."""
     head_gradient_rows: int = 2048
     """Rows through which the retention head's parameter gradient is estimated per step (0: all); see
     `RetentionHeadConfig.gradient_rows`."""
