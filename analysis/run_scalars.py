@@ -26,7 +26,7 @@ DEFAULT_TAGS = ("Train Metrics Dict/psnr", "Train Metrics Dict/gaussian_count", 
 
 
 def read_scalars(run: Path) -> Dict[str, Dict[int, float]]:
-    """tag -> step -> value over every events file of `run`, later files first to win."""
+    """tag -> step -> value over every events file of `run`, read oldest first so that a later file wins."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     files = sorted(run.glob("events.out.tfevents.*"), key=_started)
