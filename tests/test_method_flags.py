@@ -27,7 +27,7 @@ VEDAL_VALUES = {
     "importance_every": ("5", 5), "importance_views": ("3", 3), "importance_downscale": ("2", 2),
     "importance_seed": ("7", 7), "use_gate": ("False", False), "min_gaussians": ("10", 10),
     "target_fraction": ("0.3", 0.3), "target_gaussians": ("500", 500), "target_contest": ("0.25", 0.25),
-    "hard_mask_fraction": ("0.2", 0.2), "kl_at_target": ("True", True), "prior_at_target": ("True", True),
+    "hard_mask_fraction": ("0.2", 0.2), "kl_at_target": ("True", True), "prior_at_target": ("False", False),
     "head_gradient_rows": ("64", 64),
     "gate.beta": ("0.8", 0.8), "gate.rel_tol": ("0.1", 0.1), "gate.window": ("4", 4), "gate.min_refreshes": ("5", 5),
     "gate.threshold_quantile": ("0.8", 0.8), "gate.max_eligible_fraction": ("0.7", 0.7),

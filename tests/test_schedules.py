@@ -178,14 +178,15 @@ def test_without_the_gate_every_gaussian_is_gated_under_the_gated_runs_lambda_kl
     assert asked == [] and absolute.gated_mask(n).all() and absolute.kl_lambda() == 1e-6
 
 
-def _with_and_without(option: str, target: int, steps: int = 60):
-    """Two controllers with a target of `target` of 200 Gaussians, one with `option` on, fed the same heavy-tailed
-    importances (as of trained models) for `steps` steps; returns (with, without, n)."""
+def _with_and_without(option: str, target: int, steps: int = 60, **fixed):
+    """Two controllers with a target of `target` of 200 Gaussians (and the settings `fixed`), one with `option` on,
+    fed the same heavy-tailed importances (as of trained models) for `steps` steps; returns (with, without, n)."""
     torch.manual_seed(0)
     n = 200
     base = torch.rand(n, dtype=torch.float64) ** 4
     gate = ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=0.8, max_eligible_fraction=0.7)
-    runs = [_controller(gate=gate, target_gaussians=target, min_gaussians=8, **{option: on}) for on in (True, False)]
+    runs = [_controller(gate=gate, target_gaussians=target, min_gaussians=8, **fixed, **{option: on})
+            for on in (True, False)]
     for step in range(0, steps):
         for run in runs:
             run.before_step(step, n, 7, lambda views: base * len(views))
@@ -198,7 +199,7 @@ def test_kl_at_target_puts_proposition_1s_threshold_where_the_removal_cuts_the_g
     importance EMA is at or below that of the k-th lowest gated one, k = Gaussians - target: the head's share of
     the gated is the removal's (with the mean as the unit it is not). With more to remove than are gated, every
     gated one is let go."""
-    vedal, mean_run, n = _with_and_without("kl_at_target", target)
+    vedal, mean_run, n = _with_and_without("kl_at_target", target, prior_at_target=False)
     gated = vedal.gated_mask(n)
     assert torch.equal(gated, mean_run.gated_mask(n)) and 0 < int(gated.sum()) < n
     ema = vedal.gate.ema
@@ -213,7 +214,8 @@ def test_kl_at_target_puts_proposition_1s_threshold_where_the_removal_cuts_the_g
     assert vedal.prune_threshold_importance() == pytest.approx(float(ema[few].max()), rel=1e-9)
     vedal.gate.eligible = gated
     vedal._update_importance_scale()
-    restored = _controller(gate=vedal.config.gate, target_gaussians=target, kl_at_target=True, min_gaussians=8)
+    restored = _controller(gate=vedal.config.gate, target_gaussians=target, kl_at_target=True, min_gaussians=8,
+                           prior_at_target=False)
     restored.load_state_dict(vedal.state_dict())
     assert restored.kl_lambda() == vedal.kl_lambda()
 
@@ -233,6 +235,21 @@ def test_prior_at_target_is_the_share_of_the_gated_pool_that_the_removal_keeps()
     p = torch.sigmoid(logits.double())[gated]
     kl = (p * torch.log(p / pi) + (1 - p) * torch.log((1 - p) / (1 - pi))).sum() * vedal.kl_lambda()
     assert float(vedal.regulariser(logits, gated)["retention_kl"]) == pytest.approx(float(kl), rel=1e-4)
+
+
+def test_a_target_sets_the_prior_by_default_and_without_one_the_papers_prior_stays():
+    """prior_at_target is on by default: with a target the prior is the removal's share of the gated pool once
+    fine-tuning starts; without a target, or with the option off, it is prior_keep_probability."""
+    n, target = 200, 40
+    runs = {name: _controller(gate=ConvergenceGateConfig(min_refreshes=2, window=1, threshold_quantile=0.8,
+                                                         max_eligible_fraction=0.7), min_gaussians=8, **settings)
+            for name, settings in {"default": dict(target_gaussians=target), "off": dict(target_gaussians=target,
+                                   prior_at_target=False), "no target": dict(prior_keep_probability=0.3)}.items()}
+    for step in range(0, 20):
+        for run in runs.values():
+            run.before_step(step, n, 7, lambda views: torch.rand(n, dtype=torch.float64))
+    assert runs["default"].prior_keep_probability() == pytest.approx(20 / (160 + 20))
+    assert runs["off"].prior_keep_probability() == 0.2 and runs["no target"].prior_keep_probability() == 0.3
 
 
 def test_the_kl_scale_is_restored_with_the_gate():
