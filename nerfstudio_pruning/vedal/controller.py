@@ -167,8 +167,9 @@ class VedalConfig:
     share. By Proposition 1 an unimportant gated Gaussian's p settles at pi, so the sampled fine-tuning renders
     about as many of them as the removal leaves, not 20%. Measured at full schedule (docs/results.md): at 10% on
     the built-in scene 27.34 / 27.41 dB (seeds 42 / 43; the paper's 0.2: 23.56), the training PSNR falling 1.2 /
-    0.7 dB at the decision instead of 9; at 5x fewer level with 0.2 (seed 42: 27.08 dB against 26.99). False:
-    the paper's pi whatever the target."""
+    0.7 dB at the decision instead of 9; at 5x fewer level with 0.2 (26.96 ± 0.13 dB against 26.93 ± 0.06, two
+    seeds), and on buddha_gray67 at 1/4, 5x, level with the defaults (22.59 dB against 22.49 at 4.64x). False: the
+    paper's pi whatever the target."""
     head_gradient_rows: int = 2048
     """Rows through which the retention head's parameter gradient is estimated per step (0: all); see
     `RetentionHeadConfig.gradient_rows`."""
