@@ -264,8 +264,8 @@ def test_torch_path_returns_the_pairs_of_the_unbounded_enumeration_and_of_brute_
     n, width, height, cameras, seed, packed, tile = case
     if batch_candidates == "small":
         # Batches far smaller than a tile's candidates, so that most batches end inside a tile and a pixel's pairs
-        # span several: 5 on the 60-Gaussian case; on the others the ~10^4 batches of 5 would add half a minute of
-        # Python loop, not boundaries of another kind.
+        # span several (the cases have 560-54,000 candidates a tile): 5 on the 60-Gaussian case; on the others the
+        # 14,000-65,000 batches of 5 added ~50 s of Python loop, not boundaries of another kind.
         batch_candidates = 5 if n <= 100 else 53
     proj = projected_scene(n, width, height, cameras, seed, packed)
     expected = unbounded_find_pairs(proj, cameras, width, height, tile)
