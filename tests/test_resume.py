@@ -90,13 +90,16 @@ def assert_optimizers_restored(trainer, saved: dict) -> None:
 @pytest.mark.parametrize("step, phase", [(40, "before densification and the rounds"), (80, "between the rounds"),
                                          (100, "after the last round")])
 def test_pup_gs_resumed_anywhere_ends_identical_to_the_uninterrupted_run(pup_run, e2e_root, step, phase):
+    """From step 40 the resumed run goes through densification and the first round and is compared at step 80,
+    between the rounds (the resume from there covers the second); from 80 and 100 it goes to the end."""
     _, run = pup_run
+    last, rounds = (PUP_LAST, 2) if step > 40 else (80, 1)
     if step == 40:
         count = lambda s: checkpoint(run, s)["pipeline"]["_model.gauss_params.means"].shape[0]
         assert count(60) != count(40), "no densification after step 40: the densification state would go untested"
-    resumed = resume("pup-gs", run, step, PUP_LAST - step, f"pup-resume-{step}", PUP_ARGS, e2e_root)
-    final, resumed_final = checkpoint(run, PUP_LAST), checkpoint(resumed, PUP_LAST)
-    assert int(resumed_final["pipeline"]["_model._extra_state"]["pup"]["rounds_done"]) == 2
+    resumed = resume("pup-gs", run, step, last - step, f"pup-resume-{step}", PUP_ARGS, e2e_root)
+    final, resumed_final = checkpoint(run, last), checkpoint(resumed, last)
+    assert int(resumed_final["pipeline"]["_model._extra_state"]["pup"]["rounds_done"]) == rounds
     assert_same_model(final, resumed_final)
     assert torch.equal(final["pipeline"]["_model.sensitivity"], resumed_final["pipeline"]["_model.sensitivity"])
 
