@@ -52,7 +52,8 @@ case "$cmd" in
     # multi-threaded pool each slow each other several-fold. NSP_TEST_WORKERS=0 runs in one process.
     workers=${NSP_TEST_WORKERS:-$(n=$(nproc 2>/dev/null || echo 1); echo $((n < 4 ? n : 4)))}
     if [ "$workers" -gt 1 ]; then export NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-1} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
-    exec "$PY" -m pytest -p no:dash -p no:cacheprovider -n "$workers" --dist loadgroup "$@" ;;
+    # --no-loadscope-reorder: the groups in the order conftest.py sorts them (the long ones first), not by size.
+    exec "$PY" -m pytest -p no:dash -p no:cacheprovider -n "$workers" --dist loadgroup --no-loadscope-reorder "$@" ;;
   setup) ;;
   *) echo "usage: bash scripts/run.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
 esac

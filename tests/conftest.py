@@ -75,8 +75,9 @@ def made_once(root: Path, name: str, make: Callable[[], subprocess.CompletedProc
         return proc
 
 
-# pytest-xdist (--dist loadgroup) hands out work in collection order, a group or a test at a time, to whichever
-# worker is free. The long groups come first, then the other tests on the shared runs (the ones that start ns-*
+# pytest-xdist (--dist loadgroup --no-loadscope-reorder: scripts/run.sh) hands out work in collection order, a group
+# or a test at a time, to whichever worker is free (without the second option it would hand out the largest groups
+# first). The long groups come first, then the other tests on the shared runs (the ones that start ns-*
 # commands) and those marked slow, then the unit tests: the last minutes are short tests that keep both cores busy, instead of one core
 # on a long group while the other idles. The first group needs vedal_run, the first shared run trained below. The
 # tests on ns-prune-compare's two-seed comparison form a group too: split over both workers, one would wait on the

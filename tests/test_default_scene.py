@@ -29,7 +29,10 @@ def small_scene(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def default_scene(tmp_path_factory) -> Path:
+def full_scene(tmp_path_factory) -> Path:
+    """The built-in scene generated here. Not named `default_scene`: conftest's autouse session fixture may train the
+    shared runs (which take conftest's `default_scene`) while this module's first test is set up, and a module
+    fixture of that name would shadow it there."""
     start = time.perf_counter()
     root = S.ensure_default_scene(tmp_path_factory.mktemp("default") / "nsp-default-scene")
     # The README's first command generates this; it has to stay quick on a 2-core CPU box.
@@ -88,18 +91,18 @@ def test_layout_and_splits(small_scene):
     assert val == [names[i] for i in range(len(names)) if i % SMALL["eval_every"] == 0]
 
 
-def test_default_scene_size(default_scene):
-    meta = _meta(default_scene)
+def test_default_scene_size(full_scene):
+    meta = _meta(full_scene)
     assert len(meta["frames"]) == 48
     assert (len(meta["train_filenames"]), len(meta["val_filenames"])) == (42, 6)
-    image = np.asarray(Image.open(default_scene / meta["frames"][0]["file_path"]))
+    image = np.asarray(Image.open(full_scene / meta["frames"][0]["file_path"]))
     assert image.shape == (96, 128, 3) and image.dtype == np.uint8
-    with np.load(default_scene / "points.npz") as npz:
+    with np.load(full_scene / "points.npz") as npz:
         assert npz["xyz"].shape == (4000, 3)
 
 
-def test_images_have_texture(default_scene):
-    for i, image in enumerate(_images(default_scene)):
+def test_images_have_texture(full_scene):
+    for i, image in enumerate(_images(full_scene)):
         pixels = image.reshape(-1, 3).astype(np.float64)
         assert pixels.std(axis=0).mean() > 25.0, i
         assert len(np.unique(pixels, axis=0)) > 500, i
