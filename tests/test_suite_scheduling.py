@@ -2,12 +2,14 @@
 `xdist_group` run on one worker, one after another in their order, which conftest.py's long groups rely on (their
 module fixtures are made once, and the long runs start first). pytest 9.2 with pytest-xdist 3.8 silently stopped
 grouping (pytest-xdist issue 1386: xdist tags a group through the node id, which pytest 9.2 no longer reads from
-where xdist writes it), and the suite took minutes longer; pyproject.toml keeps pytest below 9.2 for that. These two
-tests fail if the groups are split again: the second must find that the first ran before it, on its worker."""
+where xdist writes it): the groups' module fixtures were made on both workers; pyproject.toml keeps pytest below 9.2 for that. These tests
+fail if the groups are split again: each must find that the group's first ran before it, on its worker (split,
+they may still land together by chance: four of them make that unlikely)."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -25,11 +27,14 @@ def record(tmp_path_factory):
 @pytest.mark.xdist_group(GROUP)
 def test_the_first_of_a_group_notes_its_worker(record):
     record.write_text(os.environ["PYTEST_XDIST_WORKER"])
+    time.sleep(1.0)  # split, the other worker would take the group's next tests meanwhile
 
 
 @pytest.mark.xdist_group(GROUP)
-def test_the_second_of_the_group_runs_after_it_on_the_same_worker(record):
-    assert record.exists(), "the group's first test has not run before its second: the group was split"
+@pytest.mark.parametrize("position", [2, 3, 4])
+def test_the_others_of_the_group_run_after_it_on_the_same_worker(record, position):
+    assert record.exists(), f"the group's test {position} ran before its first: the group was split"
     assert record.read_text() == os.environ["PYTEST_XDIST_WORKER"], (
-        f"the group's tests ran on workers {record.read_text()} and {os.environ['PYTEST_XDIST_WORKER']}: "
-        f"pytest {pytest.__version__} with this pytest-xdist does not keep an xdist_group on one worker")
+        f"the group's tests 1 and {position} ran on workers {record.read_text()} and "
+        f"{os.environ['PYTEST_XDIST_WORKER']}: pytest {pytest.__version__} with this pytest-xdist does not keep an "
+        "xdist_group on one worker")
