@@ -93,10 +93,11 @@ def test_pup_gs_resumed_anywhere_ends_identical_to_the_uninterrupted_run(pup_run
     """From step 40 the resumed run goes through densification and the first round and is compared at step 80,
     between the rounds (the resume from there covers the second); from 80 and 100 it goes to the end."""
     _, run = pup_run
-    last, rounds = (PUP_LAST, 2) if step > 40 else (80, 1)
+    last, rounds = PUP_LAST, 2
     if step == 40:
         count = lambda s: checkpoint(run, s)["pipeline"]["_model.gauss_params.means"].shape[0]
         assert count(60) != count(40), "no densification after step 40: the densification state would go untested"
+        last, rounds = 80, 1
     resumed = resume("pup-gs", run, step, last - step, f"pup-resume-{step}", PUP_ARGS, e2e_root)
     final, resumed_final = checkpoint(run, last), checkpoint(resumed, last)
     assert int(resumed_final["pipeline"]["_model._extra_state"]["pup"]["rounds_done"]) == rounds
