@@ -57,6 +57,32 @@ def eval_psnr(pipeline, opacity_logits: Optional[torch.Tensor]) -> float:
     return statistics.fmean(psnrs)
 
 
+def after_removal_refusal(step: int) -> str:
+    return (f"step {step}: the removal has happened already; give a checkpoint from before it, or pass "
+            "--after-removal to measure its gated survivors")
+
+
+def refuse_after_removal(args: argparse.Namespace) -> None:
+    """Refuse a post-removal checkpoint from its saved flag, before the seconds eval_setup takes."""
+    from nerfstudio_pruning.compare.records import checkpoint_path, last_checkpoint
+
+    if args.checkpoint is not None:
+        path = args.checkpoint
+    elif args.step is not None:
+        path = checkpoint_path(args.config, args.step)
+    else:
+        try:
+            path = last_checkpoint(args.config)
+        except FileNotFoundError:
+            return  # eval_setup says what is missing
+    if not path.is_file():
+        return  # eval_setup says what is missing
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    vedal = (saved.get("pipeline") or {}).get("_model._extra_state", {}).get("vedal") or {}
+    if bool(vedal.get("pruned", False)):
+        raise SystemExit(after_removal_refusal(int(saved.get("step", -1))))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", type=Path, help="a vedal-gs run's config.yml")
@@ -75,6 +101,8 @@ def main() -> None:
     from nerfstudio_pruning.compare import config_at_step
 
     config_path = args.config
+    if not args.after_removal:
+        refuse_after_removal(args)
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint is not None:
             # eval_setup loads <the run's own checkpoint folder>/step-XXXXXXXXX.ckpt, whatever load_dir says: a copy
@@ -97,8 +125,7 @@ def main() -> None:
         raw = model.gauss_params["opacities"].detach().squeeze(-1)
         gated = model.gated_mask()
         if bool(model.vedal.pruned) and not args.after_removal:
-            raise SystemExit(f"step {step}: the removal has happened already; give a checkpoint from before it, or "
-                             "pass --after-removal to measure its gated survivors")
+            raise SystemExit(after_removal_refusal(step))  # eval_setup's file, where the run is not beside its config
         p = torch.sigmoid(model.retention_logits())
         n, n_gated = int(raw.shape[0]), int(gated.sum())
         when = "after the removal" if bool(model.vedal.pruned) else "before the removal"

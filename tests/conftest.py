@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 from filelock import FileLock
@@ -49,13 +49,21 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+def folder_all_workers_see(tmp_path_factory) -> Optional[Path]:
+    """Under pytest-xdist, the folder above the workers' own temporary folders (they share it); None without xdist."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        return None
+    return tmp_path_factory.getbasetemp().parent
+
+
 @pytest.fixture(scope="session")
 def e2e_root(tmp_path_factory):
-    """Where the shared ns-train runs live. Under pytest-xdist every worker has its own temporary folder; the runs
-    go in the folder above them instead, so that each is trained once for all workers (`made_once`)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    """Where the shared ns-train runs live: in the folder all workers see, so that each is trained once for all
+    workers (`made_once`)."""
+    shared = folder_all_workers_see(tmp_path_factory)
+    if shared is None:
         return tmp_path_factory.mktemp("e2e")
-    root = tmp_path_factory.getbasetemp().parent / "e2e"
+    root = shared / "e2e"
     root.mkdir(exist_ok=True)
     return root
 

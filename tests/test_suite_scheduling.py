@@ -12,16 +12,18 @@ import os
 import time
 
 import pytest
+from conftest import folder_all_workers_see
 
 GROUP = "scheduling-probe"
 
 
 @pytest.fixture
 def record(tmp_path_factory):
-    """A file every worker of this session sees (their temporary folders share a parent)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+    """A file every worker of this session sees."""
+    shared = folder_all_workers_see(tmp_path_factory)
+    if shared is None:
         pytest.skip("not under pytest-xdist")
-    return tmp_path_factory.getbasetemp().parent / f"{GROUP}.worker"
+    return shared / f"{GROUP}.worker"
 
 
 @pytest.mark.xdist_group(GROUP)
