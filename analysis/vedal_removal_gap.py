@@ -77,7 +77,10 @@ def refuse_after_removal(args: argparse.Namespace) -> None:
             return  # eval_setup says what is missing
     if not path.is_file():
         return  # eval_setup says what is missing
-    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    try:
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except RuntimeError:
+        return  # not a zip-format checkpoint (mmap needs one): the check after eval_setup decides
     vedal = (saved.get("pipeline") or {}).get("_model._extra_state", {}).get("vedal") or {}
     if bool(vedal.get("pruned", False)):
         raise SystemExit(after_removal_refusal(int(saved.get("step", -1))))
