@@ -462,6 +462,26 @@ def test_kernels_load_from_numba_cache():
         assert hits >= 1 and misses == 0, f"{name}: {hits} cache hits, {misses} misses (compiled instead of loaded)"
 
 
+def test_the_kernel_cache_command_runs_every_kernel_and_leaves_nothing_to_compile():
+    """`python -m nerfstudio_pruning.kernel_cache` (run by scripts/run.sh before the demo and the tests) runs every
+    kernel the CPU path launches, and after it a second process loads every one of them from numba's cache.
+
+    A kernel added without a way in from the warm-up is named in its output, which fails here."""
+    from nerfstudio_pruning.kernel_cache import numba_kernels
+
+    env = dict(os.environ)
+    env.pop("NUMBA_DISABLE_JIT", None)
+    command = [sys.executable, "-m", "nerfstudio_pruning.kernel_cache"]
+    outputs = [subprocess.run(command, capture_output=True, text=True, env=env, timeout=600) for _ in range(2)]
+    for proc in outputs:
+        assert proc.returncode == 0, proc.stderr
+        assert "never run" not in proc.stdout, proc.stdout
+    kernels = numba_kernels()
+    assert {"compositing.rasterize_tiles", "compositing.backward_tiles", "cpu_moments.gradient_moment_tiles"} <= set(
+        kernels)
+    assert f"0 numba kernels compiled, {len(kernels)} loaded from the cache" in outputs[1].stdout, outputs[1].stdout
+
+
 def test_exp_is_correctly_rounded_and_within_one_ulp_of_torch():
     """The kernels' exp(-sigma) equals float32(exp(float64)); torch's float32 exp (the reference's) is within 1 ulp.
 

@@ -25,6 +25,7 @@ ALGORITHM_MODULES = ("types", "errors", "removal")
 # Layers, highest first: a module may import its own layer's modules and those of lower layers, never higher
 # ones. Layers of one rank (pup, vedal) may not import each other. The low modules import only each other.
 LAYERS = {
+    "kernel_cache": 7,  # compiles the CPU kernels ahead of the demo and the tests, on testing's synthetic scenes
     "compare": 6,  # ns-prune-compare: drives everything
     "testing": 6,  # helpers for the tests and benchmarks
     "methods": 5,  # nerfstudio models, configs, trainer, entry points
