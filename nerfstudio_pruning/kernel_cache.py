@@ -5,7 +5,8 @@ fresh checkout nothing is cached, and processes started side by side (the demo's
 workers and the ns-train runs they start) each compile the same kernels at once: 103 s of CPU for the whole set
 on the 2-core VM with two training runs beside it, paid several times over by the suite on a clean clone. One
 process that compiles them first and writes the cache lets every later process load them instead (a few seconds).
-`scripts/run.sh` runs it before the demo and the tests.
+`scripts/run.sh` runs it before the demo and the tests; with two cores or more, the scores' kernels compile in a
+second process beside the renderer's.
 
     python -m nerfstudio_pruning.kernel_cache
 
@@ -16,12 +17,15 @@ projection for the exactness tests), so each kernel is compiled for the signatur
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import inspect
+import os
+import subprocess
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 KERNEL_MODULES = (
     "nerfstudio_pruning.render.cpu.projection",
@@ -48,8 +52,12 @@ def numba_kernels() -> Dict[str, object]:
     return kernels
 
 
-def run_every_kernel() -> None:
-    """Render, back-propagate and score a tiny scene through the CPU path's entry points."""
+PARTS = ("render", "scores")
+
+
+def run_every_kernel(parts=PARTS) -> None:
+    """Render, back-propagate and score a tiny scene through the CPU path's entry points: `render` (the training's
+    float32 render and its backward, float64 projection), `scores` (every score's passes)."""
     import torch
 
     from nerfstudio_pruning.render.compiled import compiled_project
@@ -61,25 +69,26 @@ def run_every_kernel() -> None:
 
     torch.set_num_threads(1)
     width, height, n_views = 24, 20, 2
-    g = random_gaussians(40, sh_degree=1, extent=0.5, scale=0.12, seed=0).requires_grad_()
     viewmats, Ks = orbit_cameras(n_views, width, height, radius=2.0)
     background = torch.tensor([0.2, 0.4, 0.6])
-    image, _, _ = rasterization(**g.render_args(), viewmats=viewmats, Ks=Ks, width=width, height=height, sh_degree=1,
-                                backgrounds=background[None].expand(n_views, -1))
-    image.sum().backward()
-
-    # float64 projection: the float32 kernels' counterpart that the exactness tests compare against.
-    leaves = {k: v.detach().double().requires_grad_() for k, v in g.render_args().items()
-              if torch.is_tensor(v) and v.is_floating_point()}
-    proj, _ = compiled_project(**leaves, viewmats=viewmats.double(), Ks=Ks.double(), width=width, height=height,
-                               sh_degree=1)
-    (proj.means2d.sum() + proj.conics.sum() + proj.colors.sum()).backward()
-
-    views = Views(viewmats, Ks, width, height, background)
-    gaussians = random_gaussians(40, sh_degree=1, extent=0.5, scale=0.12, seed=0).as_gaussians(1)
-    for kind in ("fisher", "lightgaussian", "speedy"):
-        score_gaussians(kind, gaussians, views, progress=False)
-    leave_one_out_importance(gaussians, views, gt_images=image.detach(), loss="l1", progress=False)
+    if "render" in parts:
+        g = random_gaussians(40, sh_degree=1, extent=0.5, scale=0.12, seed=0).requires_grad_()
+        image, _, _ = rasterization(**g.render_args(), viewmats=viewmats, Ks=Ks, width=width, height=height,
+                                    sh_degree=1, backgrounds=background[None].expand(n_views, -1))
+        image.sum().backward()
+        # float64 projection: the float32 kernels' counterpart that the exactness tests compare against.
+        leaves = {k: v.detach().double().requires_grad_() for k, v in g.render_args().items()
+                  if torch.is_tensor(v) and v.is_floating_point()}
+        proj, _ = compiled_project(**leaves, viewmats=viewmats.double(), Ks=Ks.double(), width=width, height=height,
+                                   sh_degree=1)
+        (proj.means2d.sum() + proj.conics.sum() + proj.colors.sum()).backward()
+    if "scores" in parts:
+        views = Views(viewmats, Ks, width, height, background)
+        gaussians = random_gaussians(40, sh_degree=1, extent=0.5, scale=0.12, seed=0).as_gaussians(1)
+        for kind in ("fisher", "lightgaussian", "speedy"):
+            score_gaussians(kind, gaussians, views, progress=False)
+        gt = torch.rand(n_views, height, width, 3, generator=torch.Generator().manual_seed(0))
+        leave_one_out_importance(gaussians, views, gt_images=gt, loss="l1", progress=False)
 
 
 def compiled_and_loaded(kernels: Dict[str, object]) -> Tuple[List[str], List[str]]:
@@ -93,18 +102,32 @@ def compiled_and_loaded(kernels: Dict[str, object]) -> Tuple[List[str], List[str
     return compiled, loaded
 
 
-def main() -> int:
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nerfstudio_pruning.kernel_cache", description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=PARTS, help="only this part (default: all, the scores in a second process "
+                        "where there are two cores, so that both compile at once)")
+    args = parser.parse_args(argv)
     if importlib.util.find_spec("numba") is None:
         print("kernel cache: numba is not installed, so the CPU path runs the torch reference; nothing to compile")
         return 0
     started = time.perf_counter()
     kernels = numba_kernels()
-    run_every_kernel()
+    if args.part:
+        run_every_kernel((args.part,))
+        return 0
+    scores = None
+    if (os.cpu_count() or 1) >= 2:
+        scores = subprocess.Popen([sys.executable, "-m", "nerfstudio_pruning.kernel_cache", "--part", "scores"])
+    run_every_kernel(("render",))
+    if scores is not None and scores.wait() != 0:
+        return scores.returncode
+    run_every_kernel(("scores",))  # loaded from what the second process wrote, where there is one
     compiled, loaded = compiled_and_loaded(kernels)
     # A kernel this leaves out would still be compiled by every process that first needs it.
     missed = sorted(set(kernels) - set(compiled) - set(loaded))
-    print(f"kernel cache: {len(compiled)} numba kernels compiled, {len(loaded)} loaded from the cache "
-          f"in {time.perf_counter() - started:.1f} s"
+    print(f"kernel cache: {len(compiled)} numba kernels compiled here, {len(loaded)} loaded from the cache"
+          + (" (the scores' compiled by a second process)" if scores is not None else "")
+          + f" in {time.perf_counter() - started:.1f} s"
           + (f"; never run, so not cached: {', '.join(missed)}" if missed else ""))
     return 0
 

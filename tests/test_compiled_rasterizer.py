@@ -479,7 +479,7 @@ def test_the_kernel_cache_command_runs_every_kernel_and_leaves_nothing_to_compil
     kernels = numba_kernels()
     assert {"compositing.rasterize_tiles", "compositing.backward_tiles", "cpu_moments.gradient_moment_tiles"} <= set(
         kernels)
-    assert f"0 numba kernels compiled, {len(kernels)} loaded from the cache" in outputs[1].stdout, outputs[1].stdout
+    assert f"0 numba kernels compiled here, {len(kernels)} loaded from the cache" in outputs[1].stdout, outputs[1].stdout
 
 
 def test_exp_is_correctly_rounded_and_within_one_ulp_of_torch():
