@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 KERNEL_MODULES = (
     "nerfstudio_pruning.render.cpu.projection",
@@ -55,7 +55,7 @@ def numba_kernels() -> Dict[str, object]:
 PARTS = ("render", "scores")
 
 
-def run_every_kernel(parts=PARTS) -> None:
+def run_every_kernel(parts: Sequence[str] = PARTS) -> None:
     """Render, back-propagate and score a tiny scene through the CPU path's entry points: `render` (the training's
     float32 render and its backward, float64 projection), `scores` (every score's passes)."""
     import torch
@@ -103,7 +103,8 @@ def compiled_and_loaded(kernels: Dict[str, object]) -> Tuple[List[str], List[str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nerfstudio_pruning.kernel_cache", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nerfstudio_pruning.kernel_cache",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=PARTS, help="only this part (default: all, the scores in a second process "
                         "where there are two cores, so that both compile at once)")
     args = parser.parse_args(argv)
