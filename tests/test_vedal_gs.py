@@ -170,17 +170,13 @@ def test_the_retention_output_is_rendered_only_while_the_viewer_shows_it():
 
 # dynamo's bytecode tracer, and its fake-tensor run of an op: dynamo wraps an exception raised there differently.
 @pytest.mark.parametrize("where", ["torch/_dynamo/symbolic_convert.py", "torch/_subclasses/fake_tensor.py"])
-def test_a_viewer_interrupt_inside_torch_compile_reaches_the_viewer_as_its_own(where, monkeypatch):
+def test_a_viewer_interrupt_inside_torch_compile_reaches_the_viewer_as_its_own(where):
     """ns-viewer stops a frame by raising IOChangeException from a trace function at the next Python line. Inside
     torch.compile's tracing of splatfacto's get_viewmat, dynamo rewraps it, and the viewer's render thread died of
     that (the browser test's pup-gs page, 1 load in 8). The frame must stop with the viewer's own exception, and the
-    next frame render. get_viewmat is compiled on CUDA tensors only (methods/base.py); here it is compiled on CPU
-    ones too, as a GPU model has it."""
+    next frame render."""
     from nerfstudio.viewer_legacy.server.viewer_utils import IOChangeException, SetTrace
 
-    from nerfstudio_pruning.methods import base
-
-    monkeypatch.setattr(base, "_eager_get_viewmat", base.get_viewmat.compiled)
     model = tiny_model()
     model.eval()
     torch._dynamo.reset()  # get_viewmat is compiled again by the next frame, as by the first of a process

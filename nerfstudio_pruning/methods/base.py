@@ -9,8 +9,6 @@ checkpoint format):
 - splatfacto looks its `rasterization` up in its module at call time; that name is pointed at this plugin's one
   dispatch (`nerfstudio_pruning.render`), which on CUDA tensors *is* gsplat's function, so splatfacto on a
   GPU is unchanged; off CUDA the camera handed to splatfacto keeps its intrinsics on the model's device;
-- its `get_viewmat` (camera-to-world to gsplat's world-to-camera, looked up the same way) is torch.compile'd; it
-  stays so on CUDA tensors and runs uncompiled on others (`get_viewmat` below);
 - two hooks let the pruning methods change what is rendered without copying splatfacto: `rendering_with`
   overrides the raw opacities or colours for one render (VEDAL's sampled masks), `render_value_image` renders
   a per-Gaussian value as a one-channel image (the viewer's score outputs);
@@ -38,7 +36,7 @@ import torch
 import tyro
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.optimizers import Optimizers
-from nerfstudio.models.splatfacto import RGB2SH, SH2RGB, SplatfactoModel, SplatfactoModelConfig
+from nerfstudio.models.splatfacto import RGB2SH, SH2RGB, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_pruning.errors import InputError
@@ -46,30 +44,11 @@ from nerfstudio_pruning.methods.checkpoints import check_gaussian_checkpoint, us
 from nerfstudio_pruning.methods.viewer import viewer_interrupt
 from nerfstudio_pruning.removal import rebind_optimizers
 from nerfstudio_pruning.render import rasterization
-from nerfstudio_pruning.render.backend import on_gpu
 from nerfstudio_pruning.types import Gaussians, Views
 
 GAUSSIAN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
 
 splatfacto_module.rasterization = rasterization
-
-# getattr: where this module is imported again (importlib.reload), splatfacto's name already holds the function below.
-_compiled_get_viewmat = getattr(splatfacto_module.get_viewmat, "compiled", splatfacto_module.get_viewmat)
-_eager_get_viewmat = getattr(_compiled_get_viewmat, "__wrapped__", _compiled_get_viewmat)
-
-
-def get_viewmat(camera_to_worlds: torch.Tensor) -> torch.Tensor:
-    """splatfacto's `get_viewmat`: compiled on CUDA tensors, as splatfacto has it, and its own uncompiled code on
-    the others. On CPU, torch.compile cost every process that renders (ns-train, ns-eval, ns-viewer) about 3 s of
-    inductor for this 4x4 inverse at its first call (2-core VM, two training runs beside it), and a viewer frame
-    interrupted inside dynamo's tracing lost its render thread (methods/viewer.py)."""
-    if on_gpu(camera_to_worlds):
-        return _compiled_get_viewmat(camera_to_worlds)
-    return _eager_get_viewmat(camera_to_worlds)
-
-
-get_viewmat.compiled = _compiled_get_viewmat
-splatfacto_module.get_viewmat = get_viewmat
 
 # A method's settings are one object the model config holds (pup-gs's `schedule`, vedal-gs's `vedal`), as a gsplat
 # trainer holds its strategy; on the command line they stay flat: --pipeline.model.<setting>, not

@@ -14,9 +14,9 @@ Colormap, Invert, Normalize, Min and Max then apply to them, as to depth.
 
 Interrupted frames. The viewer stops a frame in progress when the camera moves by raising `IOChangeException` from a
 trace function at the next Python line of its render thread, and drops the frame when that exception reaches it.
-When the line is inside torch.compile's tracing (splatfacto's `get_viewmat` is compiled on CUDA tensors, and the
-first frame of a process, or one with new guards, compiles it), dynamo rewraps the exception as its own internal
-error, the viewer does not recognise it, and its render thread dies: no further frame for that browser tab (seen in the
+When the line is inside torch.compile's tracing (splatfacto's `get_viewmat` is compiled, and the first frame of a
+process, or one with new guards, compiles it), dynamo rewraps the exception as its own internal error, the
+viewer does not recognise it, and its render thread dies: no further frame for that browser tab (seen in the
 browser test, 1 page load in 8). `viewer_interrupt` finds the interrupt inside such an error, so that
 `PortableSplatfactoModel.get_outputs_for_camera` (the viewer's call) can raise it as the viewer expects.
 
