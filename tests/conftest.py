@@ -14,7 +14,8 @@ from filelock import FileLock
 
 from e2e import ns, quick_train_args, run_dir
 
-# nerfstudio's start-up without its inspect.stack() calls (tests/startup/nerfstudio_startup.py): in this process,
+# nerfstudio's start-up without its inspect.stack() calls and without importing inductor before anything is compiled
+# (tests/startup/nerfstudio_startup.py): in this process,
 # and through sitecustomize in every Python process the tests start (ns-train, ns-eval, ...).
 STARTUP = str(Path(__file__).resolve().parent / "startup")
 if STARTUP not in os.environ.get("PYTHONPATH", "").split(os.pathsep):

@@ -94,3 +94,26 @@ def test_cpu_parameters_get_the_fused_adam_and_the_same_update():
     fused.step()
     plain.step()
     torch.testing.assert_close(params[0], reference[0], rtol=1e-6, atol=1e-7)
+
+
+def test_splatfacto_viewmats_are_not_torch_compiled_on_cpu():
+    """splatfacto's `get_viewmat` runs its own code without torch.compile on CPU tensors (compiling it cost every
+    process about 3 s) and still gives gsplat's world-to-camera matrices."""
+    import nerfstudio.models.splatfacto as splatfacto_module
+    import torch
+    import torch._dynamo.utils
+
+    from nerfstudio_pruning.methods.base import get_viewmat
+
+    assert splatfacto_module.get_viewmat is get_viewmat
+    gen = torch.Generator().manual_seed(0)
+    rotations = torch.linalg.qr(torch.randn(4, 3, 3, generator=gen, dtype=torch.float64))[0]
+    camera_to_worlds = torch.cat([rotations, torch.randn(4, 3, 1, generator=gen, dtype=torch.float64)], dim=2)
+    frames = torch._dynamo.utils.counters["frames"]["total"]
+    viewmats = splatfacto_module.get_viewmat(camera_to_worlds.float())
+    assert torch._dynamo.utils.counters["frames"]["total"] == frames, "dynamo traced the call"
+    # The inverse of camera-to-world, its camera axes turned from nerfstudio's OpenGL ones to OpenCV's (y, z flipped).
+    homogeneous = torch.eye(4, dtype=torch.float64).repeat(4, 1, 1)
+    homogeneous[:, :3, :] = camera_to_worlds
+    expected = torch.linalg.inv(homogeneous @ torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)))
+    torch.testing.assert_close(viewmats.double(), expected, rtol=0, atol=1e-5)

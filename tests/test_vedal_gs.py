@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from dataclasses import fields
 
 import pytest
@@ -168,15 +169,53 @@ def test_the_retention_output_is_rendered_only_while_the_viewer_shows_it():
     assert torch.allclose(grey, retention, atol=1e-5)
 
 
+def test_a_starting_viewer_renders_a_small_first_frame_on_the_thread_that_starts_it():
+    """The viewer interrupts frames from a trace function; one interrupted inside numba's first kernel load left numba
+    half imported and killed the render thread. So the first frame is rendered when the viewer starts, on the
+    thread that starts it (before any render thread exists), as the viewer renders, and the model is left training."""
+    from nerfstudio_pruning.methods.base import FIRST_FRAME_SIDE
+
+    model = tiny_model()
+    model.train()
+    frames = []
+    get_outputs_for_camera = model.get_outputs_for_camera
+
+    def recording(camera, obb_box=None):
+        outputs = get_outputs_for_camera(camera, obb_box=obb_box)
+        frames.append((threading.get_ident(), int(camera.width), int(camera.height), model.training,
+                       torch.is_grad_enabled(), float(outputs["accumulation"].amax())))
+        return outputs
+
+    model.get_outputs_for_camera = recording
+    model.viewer_outputs._setup(viewer_showing("rgb"))  # a viewer without training cameras: nothing to render
+    assert frames == []
+    # A 160x120 training camera with tiny_camera's view and field of view.
+    c2w = tiny_camera().camera_to_worlds
+    train_cameras = Cameras(camera_to_worlds=c2w, fx=200.0, fy=200.0, cx=80.0, cy=60.0, width=160, height=120,
+                            camera_type=CameraType.PERSPECTIVE)
+    viewer = viewer_showing("rgb")
+    viewer.pipeline = SimpleNamespace(datamanager=SimpleNamespace(train_dataset=SimpleNamespace(cameras=train_cameras)))
+    model.viewer_outputs._setup(viewer)
+    assert len(frames) == 1
+    thread, width, height, training, grad, drawn = frames[0]
+    assert thread == threading.get_ident() and (width, height) == (FIRST_FRAME_SIDE, FIRST_FRAME_SIDE * 3 // 4)
+    assert not training and not grad and drawn > 0.5  # eval mode, no gradients, and Gaussians were drawn
+    assert model.training and int(train_cameras.width) == 160  # the model trains on; the dataset's camera unscaled
+
+
 # dynamo's bytecode tracer, and its fake-tensor run of an op: dynamo wraps an exception raised there differently.
 @pytest.mark.parametrize("where", ["torch/_dynamo/symbolic_convert.py", "torch/_subclasses/fake_tensor.py"])
-def test_a_viewer_interrupt_inside_torch_compile_reaches_the_viewer_as_its_own(where):
+def test_a_viewer_interrupt_inside_torch_compile_reaches_the_viewer_as_its_own(where, monkeypatch):
     """ns-viewer stops a frame by raising IOChangeException from a trace function at the next Python line. Inside
     torch.compile's tracing of splatfacto's get_viewmat, dynamo rewraps it, and the viewer's render thread died of
     that (the browser test's pup-gs page, 1 load in 8). The frame must stop with the viewer's own exception, and the
-    next frame render."""
+    next frame render. get_viewmat is compiled on CUDA tensors only (methods/base.py); here it is compiled on CPU
+    ones too, as a GPU model has it."""
     from nerfstudio.viewer_legacy.server.viewer_utils import IOChangeException, SetTrace
 
+    from nerfstudio_pruning.methods import base
+
+    monkeypatch.setattr(base, "_eager_get_viewmat", base.get_viewmat.compiled)
     model = tiny_model()
     model.eval()
     torch._dynamo.reset()  # get_viewmat is compiled again by the next frame, as by the first of a process

@@ -9,6 +9,8 @@ checkpoint format):
 - splatfacto looks its `rasterization` up in its module at call time; that name is pointed at this plugin's one
   dispatch (`nerfstudio_pruning.render`), which on CUDA tensors *is* gsplat's function, so splatfacto on a
   GPU is unchanged; off CUDA the camera handed to splatfacto keeps its intrinsics on the model's device;
+- its `get_viewmat` (camera-to-world to gsplat's world-to-camera, looked up the same way) is torch.compile'd; it
+  stays so on CUDA tensors and runs uncompiled on others (`get_viewmat` below);
 - two hooks let the pruning methods change what is rendered without copying splatfacto: `rendering_with`
   overrides the raw opacities or colours for one render (VEDAL's sampled masks), `render_value_image` renders
   a per-Gaussian value as a one-channel image (the viewer's score outputs);
@@ -36,19 +38,40 @@ import torch
 import tyro
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.engine.optimizers import Optimizers
-from nerfstudio.models.splatfacto import RGB2SH, SH2RGB, SplatfactoModel, SplatfactoModelConfig, get_viewmat
+from nerfstudio.models.splatfacto import RGB2SH, SH2RGB, SplatfactoModel, SplatfactoModelConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from nerfstudio_pruning.errors import InputError
 from nerfstudio_pruning.methods.checkpoints import check_gaussian_checkpoint, use_python_float_learning_rates
-from nerfstudio_pruning.methods.viewer import viewer_interrupt
+from nerfstudio_pruning.methods.viewer import ViewerOutputs, viewer_interrupt
 from nerfstudio_pruning.removal import rebind_optimizers
 from nerfstudio_pruning.render import rasterization
+from nerfstudio_pruning.render.backend import on_gpu
 from nerfstudio_pruning.types import Gaussians, Views
 
 GAUSSIAN_PARAMS = ("means", "scales", "quats", "features_dc", "features_rest", "opacities")
+# Side of the frame rendered when a viewer starts (`render_first_frame`): small, yet drawing Gaussians.
+FIRST_FRAME_SIDE = 32
 
 splatfacto_module.rasterization = rasterization
+
+# getattr: where this module is imported again (importlib.reload), splatfacto's name already holds the function below.
+_compiled_get_viewmat = getattr(splatfacto_module.get_viewmat, "compiled", splatfacto_module.get_viewmat)
+_eager_get_viewmat = getattr(_compiled_get_viewmat, "__wrapped__", _compiled_get_viewmat)
+
+
+def get_viewmat(camera_to_worlds: torch.Tensor) -> torch.Tensor:
+    """splatfacto's `get_viewmat`: compiled on CUDA tensors, as splatfacto has it, and its own uncompiled code on
+    the others. On CPU, torch.compile cost every process that renders (ns-train, ns-eval, ns-viewer) about 3 s of
+    inductor for this 4x4 inverse at its first call (2-core VM, two training runs beside it), and a viewer frame
+    interrupted inside dynamo's tracing lost its render thread (methods/viewer.py)."""
+    if on_gpu(camera_to_worlds):
+        return _compiled_get_viewmat(camera_to_worlds)
+    return _eager_get_viewmat(camera_to_worlds)
+
+
+get_viewmat.compiled = _compiled_get_viewmat
+splatfacto_module.get_viewmat = get_viewmat
 
 # A method's settings are one object the model config holds (pup-gs's `schedule`, vedal-gs's `vedal`), as a gsplat
 # trainer holds its strategy; on the command line they stay flat: --pipeline.model.<setting>, not
@@ -194,6 +217,8 @@ class PortableSplatfactoModel(SplatfactoModel):
         with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: LazyLPIPS()):
             super().populate_modules()
         self.seed_points = seed
+        # The viewer's output selection (methods/viewer.py); its start renders a first frame here.
+        self.viewer_outputs = ViewerOutputs(on_attach=self.render_first_frame)
         if seed is not None and not self.config.random_init and seed[1].shape[0] > 0:
             rgb = seed[1].float() / 255.0
             dc = RGB2SH(rgb) if self.config.sh_degree > 0 else torch.logit(rgb, eps=1e-10)
@@ -307,6 +332,26 @@ class PortableSplatfactoModel(SplatfactoModel):
             if interrupt is None or interrupt is err:
                 raise
             raise interrupt from None  # ns-viewer's interrupt, rewrapped by torch.compile (methods/viewer.py)
+
+    def render_first_frame(self, viewer: Any) -> None:
+        """Render one frame of at most FIRST_FRAME_SIDE pixels from the first training camera, as the viewer
+        renders (eval mode, no gradients), on the calling thread: the viewer calls it when it starts, so that the
+        first-time work of rendering (numba loading its kernels, torch.compile) is done before its render thread
+        can interrupt a frame (methods/viewer.py, "First frame"). Nothing happens without training cameras."""
+        dataset = getattr(getattr(getattr(viewer, "pipeline", None), "datamanager", None), "train_dataset", None)
+        cameras = getattr(dataset, "cameras", None)
+        if cameras is None or len(cameras) == 0 or self.num_points == 0:
+            return
+        camera = cameras[0:1].to(self.device)
+        longest = float(max(camera.width.max().item(), camera.height.max().item()))
+        camera.rescale_output_resolution(min(1.0, FIRST_FRAME_SIDE / longest))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                self.get_outputs_for_camera(camera)
+        finally:
+            self.train(was_training)
 
     def step_cb(self, optimizers: Optimizers, step: int) -> None:
         super().step_cb(optimizers, step)

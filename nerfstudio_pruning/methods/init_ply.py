@@ -54,7 +54,9 @@ def gaussians_from_ply(pipeline, ply: Path) -> Tuple[Gaussians, float]:
 def psnr_on_training_views(pipeline, gaussians: Gaussians) -> float:
     """PSNR of `gaussians` against a few training images spread over the dataset, composited on black, at most
     PLY_CHECK_SIDE pixels on the longer side."""
-    from nerfstudio.models.splatfacto import get_viewmat, resize_image
+    from nerfstudio.models.splatfacto import resize_image
+
+    from nerfstudio_pruning.methods.base import get_viewmat
 
     datamanager = pipeline.datamanager
     images, cameras = datamanager.cached_train, datamanager.train_dataset.cameras

@@ -31,7 +31,6 @@ from nerfstudio_pruning.methods.base import (
 from nerfstudio_pruning.methods.viewer import (
     ORDER_LEGEND,
     ViewerMarkdown,
-    ViewerOutputs,
     add_output_if_shown,
     score_legend,
 )
@@ -95,8 +94,7 @@ class PupGSModel(PortableSplatfactoModel):
         self.register_buffer("sensitivity", torch.zeros(0, dtype=torch.float64))
         self._score_cameras: Optional[Cameras] = None
         self._loaded_step: Optional[int] = None
-        # The 'sensitivity' output, rendered only while the viewer shows it (see methods/viewer.py).
-        self.viewer_outputs = ViewerOutputs()
+        # The 'sensitivity' output is rendered only while the viewer shows it (`viewer_outputs`, methods/viewer.py).
         self.sensitivity_legend = ViewerMarkdown("Sensitivity legend", score_legend(
             "sensitivity", what="per pixel, the PUP score percentile of its Gaussians (after the first round)",
             low="lowest score, pruned first", high="kept longest"), order=ORDER_LEGEND)

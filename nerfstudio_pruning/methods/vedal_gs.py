@@ -40,7 +40,6 @@ from nerfstudio_pruning.methods.viewer import (
     ORDER_LEGEND,
     ThresholdSlider,
     ViewerMarkdown,
-    ViewerOutputs,
     add_output_if_shown,
     score_legend,
 )
@@ -89,8 +88,7 @@ class VedalGSModel(PortableSplatfactoModel):
                  "it. Gated: eligible for pruning once its importance estimate has converged.",
         )
         self.kept_count_text = ViewerMarkdown("Gaussians shown", "", order=ORDER_COUNT)
-        # 'retention' output: every Gaussian, hidden ones included, drawn with its p.
-        self.viewer_outputs = ViewerOutputs()
+        # 'retention' output (while the viewer shows it): every Gaussian, hidden ones included, drawn with its p.
         self.retention_legend = ViewerMarkdown("Retention legend", score_legend(
             "retention", what="per pixel, the retention probability p of its Gaussians, hidden ones included",
             low="hidden first once gated", high="kept"), order=ORDER_LEGEND)

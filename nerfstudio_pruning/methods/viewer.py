@@ -14,11 +14,19 @@ Colormap, Invert, Normalize, Min and Max then apply to them, as to depth.
 
 Interrupted frames. The viewer stops a frame in progress when the camera moves by raising `IOChangeException` from a
 trace function at the next Python line of its render thread, and drops the frame when that exception reaches it.
-When the line is inside torch.compile's tracing (splatfacto's `get_viewmat` is compiled, and the first frame of a
-process, or one with new guards, compiles it), dynamo rewraps the exception as its own internal error, the
-viewer does not recognise it, and its render thread dies: no further frame for that browser tab (seen in the
+When the line is inside torch.compile's tracing (splatfacto's `get_viewmat` is compiled on CUDA tensors, and the
+first frame of a process, or one with new guards, compiles it), dynamo rewraps the exception as its own internal
+error, the viewer does not recognise it, and its render thread dies: no further frame for that browser tab (seen in the
 browser test, 1 page load in 8). `viewer_interrupt` finds the interrupt inside such an error, so that
 `PortableSplatfactoModel.get_outputs_for_camera` (the viewer's call) can raise it as the viewer expects.
+
+First frame. The same trace function can land inside any first-time work of the render thread's first frame: on a
+CPU, numba loading its cached kernels runs lazy imports and entry-point discovery (`numba.core.entrypoints`), and an
+interrupt raised in the middle leaves a module half imported, after which every frame of that process fails
+(`AttributeError: module 'numba' has no attribute 'core'`, the vedal-gs browser check under load, 2026-12-08). So
+the model renders one small frame from a training camera when the viewer starts (`ViewerOutputs.on_attach`,
+`PortableSplatfactoModel.render_first_frame`), on the thread that starts it: numba's kernels, and on CUDA
+torch.compile's `get_viewmat`, are then ready before a frame can be interrupted.
 
 The slider. nerfstudio runs an element's callback under the lock its render thread holds for a whole frame, so a
 count updated there waits for the frame in progress (seconds, for a full-resolution frame of a large model on a
@@ -56,9 +64,19 @@ def viewer_interrupt(err: BaseException) -> Optional[BaseException]:
 
 
 class ViewerOutputs(ViewerControl):
-    """Which outputs the viewer shows; `attached` is False outside a viewer."""
+    """Which outputs the viewer shows; `attached` is False outside a viewer. `on_attach(viewer)` runs when the
+    viewer starts, on the thread that starts it, before any render thread exists (see "First frame" above)."""
 
     viewer: Any = None  # set by the viewer when it starts (`ViewerControl._setup`)
+
+    def __init__(self, on_attach: Optional[Callable[[Any], None]] = None) -> None:
+        # Underscored: nerfstudio's search for viewer elements (`parse_object`) skips it, not the model behind it.
+        self._on_attach = on_attach
+
+    def _setup(self, viewer: Any) -> None:
+        super()._setup(viewer)
+        if self._on_attach is not None:
+            self._on_attach(viewer)
 
     @property
     def attached(self) -> bool:
