@@ -201,6 +201,10 @@ def test_a_starting_viewer_renders_a_small_first_frame_on_the_thread_that_starts
     assert thread == threading.get_ident() and (width, height) == (FIRST_FRAME_SIDE, FIRST_FRAME_SIDE * 3 // 4)
     assert not training and not grad and drawn > 0.5  # eval mode, no gradients, and Gaussians were drawn
     assert model.training and int(train_cameras.width) == 160  # the model trains on; the dataset's camera unscaled
+    # A frame that fails (a camera model splatfacto cannot draw, say) does not stop the viewer from starting.
+    model.get_outputs_for_camera = lambda camera, obb_box=None: 1 / 0
+    model.viewer_outputs._setup(viewer)
+    assert model.training
 
 
 # dynamo's bytecode tracer, and its fake-tensor run of an op: dynamo wraps an exception raised there differently.

@@ -350,6 +350,8 @@ class PortableSplatfactoModel(SplatfactoModel):
         try:
             with torch.no_grad():
                 self.get_outputs_for_camera(camera)
+        except Exception as err:  # the viewer still starts; its own frames meet (and show) the same error
+            CONSOLE.print(f"[yellow]viewer: the first frame, rendered ahead, failed: {type(err).__name__}: {err}")
         finally:
             self.train(was_training)
 
